@@ -1,0 +1,1 @@
+"""The quictun signalling relay (``quictun-signal``)."""
