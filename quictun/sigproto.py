@@ -1,0 +1,514 @@
+"""Pure codec for the quictun signalling protocol, version 1 (see ``docs/protocol.md``).
+
+Theory of operation
+-------------------
+Each text WebSocket frame carries one JSON object with a ``"t"`` field naming the
+message type; each message type is a frozen dataclass below, whose fields are exactly
+the JSON keys. :func:`encode` turns a message into compact JSON; :func:`decode` turns
+text (or UTF-8 bytes) back into a message and raises :class:`ProtocolError` for
+anything it cannot accept: invalid JSON or UTF-8, a non-object, a missing ``t`` or
+unknown type, a missing or wrongly typed field, a string over its limit, a name that
+fails :func:`valid_name`, an offer/answer over :data:`MAX_BLOB_SIZE` bytes of JSON.
+Unknown *extra* fields are ignored (forward compatibility).
+
+Binary WebSocket frames carry relayed QUIC packets: :func:`encode_relay` /
+:func:`decode_relay` (kind byte 0x01, 4-byte big-endian session id, payload).
+
+``answer`` is the same message in both directions (owner -> relay -> connector).
+No I/O happens here; both the client and ``signal_server`` import this module.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_MESSAGE_SIZE",
+    "MAX_BLOB_SIZE",
+    "RELAY_KIND",
+    "ProtocolError",
+    "valid_name",
+    "encode",
+    "decode",
+    "encode_relay",
+    "decode_relay",
+    "Message",
+    "Hello",
+    "Register",
+    "Unregister",
+    "Connect",
+    "Answer",
+    "Reject",
+    "Close",
+    "Ping",
+    "Welcome",
+    "Registered",
+    "Incoming",
+    "Go",
+    "Rejected",
+    "Closed",
+    "Pong",
+    "Error",
+    "CLIENT_MESSAGES",
+    "SERVER_MESSAGES",
+]
+
+PROTOCOL_VERSION = 1
+#: Largest accepted text frame, in bytes of UTF-8 (error code ``too-large``).
+MAX_MESSAGE_SIZE = 16 * 1024
+#: Largest accepted offer/answer object, in bytes of compact JSON (``too-large``).
+MAX_BLOB_SIZE = 8 * 1024
+RELAY_KIND = 0x01
+MAX_SESSION = 0xFFFFFFFF
+
+# Error codes.
+E_BAD_MESSAGE = "bad-message"
+E_UNSUPPORTED_VERSION = "unsupported-version"
+E_UNAUTHORIZED = "unauthorized"
+E_NAME_TAKEN = "name-taken"
+E_NO_SUCH_NAME = "no-such-name"
+E_TIMEOUT = "timeout"
+E_TOO_LARGE = "too-large"
+E_RELAY_DISABLED = "relay-disabled"
+E_RATE_LIMITED = "rate-limited"
+E_NOT_REGISTERED = "not-registered"
+E_NO_SUCH_SESSION = "no-such-session"
+E_HELLO_REQUIRED = "hello-required"
+E_TOO_MANY_CONNECTIONS = "too-many-connections"
+E_SERVER_ERROR = "server-error"
+ERROR_CODES = frozenset(
+    {
+        E_BAD_MESSAGE,
+        E_UNSUPPORTED_VERSION,
+        E_UNAUTHORIZED,
+        E_NAME_TAKEN,
+        E_NO_SUCH_NAME,
+        E_TIMEOUT,
+        E_TOO_LARGE,
+        E_RELAY_DISABLED,
+        E_RATE_LIMITED,
+        E_NOT_REGISTERED,
+        E_NO_SUCH_SESSION,
+        E_HELLO_REQUIRED,
+        E_TOO_MANY_CONNECTIONS,
+        E_SERVER_ERROR,
+    }
+)
+
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_OWNER_RE = re.compile(r"[0-9a-fA-F]{64}")
+_SHORT = 256  # token, agent, reason, code, addr
+_LONG = 1024  # error message
+
+
+class ProtocolError(Exception):
+    """A message could not be decoded (or encoded).
+
+    Attributes:
+        code: one of the error-code constants (``bad-message``, ``too-large`` ...).
+        message: human-readable detail, safe to send back to the peer.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def valid_name(name: object) -> bool:
+    """True if ``name`` is a str of 1-64 characters from ``[A-Za-z0-9._-]``."""
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
+
+
+# --- field validators: (value, field name) -> value, raising ProtocolError ----------
+
+
+def _bad(msg: str) -> ProtocolError:
+    return ProtocolError(E_BAD_MESSAGE, msg)
+
+
+def _int(lo: int, hi: int):
+    def check(v: Any, f: str) -> int:
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise _bad(f"field {f!r} must be an integer")
+        if not lo <= v <= hi:
+            raise _bad(f"field {f!r} out of range [{lo}, {hi}]")
+        return v
+
+    return check
+
+
+def _str(limit: int, *, optional: bool = False):
+    def check(v: Any, f: str) -> str | None:
+        if v is None and optional:
+            return None
+        if not isinstance(v, str):
+            raise _bad(f"field {f!r} must be a string")
+        if len(v) > limit:
+            raise ProtocolError(E_TOO_LARGE, f"field {f!r} longer than {limit} characters")
+        return v
+
+    return check
+
+
+def _name(v: Any, f: str) -> str:
+    if not valid_name(v):
+        raise _bad(f"field {f!r} must be 1-64 characters of [A-Za-z0-9._-]")
+    return v
+
+
+def _owner(v: Any, f: str) -> str:
+    if not isinstance(v, str) or _OWNER_RE.fullmatch(v) is None:
+        raise _bad(f"field {f!r} must be 64 hex characters")
+    return v
+
+
+def _blob(v: Any, f: str) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise _bad(f"field {f!r} must be an object")
+    size = len(json.dumps(v, separators=(",", ":")).encode("utf-8"))
+    if size > MAX_BLOB_SIZE:
+        raise ProtocolError(E_TOO_LARGE, f"field {f!r} is {size} bytes (max {MAX_BLOB_SIZE})")
+    return v
+
+
+def _bool(v: Any, f: str) -> bool:
+    if not isinstance(v, bool):
+        raise _bad(f"field {f!r} must be a boolean")
+    return v
+
+
+def _ports(v: Any, f: str) -> list[int]:
+    if not isinstance(v, list) or len(v) > 8:
+        raise _bad(f"field {f!r} must be a list of at most 8 ports")
+    check = _int(0, 0xFFFF)
+    return [check(p, f) for p in v]
+
+
+_SESSION = _int(0, MAX_SESSION)
+_U53 = _int(0, 2**53 - 1)
+
+
+# --- messages ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Base:
+    T: ClassVar[str] = ""
+    CHECKS: ClassVar[dict[str, Any]] = {}
+
+
+# client -> relay
+
+
+@dataclass(frozen=True)
+class Hello(_Base):
+    """First message of every connection. ``token`` is the relay's shared secret."""
+
+    T: ClassVar[str] = "hello"
+    v: int
+    token: str | None
+    agent: str
+    CHECKS: ClassVar[dict[str, Any]] = {
+        "v": _U53,
+        "token": _str(_SHORT, optional=True),
+        "agent": _str(_SHORT),
+    }
+
+
+@dataclass(frozen=True)
+class Register(_Base):
+    """Claim ``name``; ``owner`` is a 64-hex-char secret proving ownership."""
+
+    T: ClassVar[str] = "register"
+    name: str
+    owner: str
+    CHECKS: ClassVar[dict[str, Any]] = {"name": _name, "owner": _owner}
+
+
+@dataclass(frozen=True)
+class Unregister(_Base):
+    """Release ``name`` immediately (no grace period, no reply)."""
+
+    T: ClassVar[str] = "unregister"
+    name: str
+    CHECKS: ClassVar[dict[str, Any]] = {"name": _name}
+
+
+@dataclass(frozen=True)
+class Connect(_Base):
+    """Ask the holder of ``name`` for a session; ``offer`` is opaque to the relay."""
+
+    T: ClassVar[str] = "connect"
+    name: str
+    offer: dict[str, Any]
+    CHECKS: ClassVar[dict[str, Any]] = {"name": _name, "offer": _blob}
+
+
+@dataclass(frozen=True)
+class Answer(_Base):
+    """Owner -> relay accepting ``session``; relay -> connector forwarding it."""
+
+    T: ClassVar[str] = "answer"
+    session: int
+    answer: dict[str, Any]
+    CHECKS: ClassVar[dict[str, Any]] = {"session": _SESSION, "answer": _blob}
+
+
+@dataclass(frozen=True)
+class Reject(_Base):
+    """Owner refuses an incoming session."""
+
+    T: ClassVar[str] = "reject"
+    session: int
+    reason: str
+    CHECKS: ClassVar[dict[str, Any]] = {"session": _SESSION, "reason": _str(_SHORT)}
+
+
+@dataclass(frozen=True)
+class Close(_Base):
+    """Either member ends a session."""
+
+    T: ClassVar[str] = "close"
+    session: int
+    reason: str
+    CHECKS: ClassVar[dict[str, Any]] = {"session": _SESSION, "reason": _str(_SHORT)}
+
+
+@dataclass(frozen=True)
+class Ping(_Base):
+    """Relay answers with ``pong`` carrying the same id (use it as a barrier)."""
+
+    T: ClassVar[str] = "ping"
+    id: int
+    CHECKS: ClassVar[dict[str, Any]] = {"id": _U53}
+
+
+# relay -> client
+
+
+@dataclass(frozen=True)
+class Welcome(_Base):
+    """Reply to ``hello``: STUN UDP ports, whether relaying is allowed, observed address."""
+
+    T: ClassVar[str] = "welcome"
+    v: int
+    stun: list[int]
+    relay: bool
+    addr: str
+    CHECKS: ClassVar[dict[str, Any]] = {
+        "v": _U53,
+        "stun": _ports,
+        "relay": _bool,
+        "addr": _str(_SHORT),
+    }
+
+
+@dataclass(frozen=True)
+class Registered(_Base):
+    """``name`` is now held by this connection."""
+
+    T: ClassVar[str] = "registered"
+    name: str
+    CHECKS: ClassVar[dict[str, Any]] = {"name": _name}
+
+
+@dataclass(frozen=True)
+class Incoming(_Base):
+    """To the owner of ``name``: a connector's offer for ``session``."""
+
+    T: ClassVar[str] = "incoming"
+    session: int
+    name: str
+    offer: dict[str, Any]
+    CHECKS: ClassVar[dict[str, Any]] = {"session": _SESSION, "name": _name, "offer": _blob}
+
+
+@dataclass(frozen=True)
+class Go(_Base):
+    """To the owner, at the same moment ``answer`` goes to the connector: start punching."""
+
+    T: ClassVar[str] = "go"
+    session: int
+    CHECKS: ClassVar[dict[str, Any]] = {"session": _SESSION}
+
+
+@dataclass(frozen=True)
+class Rejected(_Base):
+    """To the connector: the owner rejected ``session``."""
+
+    T: ClassVar[str] = "rejected"
+    session: int
+    reason: str
+    CHECKS: ClassVar[dict[str, Any]] = {"session": _SESSION, "reason": _str(_SHORT)}
+
+
+@dataclass(frozen=True)
+class Closed(_Base):
+    """The other member closed ``session`` (or disconnected, or it timed out)."""
+
+    T: ClassVar[str] = "closed"
+    session: int
+    reason: str
+    CHECKS: ClassVar[dict[str, Any]] = {"session": _SESSION, "reason": _str(_SHORT)}
+
+
+@dataclass(frozen=True)
+class Pong(_Base):
+    """Reply to ``ping``."""
+
+    T: ClassVar[str] = "pong"
+    id: int
+    CHECKS: ClassVar[dict[str, Any]] = {"id": _U53}
+
+
+@dataclass(frozen=True)
+class Error(_Base):
+    """Something went wrong; ``session`` is set when the error concerns one session."""
+
+    T: ClassVar[str] = "error"
+    code: str
+    message: str
+    session: int | None = None
+    CHECKS: ClassVar[dict[str, Any]] = {
+        "code": _str(_SHORT),
+        "message": _str(_LONG),
+        "session": lambda v, f: None if v is None else _SESSION(v, f),
+    }
+
+
+Message = (
+    Hello
+    | Register
+    | Unregister
+    | Connect
+    | Answer
+    | Reject
+    | Close
+    | Ping
+    | Welcome
+    | Registered
+    | Incoming
+    | Go
+    | Rejected
+    | Closed
+    | Pong
+    | Error
+)
+
+CLIENT_MESSAGES: tuple[type[_Base], ...] = (
+    Hello,
+    Register,
+    Unregister,
+    Connect,
+    Answer,
+    Reject,
+    Close,
+    Ping,
+)
+SERVER_MESSAGES: tuple[type[_Base], ...] = (
+    Welcome,
+    Registered,
+    Incoming,
+    Answer,
+    Go,
+    Rejected,
+    Closed,
+    Pong,
+    Error,
+)
+_TYPES: dict[str, type[_Base]] = {cls.T: cls for cls in CLIENT_MESSAGES + SERVER_MESSAGES}
+_OPTIONAL = {(Error, "session")}
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode(text: str | bytes) -> Message:
+    """Decode one text frame into a message.
+
+    Raises:
+        ProtocolError: ``too-large`` if over :data:`MAX_MESSAGE_SIZE` bytes or a field
+            is over its limit; ``bad-message`` for everything else that is wrong.
+    """
+    if isinstance(text, bytes | bytearray | memoryview):
+        if len(text) > MAX_MESSAGE_SIZE:
+            raise ProtocolError(E_TOO_LARGE, f"message over {MAX_MESSAGE_SIZE} bytes")
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _bad("message is not valid UTF-8") from exc
+    elif not isinstance(text, str):
+        raise _bad("message must be text")
+    if len(text) > MAX_MESSAGE_SIZE or len(text.encode("utf-8", "surrogatepass")) > (
+        MAX_MESSAGE_SIZE
+    ):
+        raise ProtocolError(E_TOO_LARGE, f"message over {MAX_MESSAGE_SIZE} bytes")
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise _bad(f"invalid JSON: {str(exc)[:100]}") from exc
+    if not isinstance(obj, dict):
+        raise _bad("message must be a JSON object")
+    t = obj.get("t")
+    if not isinstance(t, str):
+        raise _bad("missing message type field 't'")
+    cls = _TYPES.get(t)
+    if cls is None:
+        raise _bad(f"unknown message type {t[:40]!r}")
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in obj:
+            if (cls, f.name) in _OPTIONAL:
+                kwargs[f.name] = None
+                continue
+            raise _bad(f"{t!r} message is missing field {f.name!r}")
+        kwargs[f.name] = cls.CHECKS[f.name](obj[f.name], f.name)
+    return cls(**kwargs)  # type: ignore[return-value]
+
+
+def encode(msg: Message) -> str:
+    """Encode a message as compact JSON text (``"t"`` first).
+
+    Raises:
+        ProtocolError: the message's fields fail the same checks :func:`decode` applies,
+            so a peer can never be sent something it would reject.
+    """
+    out: dict[str, Any] = {"t": msg.T}
+    for f in fields(msg):
+        value = getattr(msg, f.name)
+        out[f.name] = msg.CHECKS[f.name](value, f.name)
+    text = json.dumps(out, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if len(text.encode("utf-8")) > MAX_MESSAGE_SIZE:
+        raise ProtocolError(E_TOO_LARGE, f"message over {MAX_MESSAGE_SIZE} bytes")
+    return text
+
+
+_RELAY_HEADER = struct.Struct("!BI")
+
+
+def encode_relay(session: int, payload: bytes) -> bytes:
+    """Frame a relayed packet: kind 0x01, 4-byte big-endian session id, payload."""
+    if not 0 <= session <= MAX_SESSION:
+        raise ProtocolError(E_BAD_MESSAGE, "session id out of range")
+    return _RELAY_HEADER.pack(RELAY_KIND, session) + bytes(payload)
+
+
+def decode_relay(data: bytes) -> tuple[int, bytes]:
+    """Parse a binary relay frame into ``(session, payload)``.
+
+    Raises:
+        ProtocolError: ``bad-message`` if shorter than 5 bytes or the kind is not 0x01.
+    """
+    if len(data) < _RELAY_HEADER.size:
+        raise ProtocolError(E_BAD_MESSAGE, "binary frame shorter than 5 bytes")
+    kind, session = _RELAY_HEADER.unpack_from(data)
+    if kind != RELAY_KIND:
+        raise ProtocolError(E_BAD_MESSAGE, f"unknown binary frame kind 0x{kind:02x}")
+    return session, bytes(data[_RELAY_HEADER.size :])

@@ -1,0 +1,150 @@
+"""Tests for quictun.sigproto: round trips of every message and every malformed case."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quictun import sigproto as sp
+
+OWNER = "ab" * 32
+
+ALL = [
+    sp.Hello(v=1, token=None, agent="quictun/0.1"),
+    sp.Hello(v=1, token="secret", agent=""),
+    sp.Register(name="my-host.1", owner=OWNER),
+    sp.Unregister(name="x"),
+    sp.Connect(name="n_1", offer={"cands": ["1.2.3.4:5"], "fp": "ab", "n": [1, {"x": None}]}),
+    sp.Answer(session=4294967295, answer={}),
+    sp.Reject(session=1, reason="busy"),
+    sp.Close(session=2, reason="bye"),
+    sp.Ping(id=0),
+    sp.Welcome(v=1, stun=[3478, 40000], relay=True, addr="[::1]:5"),
+    sp.Registered(name="n"),
+    sp.Incoming(session=7, name="n", offer={"a": "ü"}),
+    sp.Go(session=7),
+    sp.Rejected(session=7, reason=""),
+    sp.Closed(session=7, reason="peer disconnected"),
+    sp.Pong(id=2**53 - 1),
+    sp.Error(code="bad-message", message="nope", session=None),
+    sp.Error(code="timeout", message="late", session=9),
+]
+
+
+@pytest.mark.parametrize("msg", ALL, ids=lambda m: m.T)
+def test_round_trip(msg: sp.Message) -> None:
+    text = sp.encode(msg)
+    assert json.loads(text)["t"] == msg.T
+    assert sp.decode(text) == msg
+    assert sp.decode(text.encode()) == msg
+
+
+def test_error_session_optional_and_extra_fields_ignored() -> None:
+    assert sp.decode('{"t":"error","code":"x","message":"y"}') == sp.Error("x", "y", None)
+    assert sp.decode('{"t":"ping","id":3,"future":true}') == sp.Ping(3)
+
+
+REJECT_CASES = [
+    ("{", "bad-message", "invalid JSON"),
+    ("[]", "bad-message", "JSON object"),
+    ('"hello"', "bad-message", "JSON object"),
+    ("{}", "bad-message", "'t'"),
+    ('{"t":5}', "bad-message", "'t'"),
+    ('{"t":"nope"}', "bad-message", "unknown message type"),
+    ('{"t":"ping"}', "bad-message", "missing field 'id'"),
+    ('{"t":"ping","id":"1"}', "bad-message", "integer"),
+    ('{"t":"ping","id":true}', "bad-message", "integer"),
+    ('{"t":"ping","id":1.5}', "bad-message", "integer"),
+    ('{"t":"ping","id":-1}', "bad-message", "range"),
+    ('{"t":"ping","id":NaN}', "bad-message", "invalid JSON"),
+    ('{"t":"answer","session":4294967296,"answer":{}}', "bad-message", "range"),
+    ('{"t":"answer","session":1,"answer":[]}', "bad-message", "object"),
+    ('{"t":"register","name":"","owner":"' + OWNER + '"}', "bad-message", "1-64"),
+    ('{"t":"register","name":"a b","owner":"' + OWNER + '"}', "bad-message", "1-64"),
+    ('{"t":"register","name":"' + "a" * 65 + '","owner":"' + OWNER + '"}', "bad-message", None),
+    ('{"t":"register","name":"a","owner":"xyz"}', "bad-message", "64 hex"),
+    ('{"t":"register","name":"a","owner":"' + "g" * 64 + '"}', "bad-message", "64 hex"),
+    ('{"t":"register","name":"é","owner":"' + OWNER + '"}', "bad-message", "1-64"),
+    ('{"t":"hello","v":1,"token":5,"agent":"a"}', "bad-message", "string"),
+    ('{"t":"hello","v":1,"token":null,"agent":"' + "a" * 300 + '"}', "too-large", "longer"),
+    ('{"t":"welcome","v":1,"stun":[70000],"relay":true,"addr":""}', "bad-message", "range"),
+    ('{"t":"welcome","v":1,"stun":[],"relay":1,"addr":""}', "bad-message", "boolean"),
+    ('{"t":"welcome","v":1,"stun":"x","relay":true,"addr":""}', "bad-message", "list"),
+    ("[" * 100000 + "]" * 100000, "too-large", None),
+    ("[" * 5000 + "]" * 5000, "bad-message", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "match"), REJECT_CASES, ids=[f"case{i}" for i in range(len(REJECT_CASES))]
+)
+def test_decode_rejects(text: str, code: str, match: str | None) -> None:
+    with pytest.raises(sp.ProtocolError, match=match) as info:
+        sp.decode(text)
+    assert info.value.code == code
+
+
+def test_decode_rejects_bad_utf8_and_oversize() -> None:
+    with pytest.raises(sp.ProtocolError) as info:
+        sp.decode(b"\xff\xfe{}")
+    assert info.value.code == "bad-message"
+    with pytest.raises(sp.ProtocolError) as info:
+        sp.decode(" " * (sp.MAX_MESSAGE_SIZE + 1))
+    assert info.value.code == "too-large"
+
+
+def test_blob_limit() -> None:
+    big = {"x": "a" * (sp.MAX_BLOB_SIZE)}
+    with pytest.raises(sp.ProtocolError) as info:
+        sp.decode(json.dumps({"t": "connect", "name": "n", "offer": big}))
+    assert info.value.code == "too-large"
+    ok = {"x": "a" * (sp.MAX_BLOB_SIZE - 20)}
+    assert sp.decode(json.dumps({"t": "connect", "name": "n", "offer": ok})).offer == ok
+
+
+def test_encode_validates() -> None:
+    with pytest.raises(sp.ProtocolError):
+        sp.encode(sp.Register(name="bad name", owner=OWNER))
+    with pytest.raises(sp.ProtocolError):
+        sp.encode(sp.Ping(id=-1))
+
+
+def test_valid_name() -> None:
+    assert sp.valid_name("a")
+    assert sp.valid_name("A-z_0.9")
+    assert sp.valid_name("x" * 64)
+    for bad in ("", "x" * 65, "a/b", "a b", "ä", None, 5):
+        assert not sp.valid_name(bad)
+
+
+def test_relay_frames() -> None:
+    frame = sp.encode_relay(0x01020304, b"\xc0quic")
+    assert frame == b"\x01\x01\x02\x03\x04\xc0quic"
+    assert sp.decode_relay(frame) == (0x01020304, b"\xc0quic")
+    assert sp.decode_relay(sp.encode_relay(0, b"")) == (0, b"")
+    for bad in (b"", b"\x01\x00\x00\x00", b"\x02\x00\x00\x00\x01x"):
+        with pytest.raises(sp.ProtocolError) as info:
+            sp.decode_relay(bad)
+        assert info.value.code == "bad-message"
+    with pytest.raises(sp.ProtocolError):
+        sp.encode_relay(2**32, b"")
+
+
+def test_error_codes_are_the_documented_set() -> None:
+    assert {
+        "bad-message",
+        "unsupported-version",
+        "unauthorized",
+        "name-taken",
+        "no-such-name",
+        "timeout",
+        "too-large",
+        "relay-disabled",
+        "rate-limited",
+        "not-registered",
+        "no-such-session",
+        "hello-required",
+        "too-many-connections",
+        "server-error",
+    } == sp.ERROR_CODES
