@@ -1,0 +1,577 @@
+"""Sans-I/O path manager: punch, validate and pick the UDP path under one QUIC peer.
+
+Theory of operation
+-------------------
+QUIC talks to one fixed virtual peer address; this machine decides where each datagram
+really goes: a *direct* path (a remote candidate address on our one UDP socket) or the
+*relay* (the signalling WebSocket). It never touches a socket or a clock: the shell feeds
+it datagrams and the time, and calls, after every input::
+
+    datagrams_to_send(now)   # send each (data, addr) on the UDP socket
+    next_event()             # until None: PathChanged / PunchFailed
+    get_timer()              # re-arm; call handle_timer(now) when it fires
+
+Probes are STUN Binding requests signed (MESSAGE-INTEGRITY-SHA256) with ``remote_key``;
+the peer answers with a Binding success carrying XOR-MAPPED-ADDRESS, signed with its
+local key (our ``remote_key``). A remote candidate is *validated* when a signed response
+arrives, from the address we sent it to, for a transaction id we issued. Requests signed
+with ``local_key`` are always answered; one from an unknown source adds a ``prflx``
+candidate (peer-reflexive: how a symmetric NAT's per-destination port is learned) and
+starts a *triggered check* (an immediate probe plus a one-second burst).
+
+Every candidate has one probe timer (``next_probe``); its interval depends on its role:
+
+* selected direct path: ``heartbeat``; once *suspect* (no evidence for 1.5 heartbeats)
+  ``probe_interval_slow``, so that one lost heartbeat cannot kill a path;
+* in a burst (initial punching, triggered check, re-punch): ``probe_interval`` during the
+  burst's fast phase, then ``probe_interval_slow`` until the burst ends;
+* other validated candidates: ``5 * heartbeat`` (keeps alternates known and mapped);
+* otherwise idle.
+
+Selection (see :meth:`PathManager._target`): the best validated candidate is the lowest
+``(rank, rtt at validation)``. Relay or pathless -> upgrade to it as soon as one exists.
+Direct -> switch only to a *strictly* lower rank, never on RTT, so loss and jitter cannot
+make it flap. The selected path is *dead* when nothing (signed response or
+:meth:`note_direct_traffic`) came for ``dead_after`` while probes went unanswered for at
+least one heartbeat; it is then un-validated (its pending transactions are forgotten, so
+coming back needs a response to a probe sent after the fallback), and we fall back to
+the best other validated path, else the relay (auto mode), else nothing, and start
+re-punch bursts every ``repunch_interval`` while not direct.
+
+Addresses: every address is normalised on the way in (IPv4-mapped IPv6 -> IPv4, socket
+tuples cut to ``(host, port)``), and every address handed back (datagrams, ``Path``) is in
+that normal form. A shell with a dual-stack socket maps IPv4 back to ``::ffff:a.b.c.d``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import stun
+from .pathtypes import (
+    KIND_PREFERENCE,
+    RANK_HOST_IPV4,
+    RANK_IPV6,
+    RANK_LAN,
+    RANK_REFLEXIVE,
+    RANK_RELAY,
+    RELAY_PATH,
+    Addr,
+    Candidate,
+    IPNetwork,
+    Path,
+    PathChanged,
+    PathConfig,
+    PunchFailed,
+    normalize_addr,
+)
+
+__all__ = [
+    "Addr",
+    "Candidate",
+    "Path",
+    "PathChanged",
+    "PunchFailed",
+    "PathConfig",
+    "PathManager",
+    "normalize_addr",
+    "RANK_LAN",
+    "RANK_IPV6",
+    "RANK_HOST_IPV4",
+    "RANK_REFLEXIVE",
+    "RANK_RELAY",
+    "RELAY_PATH",
+]
+
+MAX_CANDIDATES = 32  # signalled candidates kept; more are ignored
+MAX_PRFLX = 8  # peer-reflexive candidates kept; the oldest unvalidated one is evicted
+MAX_TRANSACTIONS = 1024  # outstanding probe transaction ids; the oldest is evicted
+TRANSACTION_LIFETIME = 5.0  # seconds a probe's response is accepted
+FAST_PHASE = 1.0  # seconds of probe_interval at the start of a punch / triggered burst
+TRIGGERED_BURST = 2.0  # seconds a triggered check keeps probing a candidate
+ALTERNATE_FACTOR = 5  # validated, unselected candidates are probed every 5 heartbeats
+SUSPECT_FACTOR = 1.5  # selected path with no evidence for 1.5 heartbeats probes faster
+
+
+@dataclass
+class _Cand:
+    """Mutable per-candidate state (private)."""
+
+    addr: Addr
+    kind: str
+    rank: int
+    prflx_seq: int = 0
+    validated: bool = False
+    validation_rtt: float | None = None
+    rtt: float | None = None
+    local: Addr | None = None
+    last_alive: float | None = None
+    first_unanswered: float | None = None
+    next_probe: float | None = None
+    burst_until: float = float("-inf")
+    fast_until: float = float("-inf")
+
+    def path(self) -> Path:
+        return Path(kind="direct", remote=self.addr, local=self.local, rtt=self.rtt, rank=self.rank)
+
+
+@dataclass
+class _Txn:
+    addr: Addr
+    sent_at: float
+
+
+class PathManager:
+    """The path state machine for one peer connection (see the module docstring).
+
+    Args:
+        local_key: verifies incoming probe requests and signs our responses.
+        remote_key: signs our probe requests and verifies the peer's responses.
+        local_networks: our own subnets; a peer address inside one ranks as LAN (0).
+        mode: ``"auto"`` (direct, relay as fallback), ``"direct"`` (never the relay) or
+            ``"relay"`` (never any UDP: no probes and no answers).
+        relay_available: whether the relay can carry datagrams now.
+        config: timing; defaults to :class:`PathConfig()`.
+        random_bytes: ``random_bytes(n)`` returns n random bytes (transaction ids).
+    """
+
+    def __init__(
+        self,
+        *,
+        local_key: bytes,
+        remote_key: bytes,
+        local_networks: Sequence[IPNetwork],
+        mode: str = "auto",
+        relay_available: bool = True,
+        config: PathConfig | None = None,
+        random_bytes: Callable[[int], bytes],
+    ) -> None:
+        if mode not in ("auto", "direct", "relay"):
+            raise ValueError(f"unknown mode: {mode!r}")
+        self._local_key = local_key
+        self._remote_key = remote_key
+        self._networks = tuple(local_networks)
+        self._mode = mode
+        self._relay_available = relay_available
+        self._cfg = config if config is not None else PathConfig()
+        self._random_bytes = random_bytes
+
+        self._cands: dict[Addr, _Cand] = {}
+        self._prflx_counter = 0
+        self._txns: dict[bytes, _Txn] = {}
+        self._out: list[tuple[bytes, Addr, int | None]] = []
+        self._events: deque[PathChanged | PunchFailed] = deque()
+
+        self._started = False
+        self._start_time = 0.0
+        self._punch_deadline_done = False
+        self._next_repunch: float | None = None
+        self._selected: _Cand | None = None
+        self._on_relay = False
+
+        self._stats = {
+            "probes_sent": 0,
+            "responses_received": 0,
+            "requests_received": 0,
+            "responses_sent": 0,
+            "invalid_dropped": 0,
+            "triggered_checks": 0,
+            "prflx_learned": 0,
+            "validations": 0,
+            "paths_died": 0,
+            "switches": 0,
+            "relay_traffic": 0,
+        }
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def current(self) -> Path | None:
+        """Where to send QUIC datagrams now: a direct path, the relay, or None (nowhere)."""
+        if self._selected is not None:
+            return self._selected.path()
+        if self._on_relay:
+            return RELAY_PATH
+        return None
+
+    def add_remote_candidates(self, cands: Iterable[Candidate], now: float) -> None:
+        """Learn the peer's candidates (from signalling; may be called repeatedly).
+
+        After start(), a new or not-yet-validated candidate gets a punch burst right away
+        (so re-sent candidates re-punch). At most 32 signalled candidates are kept.
+        """
+        for cand in cands:
+            existing = self._cands.get(cand.addr)
+            if existing is None:
+                signalled = sum(1 for c in self._cands.values() if c.kind != "prflx")
+                if signalled >= MAX_CANDIDATES:
+                    continue
+                existing = self._add(cand.addr, cand.kind)
+            elif KIND_PREFERENCE[cand.kind] < KIND_PREFERENCE[existing.kind]:
+                existing.kind = cand.kind
+                existing.rank = self._rank(existing.addr, existing.kind)
+            if self._started and self._mode != "relay" and not existing.validated:
+                self._burst(existing, now, now + self._cfg.punch_timeout, fast=True)
+        self._reselect(now)
+
+    def start(self, now: float) -> None:
+        """Begin punching (the relay said go). Idempotent."""
+        if self._started:
+            return
+        self._started = True
+        self._start_time = now
+        self._next_repunch = now + self._cfg.repunch_interval
+        if self._mode != "relay":
+            for c in self._cands.values():
+                if not c.validated:
+                    self._burst(c, now, now + self._cfg.punch_timeout, fast=True)
+        self._reselect(now)
+
+    def receive_stun(self, data: bytes, addr: Addr, now: float) -> None:
+        """Handle any STUN datagram that arrived on the UDP socket from ``addr``.
+
+        Anything invalid is silently dropped (counted in ``stats()["invalid_dropped"]``):
+        malformed, unsigned or wrongly signed, an unknown or expired transaction id, or a
+        response from another address than the one the request went to.
+        """
+        if self._mode == "relay":
+            return
+        try:
+            src = normalize_addr(addr)
+            msg = stun.decode(data)
+        except ValueError:  # StunError is a ValueError
+            self._stats["invalid_dropped"] += 1
+            return
+        if msg.msg_type == stun.BINDING_REQUEST:
+            self._handle_request(data, msg, src, now)
+        elif msg.msg_type == stun.BINDING_SUCCESS:
+            self._handle_response(data, msg, src, now)
+        else:
+            self._stats["invalid_dropped"] += 1
+
+    def note_direct_traffic(self, addr: Addr, now: float) -> None:
+        """An authenticated QUIC packet came from ``addr``: that path is alive.
+
+        Ignored unless ``addr`` is a validated candidate.
+        """
+        try:
+            c = self._cands.get(normalize_addr(addr))
+        except ValueError:
+            return
+        if c is not None and c.validated:
+            c.last_alive = now
+            c.first_unanswered = None
+
+    def note_relay_traffic(self, now: float) -> None:
+        """A datagram came through the relay (statistics only)."""
+        self._stats["relay_traffic"] += 1
+
+    def set_relay_available(self, available: bool, now: float) -> None:
+        """The relay connection was lost (False) or restored (True)."""
+        self._relay_available = available
+        self._reselect(now)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]:
+        """Run due timers, then return and forget the UDP datagrams to send now."""
+        return [(data, addr) for data, addr, _ttl in self.datagrams_to_send_ttl(now)]
+
+    def datagrams_to_send_ttl(self, now: float) -> list[tuple[bytes, Addr, int | None]]:
+        """Like :meth:`datagrams_to_send`, with an IP TTL hint per datagram.
+
+        The hint is currently always None (use the socket default); it exists so that a
+        low-TTL first probe can be added without changing the shell.
+        """
+        self._service(now)
+        out, self._out = self._out, []
+        return out
+
+    def get_timer(self) -> float | None:
+        """Return the time at which :meth:`handle_timer` must be called, or None."""
+        times: list[float] = []
+        for c in self._cands.values():
+            if c.next_probe is not None:
+                times.append(c.next_probe)
+            expiry = self._expiry(c)
+            if expiry is not None:
+                times.append(expiry)
+        if self._started and self._mode != "relay":
+            if not self._punch_deadline_done:
+                times.append(self._start_time + self._cfg.punch_timeout)
+            if self._selected is None:
+                if not self._on_relay and self._relay_wanted():
+                    times.append(self._start_time + self._cfg.relay_after)
+                if self._next_repunch is not None:
+                    times.append(self._next_repunch)
+        elif self._started and not self._punch_deadline_done:
+            times.append(self._start_time + self._cfg.punch_timeout)
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        """Run everything due at ``now`` (probes are queued for :meth:`datagrams_to_send`)."""
+        self._service(now)
+
+    def next_event(self) -> PathChanged | PunchFailed | None:
+        """Pop the next event, or None."""
+        return self._events.popleft() if self._events else None
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: probes sent, requests/responses received, validations, switches..."""
+        out: dict[str, Any] = dict(self._stats)
+        out["candidates"] = len(self._cands)
+        out["validated"] = sorted(c.addr for c in self._cands.values() if c.validated)
+        out["pending_transactions"] = len(self._txns)
+        return out
+
+    # ------------------------------------------------------------------ candidates
+
+    def _rank(self, addr: Addr, kind: str) -> int:
+        ip = ipaddress.ip_address(addr[0])
+        if ip.is_loopback or ip.is_link_local or any(ip in net for net in self._networks):
+            return RANK_LAN
+        if ip.version == 6:
+            return RANK_IPV6
+        if kind == "host":
+            return RANK_HOST_IPV4
+        return RANK_REFLEXIVE
+
+    def _add(self, addr: Addr, kind: str) -> _Cand:
+        c = _Cand(addr=addr, kind=kind, rank=self._rank(addr, kind))
+        if kind == "prflx":
+            self._prflx_counter += 1
+            c.prflx_seq = self._prflx_counter
+        self._cands[addr] = c
+        return c
+
+    def _learn_prflx(self, addr: Addr) -> _Cand | None:
+        prflx = [c for c in self._cands.values() if c.kind == "prflx"]
+        if len(prflx) >= MAX_PRFLX:
+            victims = [c for c in prflx if not c.validated and c is not self._selected]
+            if not victims:
+                return None
+            victim = min(victims, key=lambda c: c.prflx_seq)
+            self._forget_txns(victim.addr)
+            del self._cands[victim.addr]
+        self._stats["prflx_learned"] += 1
+        return self._add(addr, "prflx")
+
+    def _burst(self, c: _Cand, now: float, until: float, *, fast: bool) -> None:
+        """Probe ``c`` now and keep probing it until ``until``."""
+        c.burst_until = max(c.burst_until, until)
+        if fast:
+            c.fast_until = max(c.fast_until, min(until, now + FAST_PHASE))
+        if c.next_probe is None or c.next_probe > now:
+            c.next_probe = now
+
+    def _forget_txns(self, addr: Addr) -> None:
+        for txid in [t for t, txn in self._txns.items() if txn.addr == addr]:
+            del self._txns[txid]
+
+    def _invalidate(self, c: _Cand) -> None:
+        """Require a fresh validation (a response to a probe sent from now on)."""
+        c.validated = False
+        c.first_unanswered = None
+        self._forget_txns(c.addr)
+
+    # ------------------------------------------------------------------ STUN input
+
+    def _handle_request(self, data: bytes, msg: stun.StunMessage, src: Addr, now: float) -> None:
+        if not stun.verify_integrity(data, self._local_key):
+            self._stats["invalid_dropped"] += 1
+            return
+        self._stats["requests_received"] += 1
+        self._out.append((stun.binding_success(msg.txid, src, key=self._local_key), src, None))
+        self._stats["responses_sent"] += 1
+        c = self._cands.get(src)
+        if c is None:
+            c = self._learn_prflx(src)
+            if c is None:
+                return
+        elif c.validated:
+            return
+        # Triggered check: the peer reaches us from src, so src may now reach back.
+        if c.next_probe is None or c.next_probe > now + self._cfg.probe_interval:
+            self._stats["triggered_checks"] += 1
+            self._burst(c, now, now + TRIGGERED_BURST, fast=True)
+        else:
+            c.burst_until = max(c.burst_until, now + TRIGGERED_BURST)
+
+    def _handle_response(self, data: bytes, msg: stun.StunMessage, src: Addr, now: float) -> None:
+        self._expire_txns(now)
+        txn = self._txns.get(msg.txid)
+        if txn is None or txn.addr != src or not stun.verify_integrity(data, self._remote_key):
+            self._stats["invalid_dropped"] += 1
+            return
+        del self._txns[msg.txid]
+        c = self._cands.get(src)
+        if c is None:
+            return
+        self._stats["responses_received"] += 1
+        rtt = max(0.0, now - txn.sent_at)
+        c.rtt = rtt
+        mapped = msg.xor_mapped_address
+        if mapped is not None:
+            try:
+                c.local = normalize_addr(mapped)
+            except ValueError:
+                pass
+        c.last_alive = now
+        c.first_unanswered = None
+        if not c.validated:
+            c.validated = True
+            c.validation_rtt = rtt
+            self._stats["validations"] += 1
+            c.next_probe = now + ALTERNATE_FACTOR * self._cfg.heartbeat  # unless selected
+            self._reselect(now)
+
+    def _expire_txns(self, now: float) -> None:
+        while self._txns:
+            txid, txn = next(iter(self._txns.items()))
+            if now - txn.sent_at < TRANSACTION_LIFETIME and len(self._txns) <= MAX_TRANSACTIONS:
+                break
+            del self._txns[txid]
+
+    # ------------------------------------------------------------------ timers
+
+    def _expiry(self, c: _Cand) -> float | None:
+        """When a validated candidate counts as dead if nothing arrives, else None."""
+        if not c.validated or c.first_unanswered is None or c.last_alive is None:
+            return None
+        grace = self._cfg.dead_after
+        if c is not self._selected:
+            grace += ALTERNATE_FACTOR * self._cfg.heartbeat
+        return max(c.last_alive + grace, c.first_unanswered + self._cfg.heartbeat)
+
+    def _interval(self, c: _Cand, now: float) -> float | None:
+        cfg = self._cfg
+        if c is self._selected:
+            suspect = c.last_alive is None or now - c.last_alive >= SUSPECT_FACTOR * cfg.heartbeat
+            return cfg.probe_interval_slow if suspect else cfg.heartbeat
+        if c.validated:
+            return ALTERNATE_FACTOR * cfg.heartbeat
+        if now < c.burst_until:
+            return cfg.probe_interval if now < c.fast_until else cfg.probe_interval_slow
+        return None
+
+    def _service(self, now: float) -> None:
+        """Apply every deadline due at ``now``, then queue due probes."""
+        if self._mode == "relay":
+            self._check_punch_deadline(now)
+            return
+        self._expire_txns(now)
+        for c in list(self._cands.values()):
+            expiry = self._expiry(c)
+            if expiry is not None and now >= expiry:
+                self._path_died(c, now)
+        if self._started:
+            if (
+                self._selected is None
+                and self._next_repunch is not None
+                and now >= self._next_repunch
+            ):
+                self._repunch(now)
+            self._reselect(now)
+            self._check_punch_deadline(now)
+        for c in self._cands.values():
+            if c.next_probe is not None and c.next_probe <= now:
+                self._send_probe(c, now)
+
+    def _send_probe(self, c: _Cand, now: float) -> None:
+        txid = self._random_bytes(12)
+        self._txns[txid] = _Txn(addr=c.addr, sent_at=now)
+        self._expire_txns(now)
+        self._out.append((stun.binding_request(txid, key=self._remote_key), c.addr, None))
+        self._stats["probes_sent"] += 1
+        if c.validated and c.first_unanswered is None:
+            c.first_unanswered = now
+        interval = self._interval(c, now)
+        c.next_probe = None if interval is None else now + interval
+
+    def _path_died(self, c: _Cand, now: float) -> None:
+        was_selected = c is self._selected
+        self._invalidate(c)
+        c.next_probe = None
+        if not was_selected:
+            return
+        self._stats["paths_died"] += 1
+        self._selected = None  # _reselect emits the single PathChanged below
+        self._repunch(now, previous=c)
+
+    def _repunch(self, now: float, previous: _Cand | None = None) -> None:
+        self._next_repunch = now + self._cfg.repunch_interval
+        until = now + self._cfg.repunch_burst
+        for c in self._cands.values():
+            if not c.validated:
+                self._burst(c, now, until, fast=False)
+        if previous is not None:
+            self._reselect(now, previous_direct=previous)
+
+    def _check_punch_deadline(self, now: float) -> None:
+        if not self._started or self._punch_deadline_done:
+            return
+        if now < self._start_time + self._cfg.punch_timeout:
+            return
+        self._punch_deadline_done = True
+        if self.current is None and not self._relay_wanted():
+            if self._mode == "direct":
+                reason = f"no direct path within {self._cfg.punch_timeout:g} s (direct mode)"
+            elif self._mode == "relay":
+                reason = "relay unavailable"
+            else:
+                reason = f"no direct path within {self._cfg.punch_timeout:g} s and no relay"
+            self._events.append(PunchFailed(reason))
+
+    # ------------------------------------------------------------------ selection
+
+    def _relay_wanted(self) -> bool:
+        return self._mode != "direct" and self._relay_available
+
+    def _best(self) -> _Cand | None:
+        live = [c for c in self._cands.values() if c.validated]
+        if not live:
+            return None
+        return min(live, key=lambda c: (c.rank, c.validation_rtt or 0.0, c.addr))
+
+    def _target(self, now: float) -> tuple[_Cand | None, bool]:
+        """Return (direct candidate, use relay) that should be current now."""
+        if self._mode == "relay":
+            return None, self._relay_available
+        best = self._best()
+        cur = self._selected
+        if cur is not None and cur.validated:
+            if best is not None and best.rank < cur.rank:
+                return best, False
+            return cur, False
+        if best is not None:
+            return best, False
+        if self._relay_wanted() and now >= self._start_time + self._cfg.relay_after:
+            return None, True
+        return None, False
+
+    def _reselect(self, now: float, previous_direct: _Cand | None = None) -> None:
+        """Move ``current`` to the target, emitting one PathChanged if it changed."""
+        if not self._started:
+            return
+        before = previous_direct if previous_direct is not None else self._selected
+        before_relay = self._on_relay if previous_direct is None else False
+        target, relay = self._target(now)
+        self._selected, self._on_relay = target, relay
+        if target is before and relay == before_relay:
+            return
+        if target is not None:
+            # A fresh selection: heartbeat now if the evidence is stale, else in one period.
+            target.first_unanswered = None
+            stale = target.last_alive is None or now - target.last_alive >= self._cfg.heartbeat
+            target.next_probe = now if stale else now + self._cfg.heartbeat
+        if before is not None and before.validated and before is not target:
+            before.next_probe = now + ALTERNATE_FACTOR * self._cfg.heartbeat
+        if target is None:
+            self._next_repunch = min(
+                self._next_repunch or now + self._cfg.repunch_interval,
+                now + self._cfg.repunch_interval,
+            )
+        self._stats["switches"] += 1
+        self._events.append(PathChanged(self.current))

@@ -1,0 +1,166 @@
+"""Public data types of the path manager: candidates, paths, events and timing knobs.
+
+Kept apart from :mod:`quictun.paths` (which re-exports everything here) so that the state
+machine module stays small. Pure data: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "Addr",
+    "IPNetwork",
+    "Candidate",
+    "Path",
+    "PathChanged",
+    "PunchFailed",
+    "PathConfig",
+    "normalize_addr",
+    "CANDIDATE_KINDS",
+    "RELAY_PATH",
+    "RANK_LAN",
+    "RANK_IPV6",
+    "RANK_HOST_IPV4",
+    "RANK_REFLEXIVE",
+    "RANK_RELAY",
+]
+
+Addr = tuple[str, int]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+RANK_LAN = 0
+RANK_IPV6 = 1
+RANK_HOST_IPV4 = 2
+RANK_REFLEXIVE = 3
+RANK_RELAY = 9
+
+CANDIDATE_KINDS = ("host", "srflx", "prflx")
+KIND_PREFERENCE = {"host": 0, "srflx": 1, "prflx": 2}
+"""Lower is better when one address is signalled as several kinds."""
+_MAX_CANDIDATE_TEXT = 128
+
+
+def normalize_addr(addr: Sequence[Any]) -> Addr:
+    """Return ``(ip, port)`` in canonical form.
+
+    Accepts socket address tuples of any length (IPv6 ones carry flowinfo and scope id);
+    unmaps IPv4-mapped IPv6 (``::ffff:192.0.2.1`` -> ``192.0.2.1``) and compresses IPv6.
+
+    Raises:
+        ValueError: not an IP address, or the port is not in 1..65535.
+    """
+    host, port = addr[0], addr[1]
+    if not isinstance(host, str) or isinstance(port, bool) or not isinstance(port, int):
+        raise ValueError(f"bad address: {addr!r}")
+    ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if not 0 < port <= 0xFFFF:
+        raise ValueError(f"port out of range: {port}")
+    return (str(ip), port)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A transport address at which the peer may be reachable.
+
+    Construction validates and normalises (see :func:`normalize_addr`); raises
+    ValueError for an unknown kind or an unusable address (unspecified, multicast).
+    """
+
+    addr: Addr
+    """The address, normalised."""
+    kind: str
+    """``"host"`` (an interface address), ``"srflx"`` (learned from a STUN reflector) or
+    ``"prflx"`` (learned from the source of a signed probe)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in CANDIDATE_KINDS:
+            raise ValueError(f"unknown candidate kind: {self.kind!r}")
+        addr = normalize_addr(self.addr)
+        ip = ipaddress.ip_address(addr[0])
+        if ip.is_unspecified or ip.is_multicast:
+            raise ValueError(f"unusable candidate address: {addr[0]}")
+        object.__setattr__(self, "addr", addr)
+
+    def encode(self) -> str:
+        """Return the wire form ``"<kind> <ip> <port>"``, e.g. ``"host 198.19.1.2 40000"``."""
+        return f"{self.kind} {self.addr[0]} {self.addr[1]}"
+
+    @classmethod
+    def decode(cls, text: str) -> Candidate:
+        """Parse the wire form produced by :meth:`encode`.
+
+        The text comes from the network: anything but exactly ``kind ip port`` (ASCII
+        decimal port, at most 128 characters) raises ValueError.
+        """
+        if not isinstance(text, str) or len(text) > _MAX_CANDIDATE_TEXT:
+            raise ValueError("candidate text too long or not a string")
+        parts = text.split(" ")
+        if len(parts) != 3:
+            raise ValueError(f"malformed candidate: {text!r}")
+        kind, host, port_text = parts
+        if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5):
+            raise ValueError(f"malformed candidate port: {port_text!r}")
+        return cls((host, int(port_text)), kind)
+
+
+@dataclass(frozen=True)
+class Path:
+    """A path QUIC datagrams can take."""
+
+    kind: str
+    """``"direct"`` or ``"relay"``."""
+    remote: Addr | None
+    """The peer's address for a direct path (normalised); None for the relay."""
+    local: Addr | None
+    """Our address as the peer sees it (XOR-MAPPED-ADDRESS of the last response), if known."""
+    rtt: float | None
+    """Last measured probe round-trip time in seconds, if any."""
+    rank: int
+    """0 LAN/loopback/link-local, 1 IPv6, 2 routed host IPv4, 3 reflexive, 9 relay."""
+
+
+RELAY_PATH = Path(kind="relay", remote=None, local=None, rtt=None, rank=RANK_RELAY)
+
+
+@dataclass(frozen=True)
+class PathChanged:
+    """The path used for sending changed (emitted exactly once per change of ``current``)."""
+
+    path: Path | None
+    """The new path; None means nowhere to send (queue or drop)."""
+
+
+@dataclass(frozen=True)
+class PunchFailed:
+    """No path at all by the punch deadline (direct-only mode, or no relay)."""
+
+    reason: str
+    """Human-readable explanation."""
+
+
+@dataclass
+class PathConfig:
+    """Timing knobs, all in seconds."""
+
+    probe_interval: float = 0.05
+    """Probe interval during the first second of punching (and of triggered checks)."""
+    probe_interval_slow: float = 0.25
+    """Probe interval for the rest of a burst, and on a suspect selected path."""
+    punch_timeout: float = 6.0
+    """Initial punching stops after this; PunchFailed then if there is no path at all."""
+    relay_after: float = 0.0
+    """Auto mode: use the relay once this long after start() passed with no direct path."""
+    heartbeat: float = 2.0
+    """Probe interval on the selected direct path (keeps 5 s NAT mappings alive)."""
+    dead_after: float = 6.5
+    """No signed response or traffic from the selected path for this long => dead."""
+    repunch_interval: float = 10.0
+    """While on relay (or pathless), re-probe all unvalidated candidates this often."""
+    repunch_burst: float = 2.0
+    """Length of one re-punch burst (at probe_interval_slow)."""
