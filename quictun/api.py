@@ -1,0 +1,588 @@
+"""The library API: :func:`connect` and :func:`serve`.
+
+Example::
+
+    import asyncio, quictun
+
+    async def main():
+        async with quictun.connect("home", signal="ws://relay:8765/", secret=s) as tunnel:
+            reader, writer = await tunnel.open_connection()
+            writer.write(b"hello")
+            print(await reader.read(100))
+
+    asyncio.run(main())
+
+Offer/answer handshake over the relay (see docs/architecture.md):
+
+1. the connector sends ``offer = {pub, nonce, cands, mac}``, the MAC keyed by the
+   secret-derived root key; the server rejects a bad MAC (wrong secret) at once;
+2. the server answers ``{fp, nonce, cands, mac}``; the connector checks the MAC and pins
+   ``fp``, the server's identity;
+3. both start punching when the relay says go; QUIC starts at once over whatever path
+   exists (the relay first, if allowed) and moves when a better path appears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aioquic.quic.configuration import QuicConfiguration
+
+from . import auth, sigproto
+from .endpoint import UdpEndpoint, gather, resolve
+from .errors import TunnelError
+from .identity import Identity, load_or_create
+from .paths import Candidate, Path, PathConfig
+from .quicconn import CONNECTION_WINDOW, STREAM_WINDOW
+from .session import PeerSession, describe, new_path_manager
+from .signal_client import RelayError, SignalClient
+from .tunnel import ClientHandler, ServerHandler
+
+log = logging.getLogger("quictun")
+
+ALPN = "quictun/1"
+DEFAULT_SIGNAL = "ws://127.0.0.1:8765/"
+MODES = ("auto", "direct", "relay")
+MAX_DATAGRAM = 1350
+CONNECT_TIMEOUT = 20.0
+MAX_SESSIONS = 256
+
+StatusCallback = Callable[[str], None]
+
+
+def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """Parse ``HOST:PORT``, ``[V6]:PORT`` or ``PORT``. Raises ValueError with a clear text."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = default_host, text
+    host = host.strip("[]") or default_host
+    try:
+        p = int(port)
+    except ValueError:
+        raise ValueError(f"{text!r} is not HOST:PORT") from None
+    if not 0 < p < 65536:
+        raise ValueError(f"port {p} out of range in {text!r}")
+    return host, p
+
+
+def _quic_config(is_client: bool, identity: Identity) -> QuicConfiguration:
+    cfg = QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=[ALPN],
+        max_datagram_size=MAX_DATAGRAM,
+        max_stream_data=STREAM_WINDOW,
+        max_data=CONNECTION_WINDOW,
+        idle_timeout=60.0,
+    )
+    if is_client:
+        cfg.verify_mode = ssl.CERT_NONE  # we pin the fingerprint after the handshake
+        cfg.server_name = "quictun"
+    else:
+        cfg.certificate = identity.certificate
+        cfg.private_key = identity.private_key
+    return cfg
+
+
+async def _stun_servers(signal: SignalClient) -> list[tuple[str, int]]:
+    assert signal.welcome is not None
+    addrs = await resolve(signal.host, signal.port)
+    v4 = [a[0] for a in addrs if ":" not in a[0]][:1]
+    v6 = [a[0] for a in addrs if ":" in a[0]][:1]
+    return [(ip, p) for ip in v4 + v6 for p in signal.welcome.stun[:2]]
+
+
+async def _candidates(signal: SignalClient, mode: str) -> tuple[UdpEndpoint, list[Candidate]]:
+    ep = await UdpEndpoint.bind()
+    if mode == "relay":
+        return ep, []
+    try:
+        return ep, await gather(ep, await _stun_servers(signal))
+    except BaseException:
+        ep.close()
+        raise
+
+
+def _decode_cands(raw: Any) -> list[Candidate]:
+    out = []
+    for c in raw if isinstance(raw, list) else []:
+        try:
+            out.append(Candidate.decode(c))
+        except (ValueError, TypeError):
+            continue
+    return out[:32]
+
+
+# --------------------------------------------------------------------------------------
+# client
+# --------------------------------------------------------------------------------------
+@dataclass
+class Tunnel:
+    """An established tunnel to a served port. Many connections may share it."""
+
+    name: str
+    session: PeerSession
+    handler: ClientHandler
+    signal: SignalClient
+    started: float
+    path: Path | None = None
+    _servers: list[asyncio.AbstractServer] = field(default_factory=list)
+
+    async def open_connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open one forwarded connection; returns asyncio streams (like
+        ``asyncio.open_connection``). Raises :class:`TunnelError` if the tunnel is closed."""
+        if self.closed:
+            raise TunnelError("the tunnel is closed")
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        bridge = self.handler.open_bridge()
+        await loop.connect_accepted_socket(lambda: bridge, sock=ours)
+        return await asyncio.open_connection(sock=theirs)
+
+    def bridge(self) -> Any:
+        """A protocol for one local transport (used by ``--listen`` and ``--stdio``)."""
+        return self.handler.open_bridge()
+
+    @property
+    def closed(self) -> bool:
+        return self.session.closed or self.handler.closed.done()
+
+    async def wait_closed(self) -> str:
+        """Wait until the tunnel ends; returns why."""
+        return await self.handler.closed
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.session.engine.bytes_out if self.session.engine else 0
+
+    @property
+    def bytes_received(self) -> int:
+        return self.session.engine.bytes_in if self.session.engine else 0
+
+    async def close(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        self.session.close("client closed")
+        with contextlib.suppress(TunnelError):
+            await self.signal.send(sigproto.Close(session=self.session.session_id,
+                                                  reason="client closed"))
+        await asyncio.sleep(0)
+        await self.signal.close()
+
+
+async def open_tunnel(
+    name: str,
+    *,
+    signal: str,
+    secret: str | bytes,
+    mode: str = "auto",
+    token: str | None = None,
+    identity: Identity | None = None,
+    on_status: StatusCallback | None = None,
+    path_config: PathConfig | None = None,
+    timeout: float = CONNECT_TIMEOUT,
+    pin: str | None = None,
+) -> Tunnel:
+    """Connect to the peer serving ``name``; returns when the tunnel is authenticated.
+
+    Raises:
+        TunnelError: with a one-line reason (relay unreachable, no such name, wrong
+            secret, punching failed, ...).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}")
+    if not sigproto.valid_name(name):
+        raise TunnelError(f"{name!r} is not a valid name (1-64 of A-Z a-z 0-9 . _ -)")
+    status = on_status or (lambda s: log.info("%s", s))
+    identity = identity or load_or_create()
+    sc = SignalClient(signal, token=token)
+    status(f"contacting the relay {signal}")
+    welcome = await sc.open()
+    try:
+        if mode == "relay" and not welcome.relay:
+            raise TunnelError("--relay-only was asked for, but this relay does not relay")
+        ep, cands = await _candidates(sc, mode)
+        try:
+            return await _handshake(name, sc, ep, cands, secret, mode, identity, status,
+                                    path_config, timeout, pin)
+        except BaseException:
+            ep.close()
+            raise
+    except BaseException:
+        await sc.close()
+        raise
+
+
+async def _handshake(
+    name: str, sc: SignalClient, ep: UdpEndpoint, cands: list[Candidate],
+    secret: str | bytes, mode: str, identity: Identity, status: StatusCallback,
+    path_config: PathConfig | None, timeout: float, pin: str | None,
+) -> Tunnel:
+    loop = asyncio.get_running_loop()
+    t0 = time.monotonic()
+    root = auth.root_key(secret, name)
+    nonce = os.urandom(16).hex()
+    pub = identity.public_bytes.hex()
+    cand_text = [c.encode() for c in cands]
+    offer = {"v": 1, "pub": pub, "nonce": nonce, "cands": cand_text,
+             "mac": auth.offer_mac(root, nonce, pub, cand_text)}
+    status(f"asking the relay for {name!r}")
+    try:
+        reply = await sc.request(
+            sigproto.Connect(name=name, offer=offer),
+            lambda m: isinstance(m, (sigproto.Answer, sigproto.Rejected))
+            or (isinstance(m, sigproto.Error) and m.session is not None),
+            timeout=timeout,
+        )
+    except RelayError as exc:
+        if exc.code == sigproto.E_NO_SUCH_NAME:
+            raise TunnelError(
+                f"no peer is serving {name!r} on this relay; start `quictun serve {name}` "
+                "on the other machine (same relay URL)"
+            ) from None
+        raise
+    if isinstance(reply, sigproto.Rejected):
+        if "secret" in reply.reason or "auth" in reply.reason:
+            raise TunnelError(
+                f"{name!r} refused the connection: wrong secret "
+                "(check QUICTUN_SECRET / --secret-file, or use the ticket)"
+            )
+        raise TunnelError(f"{name!r} refused the connection: {reply.reason}")
+    if isinstance(reply, sigproto.Error):
+        if reply.code == sigproto.E_TIMEOUT:
+            raise TunnelError(f"the peer serving {name!r} did not answer (it may be gone)")
+        raise TunnelError(f"relay: {reply.message}")
+    assert isinstance(reply, sigproto.Answer)
+    ans = reply.answer
+    fp, snonce, scands = ans.get("fp"), ans.get("nonce"), ans.get("cands")
+    if not (isinstance(fp, str) and isinstance(snonce, str) and isinstance(scands, list)
+            and all(isinstance(c, str) for c in scands)):
+        raise TunnelError(f"the answer from {name!r} is malformed")
+    if not auth.check(auth.answer_mac(root, nonce, snonce, fp, pub, scands), ans.get("mac")):
+        raise TunnelError(
+            f"the answer for {name!r} is not authenticated by our secret: the relay or "
+            "someone else is impersonating the peer; refusing"
+        )
+    if pin is not None and fp != pin:
+        raise TunnelError(
+            f"the peer answering for {name!r} is not the one in the ticket "
+            "(fingerprint differs); refusing"
+        )
+    keys = auth.session_keys(root, nonce, snonce, pub, fp)
+    pm = new_path_manager(local_key=keys.to_client, remote_key=keys.to_server, mode=mode,
+                          relay_available=bool(sc.welcome and sc.welcome.relay),
+                          config=path_config)
+    pm.add_remote_candidates(_decode_cands(scands), loop.time())
+    failed: asyncio.Future[str] = loop.create_future()
+    tunnel_box: list[Tunnel] = []
+
+    def on_path(path: Path | None) -> None:
+        if tunnel_box:
+            tunnel_box[0].path = path
+        status(describe(path))
+
+    def on_failed(reason: str) -> None:
+        if not failed.done():
+            failed.set_result(reason)
+
+    session = PeerSession(
+        endpoint=ep, signal=sc, session_id=reply.session, paths=pm,
+        quic_config=_quic_config(True, identity), is_client=True,
+        handler_factory=lambda eng: ClientHandler(eng, identity=identity, keys=keys,
+                                                  server_fp=fp),
+        on_path=on_path, on_failed=on_failed,
+    )
+    handler = session.handler
+    assert isinstance(handler, ClientHandler)
+    tunnel = Tunnel(name=name, session=session, handler=handler, signal=sc, started=t0)
+    tunnel_box.append(tunnel)
+    sc.on_relay = lambda sid, data: session.relay_received(data) if sid == reply.session else None
+    sc.on_lost = lambda exc: session.relay_lost()
+
+    def on_message(m: sigproto.Message) -> None:
+        if isinstance(m, sigproto.Closed) and m.session == reply.session:
+            if not session.paths.current or session.paths.current.kind == "relay":
+                session.close("peer closed")
+
+    sc.on_message = on_message
+    status("punching a path" if mode != "relay" else "using the relay")
+    session.start()
+    tunnel.path = pm.current
+    ready = asyncio.ensure_future(handler.ready)
+    try:
+        done, _ = await asyncio.wait({ready, failed}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if failed in done:
+            raise TunnelError(f"punching failed: {failed.result()}"
+                              + (" (try without --direct-only)" if mode == "direct" else ""))
+        if ready not in done:
+            raise TunnelError(f"no working path to {name!r} within {timeout:.0f} s "
+                              "(run `quictun netcheck` on both sides)")
+        try:
+            ready.result()
+        except ConnectionRefusedError as exc:
+            raise TunnelError(str(exc)) from None
+    except BaseException:
+        ready.cancel()
+        session.close("connect failed")
+        raise
+    return tunnel
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    name: str,
+    *,
+    signal: str = DEFAULT_SIGNAL,
+    secret: str | bytes,
+    mode: str = "auto",
+    token: str | None = None,
+    identity: Identity | None = None,
+    on_status: StatusCallback | None = None,
+) -> AsyncIterator[Tunnel]:
+    """``async with connect(NAME, signal=URL, secret=S) as tunnel:`` — see :class:`Tunnel`."""
+    tunnel = await open_tunnel(name, signal=signal, secret=secret, mode=mode, token=token,
+                               identity=identity, on_status=on_status)
+    try:
+        yield tunnel
+    finally:
+        await tunnel.close()
+
+
+# --------------------------------------------------------------------------------------
+# server
+# --------------------------------------------------------------------------------------
+@dataclass
+class _ServedSession:
+    session: PeerSession
+    started: float
+    client_fp: str = ""
+
+
+class Server:
+    """Serves ``target`` under ``name`` until cancelled; see :func:`serve`."""
+
+    def __init__(
+        self, name: str, target: tuple[str, int], *, signal: str, secret: str | bytes,
+        mode: str, token: str | None, identity: Identity,
+        on_event: StatusCallback | None, path_config: PathConfig | None,
+    ) -> None:
+        self.name = name
+        self.target = target
+        self.url = signal
+        self.mode = mode
+        self.token = token
+        self.identity = identity
+        self.root = auth.root_key(secret, name)
+        self.emit = on_event or (lambda s: log.info("%s", s))
+        self.path_config = path_config
+        self.sessions: dict[int, _ServedSession] = {}
+        self.signal: SignalClient | None = None
+        self.registered = asyncio.Event()
+
+    async def run(self) -> None:
+        delay = 1.0
+        first = True
+        while True:
+            sc = SignalClient(self.url, token=self.token)
+            try:
+                await sc.open()
+                await sc.request(
+                    sigproto.Register(name=self.name,
+                                      owner=auth.owner_token(self.identity.private_bytes(),
+                                                             self.name)),
+                    lambda m: isinstance(m, sigproto.Registered), timeout=10)
+            except RelayError as exc:
+                await sc.close()
+                if exc.code in (sigproto.E_NAME_TAKEN, sigproto.E_UNAUTHORIZED):
+                    if exc.code == sigproto.E_NAME_TAKEN:
+                        raise TunnelError(
+                            f"the name {self.name!r} is held by another identity on this "
+                            "relay; choose another name"
+                        ) from None
+                    raise TunnelError("the relay refused our token (check --token)") from None
+                if first:
+                    raise
+                self.emit(f"relay: {exc}; retrying in {delay:.0f} s")
+            except TunnelError as exc:
+                await sc.close()
+                if first:
+                    raise
+                self.emit(f"{exc}; retrying in {delay:.0f} s")
+            else:
+                first = False
+                delay = 1.0
+                self.signal = sc
+                lost = asyncio.get_running_loop().create_future()
+                sc.on_message = self._on_message
+                sc.on_relay = self._on_relay
+                sc.on_lost = lambda exc: lost.done() or lost.set_result(None)
+                self.registered.set()
+                self.emit(f"serving {self.name!r} -> {self.target[0]}:{self.target[1]} "
+                          f"via {self.url}")
+                try:
+                    await lost
+                finally:
+                    self.registered.clear()
+                    await sc.close()
+                for s in self.sessions.values():
+                    s.session.relay_lost()
+                self.emit("lost the relay; reconnecting")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    def _on_relay(self, sid: int, data: bytes) -> None:
+        s = self.sessions.get(sid)
+        if s is not None:
+            s.session.relay_received(data)
+
+    def _on_message(self, m: sigproto.Message) -> None:
+        if isinstance(m, sigproto.Incoming):
+            asyncio.ensure_future(self._accept(m))
+        elif isinstance(m, sigproto.Go):
+            s = self.sessions.get(m.session)
+            if s is not None:
+                s.session.start()
+        elif isinstance(m, sigproto.Closed):
+            s = self.sessions.get(m.session)
+            if s is not None and (s.session.engine is None or s.session.paths.current is None
+                                  or s.session.paths.current.kind == "relay"):
+                s.session.close("peer closed")
+        elif isinstance(m, sigproto.Error):
+            log.debug("relay error: %s %s", m.code, m.message)
+
+    async def _reject(self, sid: int, reason: str) -> None:
+        if self.signal is not None:
+            with contextlib.suppress(TunnelError):
+                await self.signal.send(sigproto.Reject(session=sid, reason=reason))
+
+    async def _accept(self, inc: sigproto.Incoming) -> None:
+        sc = self.signal
+        if sc is None:
+            return
+        offer = inc.offer
+        pub, nonce, cands = offer.get("pub"), offer.get("nonce"), offer.get("cands")
+        if not (isinstance(pub, str) and isinstance(nonce, str) and isinstance(cands, list)
+                and all(isinstance(c, str) for c in cands)):
+            await self._reject(inc.session, "malformed offer")
+            return
+        if not auth.check(auth.offer_mac(self.root, nonce, pub, cands), offer.get("mac")):
+            self.emit(f"refused a client: wrong secret (session {inc.session})")
+            await self._reject(inc.session, "authentication failed: wrong secret")
+            return
+        try:
+            client_pub = bytes.fromhex(pub)
+            if len(client_pub) != 32:
+                raise ValueError
+        except ValueError:
+            await self._reject(inc.session, "malformed offer")
+            return
+        if len(self.sessions) >= MAX_SESSIONS:
+            await self._reject(inc.session, "server busy")
+            return
+        ep, mine = await _candidates(sc, self.mode)
+        snonce = os.urandom(16).hex()
+        fp = self.identity.fingerprint
+        mine_text = [c.encode() for c in mine]
+        keys = auth.session_keys(self.root, nonce, snonce, pub, fp)
+        pm = new_path_manager(local_key=keys.to_server, remote_key=keys.to_client,
+                              mode=self.mode, relay_available=bool(sc.welcome.relay),
+                              config=self.path_config)
+        loop = asyncio.get_running_loop()
+        pm.add_remote_candidates(_decode_cands(cands), loop.time())
+        sid = inc.session
+        served = _ServedSession(session=None, started=time.monotonic())  # type: ignore[arg-type]
+
+        def on_auth(client_fp: str) -> None:
+            served.client_fp = client_fp
+            self.emit(f"client {client_fp[:16]} connected (session {sid}, "
+                      f"{describe(session.paths.current)})")
+
+        def on_path(path: Path | None) -> None:
+            if served.client_fp:
+                self.emit(f"client {served.client_fp[:16]} {describe(path)}")
+
+        session = PeerSession(
+            endpoint=ep, signal=sc, session_id=sid, paths=pm,
+            quic_config=_quic_config(False, self.identity), is_client=False,
+            handler_factory=lambda eng: ServerHandler(
+                eng, identity=self.identity, keys=keys, client_pub=client_pub,
+                target=self.target, on_authenticated=on_auth),
+            on_path=on_path,
+            on_failed=lambda reason: session.close(reason),
+        )
+        served.session = session
+        self.sessions[sid] = served
+        asyncio.ensure_future(self._watch(sid, served))
+        answer = {"v": 1, "fp": fp, "nonce": snonce, "cands": mine_text,
+                  "mac": auth.answer_mac(self.root, nonce, snonce, fp, pub, mine_text)}
+        try:
+            await sc.send(sigproto.Answer(session=sid, answer=answer))
+        except TunnelError:
+            session.close("relay lost")
+
+    async def _watch(self, sid: int, served: _ServedSession) -> None:
+        """End a session whose QUIC never starts; log its summary when it ends."""
+        session = served.session
+        waited = 0.0
+        while not session.closed and session.engine is None and waited < CONNECT_TIMEOUT * 2:
+            await asyncio.sleep(0.5)
+            waited += 0.5
+        if session.engine is None:
+            session.close("no QUIC from the client")
+        else:
+            await session.engine.terminated.wait()
+        session.close()
+        self.sessions.pop(sid, None)
+        if self.signal is not None and self.signal.connected:
+            with contextlib.suppress(TunnelError):
+                await self.signal.send(sigproto.Close(session=sid, reason="ended"))
+        if served.client_fp:
+            eng = session.engine
+            h = session.handler
+            self.emit(
+                f"client {served.client_fp[:16]} disconnected after "
+                f"{time.monotonic() - served.started:.1f} s, "
+                f"{getattr(h, 'connections', 0)} connections, "
+                f"{eng.bytes_in if eng else 0} bytes in, {eng.bytes_out if eng else 0} out"
+            )
+
+
+async def serve(
+    name: str,
+    *,
+    forward: str,
+    signal: str = DEFAULT_SIGNAL,
+    secret: str | bytes,
+    mode: str = "auto",
+    token: str | None = None,
+    identity: Identity | None = None,
+    on_event: StatusCallback | None = None,
+    path_config: PathConfig | None = None,
+) -> None:
+    """Make ``forward`` (``HOST:PORT``) reachable as ``name`` until cancelled.
+
+    Re-registers after the relay restarts or the network blips. Raises
+    :class:`TunnelError` if the first registration fails (relay unreachable, name
+    taken by another identity, bad token).
+    """
+    if not sigproto.valid_name(name):
+        raise TunnelError(f"{name!r} is not a valid name (1-64 of A-Z a-z 0-9 . _ -)")
+    try:
+        target = parse_hostport(forward)
+    except ValueError as exc:
+        raise TunnelError(f"--forward: {exc}") from None
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}")
+    server = Server(name, target, signal=signal, secret=secret, mode=mode, token=token,
+                    identity=identity or load_or_create(), on_event=on_event,
+                    path_config=path_config)
+    await server.run()

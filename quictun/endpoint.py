@@ -1,0 +1,216 @@
+"""The one UDP socket of a tunnel session, and candidate gathering.
+
+:class:`UdpEndpoint` owns the socket that is punched and that QUIC runs over. Every
+datagram is classified by its first byte (RFC 7983 as updated by RFC 9443): STUN
+(0–3, with the magic cookie) goes to ``on_stun``, QUIC (64–255) to ``on_quic``, anything
+else is dropped. Answers to our own STUN queries to the relay's reflectors are taken
+out first. Addresses are always plain ``(ip, port)`` pairs; IPv4 peers of a dual-stack
+socket are mapped to and from ``::ffff:a.b.c.d`` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+from . import stun
+from .paths import Candidate
+
+log = logging.getLogger("quictun.endpoint")
+
+Addr = tuple[str, int]
+
+
+def _plain(addr: tuple) -> Addr:
+    host = addr[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, addr[1]
+
+
+class UdpEndpoint(asyncio.DatagramProtocol):
+    """A bound UDP socket with STUN/QUIC demultiplexing."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.dual_stack = False
+        self.on_stun: Callable[[bytes, Addr], None] = lambda data, addr: None
+        self.on_quic: Callable[[bytes, Addr], None] = lambda data, addr: None
+        self._queries: dict[bytes, asyncio.Future[Addr]] = {}
+        self.port = 0
+        self.closed = False
+
+    @classmethod
+    async def bind(cls, host: str | None = None, port: int = 0) -> UdpEndpoint:
+        """Bind a socket: dual-stack ``::`` where IPv6 exists, else ``0.0.0.0``."""
+        loop = asyncio.get_running_loop()
+        ep = cls()
+        sock = None
+        if host is None and socket.has_ipv6:
+            try:
+                sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.bind(("::", port))
+                ep.dual_stack = True
+            except OSError:
+                if sock is not None:
+                    sock.close()
+                sock = None
+        if sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind((host or "0.0.0.0", port))
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+            except OSError:
+                pass
+        sock.setblocking(False)
+        await loop.create_datagram_endpoint(lambda: ep, sock=sock)
+        ep.port = sock.getsockname()[1]
+        return ep
+
+    # -- asyncio -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        if not data:
+            return
+        first = data[0]
+        if first >= 64:
+            self.on_quic(data, _plain(addr))
+        elif first < 4 and stun.is_stun(data):
+            fut = self._queries.get(data[8:20])
+            if fut is not None:
+                try:
+                    msg = stun.decode(data)
+                except stun.StunError:
+                    return
+                mapped = msg.xor_mapped_address
+                if msg.msg_type == stun.BINDING_SUCCESS and mapped and not fut.done():
+                    fut.set_result(mapped)
+                return
+            self.on_stun(data, _plain(addr))
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("udp error: %s", exc)  # ICMP unreachable etc.: not fatal for UDP
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+
+    # -- sending -------------------------------------------------------------------
+    def sendto(self, data: bytes, addr: Addr) -> None:
+        if self.transport is None or self.closed:
+            return
+        host = addr[0]
+        if self.dual_stack and ":" not in host:
+            host = "::ffff:" + host
+        elif not self.dual_stack and ":" in host:
+            return  # cannot reach IPv6 from an IPv4-only socket
+        try:
+            self.transport.sendto(data, (host, addr[1]))
+        except OSError as exc:
+            log.debug("sendto %s failed: %s", addr, exc)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- STUN queries ----------------------------------------------------------------
+    async def stun_query(self, server: Addr, timeout: float = 1.5) -> Addr | None:
+        """Ask a STUN server for our mapped address; None if it does not answer."""
+        txid = os.urandom(12)
+        fut: asyncio.Future[Addr] = asyncio.get_running_loop().create_future()
+        self._queries[txid] = fut
+        req = stun.binding_request(txid)
+        try:
+            deadline = asyncio.get_running_loop().time() + timeout
+            delay = 0.1
+            while not fut.done():
+                self.sendto(req, server)
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    return None
+                try:
+                    return _plain(await asyncio.wait_for(asyncio.shield(fut), min(delay, left)))
+                except TimeoutError:
+                    delay = min(delay * 2, 0.5)
+            return _plain(fut.result())
+        finally:
+            self._queries.pop(txid, None)
+
+
+# -- candidates ----------------------------------------------------------------------
+def _interfaces() -> list[tuple[str, int]]:
+    """(ip, prefix length) of every configured interface address."""
+    import ifaddr  # lazy: enumerating adapters is only needed once a session starts
+
+    out: list[tuple[str, int]] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            addr = ip.ip[0] if isinstance(ip.ip, tuple) else ip.ip
+            out.append((addr.split("%")[0], ip.network_prefix))
+    return out
+
+
+def local_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Networks this host is directly attached to (LAN ranking), loopback included."""
+    nets = []
+    for ip, prefix in _interfaces():
+        try:
+            nets.append(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+        except ValueError:
+            continue
+    return nets
+
+
+def host_candidates(port: int, *, ipv6: bool) -> list[Candidate]:
+    """Host candidates: every non-loopback, non-link-local interface address."""
+    cands = []
+    for ip, _prefix in _interfaces():
+        try:
+            a = ipaddress.ip_address(ip)
+        except ValueError:
+            continue
+        if a.is_loopback or a.is_link_local or a.is_multicast or a.is_unspecified:
+            continue
+        if a.version == 6 and not ipv6:
+            continue
+        cands.append(Candidate((str(a), port), "host"))
+    # IPv4 first, then IPv6: order only matters for probing order
+    return sorted(cands, key=lambda c: ":" in c.addr[0])[:16]
+
+
+async def gather(
+    ep: UdpEndpoint, stun_servers: list[Addr], *, timeout: float = 1.5
+) -> list[Candidate]:
+    """Host candidates plus server-reflexive ones learned from ``stun_servers``."""
+    cands = host_candidates(ep.port, ipv6=ep.dual_stack)
+    usable = [s for s in stun_servers if ep.dual_stack or ":" not in s[0]]
+    results = await asyncio.gather(*(ep.stun_query(s, timeout) for s in usable))
+    seen = {c.addr for c in cands}
+    for mapped in results:
+        if mapped is not None and mapped not in seen:
+            seen.add(mapped)
+            cands.append(Candidate(mapped, "srflx"))
+    return cands
+
+
+async def resolve(host: str, port: int) -> list[Addr]:
+    """Resolve a relay host name to UDP addresses (IPv4 first)."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError:
+        return []
+    addrs: list[Addr] = []
+    for family, *_rest, sockaddr in sorted(infos, key=lambda i: i[0] != socket.AF_INET):
+        a = (sockaddr[0], sockaddr[1])
+        if a not in addrs:
+            addrs.append(a)
+    return addrs

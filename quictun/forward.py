@@ -1,0 +1,198 @@
+"""Forward byte streams (TCP sockets, stdio pipes) over QUIC streams, with backpressure.
+
+One :class:`StreamBridge` joins one local byte stream to one bidirectional QUIC stream:
+
+- local → QUIC: bytes read are written to the stream; reading pauses while more than
+  ``SEND_HIGH`` bytes are unacknowledged and resumes below ``SEND_LOW``.
+- QUIC → local: bytes are written to the local transport; they count as *consumed*
+  (so the peer gets more credit) only once the transport's buffer has drained, so the
+  receive window, not memory, absorbs a slow reader.
+- EOF (TCP half-close) ↔ stream FIN, both ways; a local error ↔ RESET_STREAM +
+  STOP_SENDING; the target refusing a connection resets the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .quicconn import QuicEngine
+
+log = logging.getLogger("quictun.forward")
+
+SEND_HIGH = 1024 * 1024
+SEND_LOW = 256 * 1024
+WRITE_HIGH = 512 * 1024
+
+ERR_TARGET_UNREACHABLE = 0x51
+ERR_LOCAL_RESET = 0x52
+
+
+class StreamBridge(asyncio.Protocol):
+    """Join one local byte stream to QUIC stream ``stream_id`` of ``engine``.
+
+    Acts as the asyncio protocol of the local read side (and, for sockets, the write
+    side too). For pipes, pass the write transport with :meth:`attach_writer`.
+    The owner routes the stream's QUIC events to :meth:`quic_data`,
+    :meth:`quic_reset` and :meth:`quic_stop_sending`, and calls :meth:`acked` when
+    acknowledgements may have freed send buffer.
+    """
+
+    def __init__(self, engine: QuicEngine, stream_id: int, on_done: object = None) -> None:
+        self.engine = engine
+        self.stream_id = stream_id
+        self._on_done = on_done
+        self._reader: asyncio.BaseTransport | None = None
+        self._writer: asyncio.WriteTransport | None = None
+        self._pending: list[bytes] = []  # QUIC data that arrived before the writer
+        self._pending_fin = False
+        self._written = 0
+        self._reported = 0
+        self._reading_paused = False
+        self._local_eof = False  # local side sent EOF (we sent FIN)
+        self._remote_eof = False  # QUIC FIN received (we wrote EOF locally)
+        self._done = False
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    # -- local transport -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._reader = transport
+        if isinstance(transport, asyncio.WriteTransport) and self._writer is None:
+            self.attach_writer(transport)
+
+    def attach_writer(self, transport: asyncio.WriteTransport) -> None:
+        self._writer = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH)
+        pending, self._pending = self._pending, []
+        for chunk in pending:
+            self._write(chunk)
+        if self._pending_fin:
+            self._write_eof()
+
+    def data_received(self, data: bytes) -> None:
+        if self._done or self._local_eof:
+            return
+        self.bytes_up += len(data)
+        self.engine.send(self.stream_id, data)
+        if not self._reading_paused and self.engine.quic.unacked(self.stream_id) > SEND_HIGH:
+            self._reading_paused = True
+            self._reader.pause_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        if not self._done and not self._local_eof:
+            self._local_eof = True
+            self.engine.send(self.stream_id, b"", end=True)
+            self._maybe_done()
+        return True  # keep the write side open (half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._done:
+            return
+        if not (self._local_eof and self._remote_eof):
+            self.engine.reset(self.stream_id, ERR_LOCAL_RESET)
+        self._finish()
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        self._report_consumed()
+
+    # -- QUIC side ---------------------------------------------------------------------
+    def quic_data(self, data: bytes, end: bool) -> None:
+        if self._done:
+            if data:
+                self.engine.consume(self.stream_id, len(data))
+            return
+        if data:
+            self.bytes_down += len(data)
+            if self._writer is None:
+                self._pending.append(data)
+            else:
+                self._write(data)
+        if end:
+            if self._writer is None:
+                self._pending_fin = True
+            else:
+                self._write_eof()
+
+    def quic_reset(self, error_code: int) -> None:
+        """Peer reset its sending side: abort the local connection."""
+        self._abort_local()
+
+    def quic_stop_sending(self, error_code: int) -> None:
+        """Peer will not read any more: stop reading locally and abort."""
+        self.engine.reset(self.stream_id, error_code)
+        self._abort_local()
+
+    def acked(self) -> None:
+        if self._reading_paused and self.engine.quic.unacked(self.stream_id) < SEND_LOW:
+            self._reading_paused = False
+            if self._reader is not None and not self._reader.is_closing():
+                self._reader.resume_reading()  # type: ignore[attr-defined]
+
+    # -- helpers ----------------------------------------------------------------------
+    def _write(self, data: bytes) -> None:
+        w = self._writer
+        if w is None or w.is_closing():
+            self.engine.consume(self.stream_id, len(data))
+            return
+        w.write(data)
+        self._written += len(data)
+        self._report_consumed()
+
+    def _write_eof(self) -> None:
+        self._remote_eof = True
+        w = self._writer
+        if w is not None and not w.is_closing():
+            if w.can_write_eof():
+                w.write_eof()
+            elif w is not self._reader:
+                w.close()  # a pipe: closing it is its EOF
+        self._maybe_done()
+
+    def _report_consumed(self) -> None:
+        w = self._writer
+        if w is None:
+            return
+        consumed = self._written - w.get_write_buffer_size()
+        if consumed > self._reported:
+            self.engine.consume(self.stream_id, consumed - self._reported)
+            self._reported = consumed
+
+    def _maybe_done(self) -> None:
+        if self._local_eof and self._remote_eof:
+            for t in {id(x): x for x in (self._reader, self._writer) if x is not None}.values():
+                t.close()
+            self._finish()
+
+    def _abort_local(self) -> None:
+        for t in (self._reader, self._writer):
+            if t is not None:
+                t.abort() if hasattr(t, "abort") else t.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.engine.quic.forget_stream(self.stream_id)
+        if callable(self._on_done):
+            self._on_done(self)
+
+
+class WriteSide(asyncio.Protocol):
+    """Protocol for a write-only pipe (stdout) whose flow control feeds a bridge."""
+
+    def __init__(self, bridge: StreamBridge) -> None:
+        self.bridge = bridge
+
+    def resume_writing(self) -> None:
+        self.bridge.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.bridge.connection_lost(exc)

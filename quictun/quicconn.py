@@ -1,0 +1,321 @@
+"""QUIC over a virtual peer address, with flow control that follows the application.
+
+Two pieces:
+
+- :class:`FlowControlledConnection`, an aioquic ``QuicConnection`` whose receive windows
+  (MAX_STREAM_DATA / MAX_DATA) advance only as the application reports bytes *consumed*
+  (:meth:`consume`). Stock aioquic doubles its windows whenever data arrives, whether or
+  not anyone read it, so a fast sender and a slow reader would grow memory without bound.
+- :class:`QuicEngine`, the thin asyncio driver: feeds datagrams in, flushes
+  ``datagrams_to_send`` once per loop iteration, keeps the timer armed, sends keepalive
+  PINGs, and hands events to a :class:`EngineHandler`.
+
+QUIC always talks to :data:`VIRTUAL_PEER`; which physical path a datagram takes is the
+path manager's business (see ``paths.py``), so path switches are invisible to QUIC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from aioquic.buffer import Buffer
+from aioquic.quic import events
+from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.packet_builder import QuicPacketBuilder
+
+log = logging.getLogger("quictun.quic")
+
+VIRTUAL_PEER = ("198.51.100.1", 1)  # never sent to: a label for "the peer", whatever the path
+
+STREAM_WINDOW = 2 * 1024 * 1024
+CONNECTION_WINDOW = 8 * 1024 * 1024
+KEEPALIVE_INTERVAL = 15.0
+
+_MAX_STREAM_DATA_CAPACITY = 1 + 8 + 8
+_MAX_DATA_CAPACITY = 1 + 8
+
+
+class FlowControlledConnection(QuicConnection):
+    """A QuicConnection whose receive credit is granted as the application consumes.
+
+    Contract: for every byte delivered in ``StreamDataReceived`` the application calls
+    :meth:`consume` once it no longer holds that byte (written to a socket that
+    drained, or discarded). Streams the application has finished with must be passed to
+    :meth:`forget_stream` so their unconsumed bytes stop counting.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._consumed: dict[int, int] = {}
+        self._pending: dict[int, int] = {}  # delivered but not consumed, per live stream
+        self._pending_total = 0
+
+    def delivered(self, stream_id: int, n: int) -> None:
+        """Record ``n`` bytes handed to the application for ``stream_id``."""
+        self._pending[stream_id] = self._pending.get(stream_id, 0) + n
+        self._pending_total += n
+
+    def consume(self, stream_id: int, n: int) -> None:
+        """Record that the application released ``n`` bytes of ``stream_id``."""
+        self._consumed[stream_id] = self._consumed.get(stream_id, 0) + n
+        if stream_id in self._pending:
+            take = min(n, self._pending[stream_id])
+            self._pending[stream_id] -= take
+            self._pending_total -= take
+
+    def forget_stream(self, stream_id: int) -> None:
+        """The application is done with a stream: its unconsumed bytes are released."""
+        self._pending_total -= self._pending.pop(stream_id, 0)
+        self._consumed.pop(stream_id, None)
+
+    def unacked(self, stream_id: int) -> int:
+        """Bytes written to the stream and not yet acknowledged by the peer."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        s = stream.sender
+        return s._buffer_stop - s._buffer_start
+
+    def _write_connection_limits(self, builder: QuicPacketBuilder, space: object) -> None:
+        max_data = self._local_max_data
+        target = max_data.used - self._pending_total + CONNECTION_WINDOW
+        if target - max_data.value >= CONNECTION_WINDOW // 4:
+            max_data.value = target
+        for limit in (
+            self._local_max_data,
+            self._local_max_streams_bidi,
+            self._local_max_streams_uni,
+        ):
+            if limit is not max_data and (
+                limit.sent - limit.used >= limit.value - limit.sent
+            ):
+                continue
+            if limit.value != limit.sent:
+                buf = builder.start_frame(
+                    limit.frame_type,
+                    capacity=_MAX_DATA_CAPACITY,
+                    handler=self._on_connection_limit_delivery,
+                    handler_args=(limit,),
+                )
+                buf.push_uint_var(limit.value)
+                limit.sent = limit.value
+
+    def _write_stream_limits(
+        self, builder: QuicPacketBuilder, space: object, stream: object
+    ) -> None:
+        if not stream.max_stream_data_local:  # type: ignore[attr-defined]
+            return
+        target = self._consumed.get(stream.stream_id, 0) + STREAM_WINDOW  # type: ignore[attr-defined]
+        if target - stream.max_stream_data_local >= STREAM_WINDOW // 4:  # type: ignore[attr-defined]
+            stream.max_stream_data_local = target  # type: ignore[attr-defined]
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:  # type: ignore[attr-defined]
+            buf: Buffer = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=_MAX_STREAM_DATA_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(stream.stream_id)  # type: ignore[attr-defined]
+            buf.push_uint_var(stream.max_stream_data_local)  # type: ignore[attr-defined]
+            stream.max_stream_data_local_sent = stream.max_stream_data_local  # type: ignore[attr-defined]
+
+
+class EngineHandler(Protocol):
+    """What the engine tells the layer above it (forwarders, authentication)."""
+
+    def on_handshake(self, event: events.HandshakeCompleted) -> None: ...
+    def on_stream_data(self, stream_id: int, data: bytes, end: bool) -> None: ...
+    def on_stream_reset(self, stream_id: int, error_code: int) -> None: ...
+    def on_stop_sending(self, stream_id: int, error_code: int) -> None: ...
+    def on_acked(self) -> None: ...
+    def on_terminated(self, error_code: int, reason: str) -> None: ...
+
+
+class QuicEngine:
+    """Drive a :class:`FlowControlledConnection` from asyncio.
+
+    ``send_datagram(data)`` is called for every datagram QUIC wants sent to the peer.
+    Input: :meth:`datagram_received`. All mutating calls schedule one flush on the
+    loop, so a burst of input produces one batch of output.
+    """
+
+    def __init__(
+        self,
+        quic: FlowControlledConnection,
+        send_datagram: Callable[[bytes], None],
+        handler: EngineHandler | None = None,
+        *,
+        keepalive: float = KEEPALIVE_INTERVAL,
+    ) -> None:
+        self.quic = quic
+        self._send = send_datagram
+        self._handler: EngineHandler = handler or _NullHandler()
+        self.on_closed: Callable[[], None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._keepalive = keepalive
+        self._keepalive_handle: asyncio.TimerHandle | None = None
+        self._ping_uid = 0
+        self.terminated = asyncio.Event()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._closed = False
+        if keepalive:
+            self._keepalive_handle = self._loop.call_later(keepalive, self._send_keepalive)
+
+    def set_handler(self, handler: EngineHandler) -> None:
+        """Install the handler that receives this engine's events."""
+        self._handler = handler
+
+    # -- input ---------------------------------------------------------------------
+    def datagram_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self.bytes_in += len(data)
+        self.quic.receive_datagram(data, VIRTUAL_PEER, self._loop.time())
+        self._process_events()
+        self.schedule_flush()
+
+    # -- streams -------------------------------------------------------------------
+    def open_stream(self) -> int:
+        return self.quic.get_next_available_stream_id()
+
+    def send(self, stream_id: int, data: bytes, end: bool = False) -> None:
+        if self._closed:
+            return
+        self.quic.send_stream_data(stream_id, data, end_stream=end)
+        self.schedule_flush()
+
+    def reset(self, stream_id: int, error_code: int = 0) -> None:
+        """Abort both directions of a stream (RESET_STREAM + STOP_SENDING)."""
+        if self._closed:
+            return
+        try:
+            self.quic.reset_stream(stream_id, error_code)
+        except (AssertionError, ValueError):
+            pass
+        try:
+            self.quic.stop_stream(stream_id, error_code)
+        except (AssertionError, ValueError):
+            pass
+        self.schedule_flush()
+
+    def consume(self, stream_id: int, n: int) -> None:
+        self.quic.consume(stream_id, n)
+        self.schedule_flush()
+
+    def close(self, error_code: int = 0, reason: str = "") -> None:
+        if self._closed:
+            return
+        self.quic.close(error_code=error_code, reason_phrase=reason)
+        self._flush()
+
+    # -- machinery -----------------------------------------------------------------
+    def schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._closed:
+            return
+        now = self._loop.time()
+        for data, _addr in self.quic.datagrams_to_send(now):
+            self.bytes_out += len(data)
+            self._send(data)
+        self._process_events()
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        at = self.quic.get_timer()
+        if at == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._on_timer) if at is not None else None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.quic.handle_timer(self._loop.time())
+        self._process_events()
+        self._flush()
+
+    def _send_keepalive(self) -> None:
+        if self._closed:
+            return
+        self._ping_uid += 1
+        self.quic.send_ping(self._ping_uid)
+        self.schedule_flush()
+        self._keepalive_handle = self._loop.call_later(self._keepalive, self._send_keepalive)
+
+    def _process_events(self) -> None:
+        h = self._handler
+        while (ev := self.quic.next_event()) is not None:
+            if isinstance(ev, events.StreamDataReceived):
+                if ev.data:
+                    self.quic.delivered(ev.stream_id, len(ev.data))
+                h.on_stream_data(ev.stream_id, ev.data, ev.end_stream)
+            elif isinstance(ev, events.StreamReset):
+                h.on_stream_reset(ev.stream_id, ev.error_code)
+            elif isinstance(ev, events.StopSendingReceived):
+                h.on_stop_sending(ev.stream_id, ev.error_code)
+            elif isinstance(ev, events.HandshakeCompleted):
+                h.on_handshake(ev)
+            elif isinstance(ev, events.ConnectionTerminated):
+                self._terminate(ev.error_code, ev.reason_phrase)
+                return
+        if self.quic._state == QuicConnectionState.TERMINATED:
+            self._terminate(0, "terminated")
+            return
+        # acknowledgements may have freed send buffers: let paused readers resume
+        h.on_acked()
+
+    def _terminate(self, code: int, reason: str) -> None:
+        if self._closed:
+            return
+        # flush a final CONNECTION_CLOSE if aioquic queued one
+        for data, _addr in self.quic.datagrams_to_send(self._loop.time()):
+            self._send(data)
+        self._closed = True
+        for handle in (self._timer, self._keepalive_handle):
+            if handle is not None:
+                handle.cancel()
+        self.terminated.set()
+        self._handler.on_terminated(code, reason)
+        if self.on_closed is not None:
+            self.on_closed()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+class _NullHandler:
+    """Discards events until the real handler is installed."""
+
+    def on_handshake(self, event: events.HandshakeCompleted) -> None:
+        pass
+
+    def on_stream_data(self, stream_id: int, data: bytes, end: bool) -> None:
+        pass
+
+    def on_stream_reset(self, stream_id: int, error_code: int) -> None:
+        pass
+
+    def on_stop_sending(self, stream_id: int, error_code: int) -> None:
+        pass
+
+    def on_acked(self) -> None:
+        pass
+
+    def on_terminated(self, error_code: int, reason: str) -> None:
+        pass

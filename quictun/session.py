@@ -1,0 +1,218 @@
+"""One tunnel session: a punched UDP socket, a path manager, QUIC and the relay.
+
+:class:`PeerSession` is glue with no decisions of its own: it feeds the sans-I/O
+:class:`~quictun.paths.PathManager` (probes, timers) and the QUIC engine, and sends each
+QUIC datagram where ``PathManager.current`` says: straight to a peer address over the
+punched socket, or through the relay as a binary WebSocket frame. QUIC itself always
+sees the same virtual peer, so a path switch never disturbs the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import deque
+from collections.abc import Callable
+
+from aioquic.buffer import Buffer
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.packet import pull_quic_header
+
+from .endpoint import Addr, UdpEndpoint
+from .paths import Path, PathChanged, PathConfig, PathManager, PunchFailed
+from .quicconn import EngineHandler, FlowControlledConnection, QuicEngine, VIRTUAL_PEER
+from .signal_client import SignalClient
+
+log = logging.getLogger("quictun.session")
+
+QUEUE_BEFORE_PATH = 64
+
+
+def describe(path: Path | None) -> str:
+    """The stable one-line description of a path used in logs: ``path=direct local=… remote=… rtt=…ms``."""
+    if path is None:
+        return "path=none"
+    rtt = f"{path.rtt * 1000:.1f}ms" if path.rtt is not None else "-"
+    if path.kind == "relay":
+        return f"path=relay rtt={rtt}"
+    local = _fmt(path.local) if path.local else "-"
+    return f"path=direct local={local} remote={_fmt(path.remote)} rtt={rtt}"
+
+
+def _fmt(addr: Addr | None) -> str:
+    if addr is None:
+        return "-"
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+class PeerSession:
+    """Glue for one session. Create, then :meth:`start` when the relay says go."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: UdpEndpoint,
+        signal: SignalClient | None,
+        session_id: int,
+        paths: PathManager,
+        quic_config: QuicConfiguration,
+        is_client: bool,
+        handler_factory: Callable[[QuicEngine], EngineHandler],
+        on_path: Callable[[Path | None], None] | None = None,
+        on_failed: Callable[[str], None] | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.endpoint = endpoint
+        self.signal = signal
+        self.session_id = session_id
+        self.paths = paths
+        self.quic_config = quic_config
+        self.is_client = is_client
+        self._handler_factory = handler_factory
+        self._on_path = on_path or (lambda p: None)
+        self._on_failed = on_failed or (lambda r: None)
+        self.engine: QuicEngine | None = None
+        self.handler: EngineHandler | None = None
+        self._queue: deque[bytes] = deque(maxlen=QUEUE_BEFORE_PATH)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self.closed = False
+        endpoint.on_stun = self._stun_received
+        endpoint.on_quic = self._quic_received
+        if is_client:
+            self._create_engine(None)
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self) -> None:
+        """Begin punching (the relay's go / answer)."""
+        self.paths.start(self.loop.time())
+        self._service()
+
+    def close(self, reason: str = "") -> None:
+        if self.closed:
+            return
+        if self.engine is not None and not self.engine.closed:
+            self.engine.close(0, reason)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        # give a final CONNECTION_CLOSE a moment to leave before the socket goes
+        self.loop.call_later(0.2, self.endpoint.close)
+
+    # -- input -------------------------------------------------------------------------
+    def _stun_received(self, data: bytes, addr: Addr) -> None:
+        if self.closed:
+            return
+        self.paths.receive_stun(data, addr, self.loop.time())
+        self._service()
+
+    def _quic_received(self, data: bytes, addr: Addr) -> None:
+        if self.closed:
+            return
+        if self.engine is None and not self._create_engine(data):
+            return
+        self.engine.datagram_received(data)
+        self.paths.note_direct_traffic(addr, self.loop.time())
+        self._service()
+
+    def relay_received(self, payload: bytes) -> None:
+        """A QUIC packet that came through the relay for this session."""
+        if self.closed or not payload or payload[0] < 64:
+            return
+        if self.engine is None and not self._create_engine(payload):
+            return
+        self.engine.datagram_received(payload)
+        self.paths.note_relay_traffic(self.loop.time())
+        self._service()
+
+    def relay_lost(self) -> None:
+        self.paths.set_relay_available(False, self.loop.time())
+        self._service()
+
+    # -- QUIC ----------------------------------------------------------------------------
+    def _create_engine(self, first: bytes | None) -> bool:
+        if self.is_client:
+            quic = FlowControlledConnection(configuration=self.quic_config)
+            quic.connect(VIRTUAL_PEER, now=self.loop.time())
+        else:
+            try:
+                header = pull_quic_header(Buffer(data=first or b""), host_cid_length=8)
+            except Exception:
+                return False
+            if header.packet_type is None or len(first or b"") < 1200:
+                return False  # only a full-size Initial may create the server connection
+            quic = FlowControlledConnection(
+                configuration=self.quic_config,
+                original_destination_connection_id=header.destination_cid,
+            )
+        self.engine = QuicEngine(quic, self._send_quic)
+        self.handler = self._handler_factory(self.engine)
+        self.engine.set_handler(self.handler)
+        self.engine.on_closed = self._shutdown
+        if self.is_client:
+            self.engine.schedule_flush()
+        return True
+
+    def _send_quic(self, data: bytes) -> None:
+        path = self.paths.current
+        if path is None:
+            self._queue.append(data)
+        elif path.kind == "direct":
+            self.endpoint.sendto(data, path.remote)  # type: ignore[arg-type]
+        elif self.signal is not None:
+            self.signal.send_relay(self.session_id, data)
+
+    # -- path manager ----------------------------------------------------------------
+    def _service(self) -> None:
+        """Send what the path manager wants sent, handle its events, re-arm its timer."""
+        now = self.loop.time()
+        pm = self.paths
+        for data, addr in pm.datagrams_to_send(now):
+            self.endpoint.sendto(data, addr)
+        while (ev := pm.next_event()) is not None:
+            if isinstance(ev, PathChanged):
+                self._on_path(ev.path)
+                if ev.path is not None and self._queue:
+                    queued, self._queue = list(self._queue), deque(maxlen=QUEUE_BEFORE_PATH)
+                    for d in queued:
+                        self._send_quic(d)
+            elif isinstance(ev, PunchFailed):
+                self._on_failed(ev.reason)
+        at = pm.get_timer()
+        if at != self._timer_at and not self.closed:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = at
+            self._timer = self.loop.call_at(at, self._on_timer) if at is not None else None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self.closed:
+            return
+        self.paths.handle_timer(self.loop.time())
+        self._service()
+
+
+def new_path_manager(
+    *, local_key: bytes, remote_key: bytes, mode: str, relay_available: bool,
+    config: PathConfig | None = None,
+) -> PathManager:
+    """A PathManager wired to this host's networks and the OS random source."""
+    from .endpoint import local_networks
+
+    return PathManager(
+        local_key=local_key,
+        remote_key=remote_key,
+        local_networks=local_networks(),
+        mode=mode,
+        relay_available=relay_available,
+        config=config,
+        random_bytes=os.urandom,
+    )

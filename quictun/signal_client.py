@@ -1,0 +1,221 @@
+"""Client side of the signalling relay: one WebSocket, messages and relayed packets.
+
+Thin asyncio shell around :mod:`quictun.sigproto`. Messages a caller waits for
+(:meth:`SignalClient.request`) are matched by predicate; all others, and relayed QUIC
+packets, go to callbacks. Relayed packets are sent through a bounded queue and dropped
+when it is full: they are datagrams, QUIC recovers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from . import __version__, sigproto
+from .errors import TunnelError
+
+log = logging.getLogger("quictun.signal")
+
+RELAY_QUEUE = 512
+
+
+class SignalClient:
+    """A connection to ``quictun-signal``. Use :meth:`open`, then :meth:`close`."""
+
+    def __init__(self, url: str, *, token: str | None = None) -> None:
+        self.url = url
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise TunnelError(
+                f"bad relay URL {url!r}: expected ws://HOST:PORT/ or wss://HOST:PORT/"
+            )
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "wss" else 80)
+        self.token = token
+        self.welcome: sigproto.Welcome | None = None
+        self.on_message: Callable[[sigproto.Message], None] = lambda m: None
+        self.on_relay: Callable[[int, bytes], None] = lambda s, p: None
+        self.on_lost: Callable[[BaseException | None], None] = lambda e: None
+        self._ws = None
+        self._waiters: list[tuple[Callable[[sigproto.Message], bool], asyncio.Future]] = []
+        self._reader: asyncio.Task | None = None
+        self._writer: asyncio.Task | None = None
+        self._out: asyncio.Queue[bytes] = asyncio.Queue(RELAY_QUEUE)
+        self.relayed_out = 0
+        self.relayed_in = 0
+        self.connected = False
+
+    async def open(self, timeout: float = 10.0) -> sigproto.Welcome:
+        """Connect and say hello. Raises :class:`TunnelError` with a one-line reason."""
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidStatus, WebSocketException
+
+        ctx = None
+        if self.url.startswith("wss:"):
+            ctx = ssl.create_default_context()
+        try:
+            self._ws = await asyncio.wait_for(
+                connect(
+                    self.url,
+                    proxy=None,
+                    compression=None,
+                    max_size=2**20,
+                    ssl=ctx,
+                    open_timeout=timeout,
+                    ping_interval=20,
+                    ping_timeout=20,
+                ),
+                timeout,
+            )
+        except InvalidStatus as exc:
+            raise TunnelError(
+                f"the relay at {self.url} refused the connection "
+                f"(HTTP {exc.response.status_code}); is this a quictun-signal URL?"
+            ) from None
+        except (OSError, TimeoutError, WebSocketException, asyncio.TimeoutError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise TunnelError(
+                f"cannot reach the relay at {self.url} ({reason}); "
+                "check --signal / QUICTUN_SIGNAL and that quictun-signal is running"
+            ) from None
+        self.connected = True
+        self._reader = asyncio.create_task(self._read_loop())
+        self._writer = asyncio.create_task(self._write_loop())
+        hello = sigproto.Hello(v=sigproto.PROTOCOL_VERSION, token=self.token,
+                               agent=f"quictun/{__version__}")
+        reply = await self.request(
+            hello, lambda m: isinstance(m, sigproto.Welcome), timeout=timeout
+        )
+        assert isinstance(reply, sigproto.Welcome)
+        self.welcome = reply
+        return reply
+
+    async def send(self, msg: sigproto.Message) -> None:
+        if self._ws is None or not self.connected:
+            raise TunnelError("the connection to the relay was lost")
+        try:
+            await self._ws.send(sigproto.encode(msg))
+        except Exception as exc:  # websockets' ConnectionClosed and OSError
+            raise TunnelError(f"the connection to the relay was lost ({exc})") from None
+
+    async def request(
+        self,
+        msg: sigproto.Message,
+        match: Callable[[sigproto.Message], bool],
+        *,
+        timeout: float,
+    ) -> sigproto.Message:
+        """Send ``msg`` and return the first message for which ``match`` is true.
+
+        An ``error`` message that is not matched by ``match`` and carries no session, or
+        the session this request is about, fails the request with :class:`RelayError`.
+        """
+        fut: asyncio.Future[sigproto.Message] = asyncio.get_running_loop().create_future()
+        entry = (match, fut)
+        self._waiters.append(entry)
+        try:
+            await self.send(msg)
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise TunnelError(f"the relay did not answer within {timeout:.0f} s") from None
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+
+    def wait_for(self, match: Callable[[sigproto.Message], bool]) -> asyncio.Future:
+        """A future for the next message matching ``match`` (no request sent)."""
+        fut: asyncio.Future[sigproto.Message] = asyncio.get_running_loop().create_future()
+        self._waiters.append((match, fut))
+        return fut
+
+    def send_relay(self, session: int, payload: bytes) -> None:
+        """Queue a QUIC packet for the relay; dropped if the queue is full."""
+        if not self.connected:
+            return
+        try:
+            self._out.put_nowait(sigproto.encode_relay(session, payload))
+        except asyncio.QueueFull:
+            pass
+
+    async def close(self) -> None:
+        self.connected = False
+        for task in (self._writer, self._reader):
+            if task is not None:
+                task.cancel()
+        if self._ws is not None:
+            try:
+                await asyncio.wait_for(self._ws.close(), 2)
+            except Exception:
+                pass
+
+    # -- loops -------------------------------------------------------------------------
+    async def _write_loop(self) -> None:
+        ws = self._ws
+        try:
+            while True:
+                frame = await self._out.get()
+                self.relayed_out += len(frame) - 5
+                await ws.send(frame)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            pass  # the read loop reports the loss
+
+    async def _read_loop(self) -> None:
+        err: BaseException | None = None
+        try:
+            async for raw in self._ws:
+                if isinstance(raw, bytes):
+                    try:
+                        session, payload = sigproto.decode_relay(raw)
+                    except sigproto.ProtocolError:
+                        continue
+                    self.relayed_in += len(payload)
+                    self.on_relay(session, payload)
+                    continue
+                try:
+                    msg = sigproto.decode(raw)
+                except sigproto.ProtocolError as exc:
+                    log.warning("ignoring a malformed message from the relay: %s", exc)
+                    continue
+                self._dispatch(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            err = exc
+        finally:
+            if self.connected:
+                self.connected = False
+                lost = TunnelError("the connection to the relay was lost")
+                for _m, fut in self._waiters:
+                    if not fut.done():
+                        fut.set_exception(lost)
+                self._waiters.clear()
+                self.on_lost(err)
+
+    def _dispatch(self, msg: sigproto.Message) -> None:
+        for entry in list(self._waiters):
+            match, fut = entry
+            if fut.done():
+                continue
+            if match(msg):
+                self._waiters.remove(entry)
+                fut.set_result(msg)
+                return
+        if isinstance(msg, sigproto.Error) and msg.session is None and self._waiters:
+            # an error about a request in flight (bad token, name taken...): fail it
+            match, fut = self._waiters.pop(0)
+            fut.set_exception(RelayError(msg.code, msg.message))
+            return
+        self.on_message(msg)
+
+
+class RelayError(TunnelError):
+    """The relay answered with an ``error`` message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"relay: {message}" if message else f"relay error: {code}")
+        self.code = code
