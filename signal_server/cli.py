@@ -1,0 +1,160 @@
+"""``quictun-signal``: run the quictun signalling relay (click entry point ``main``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+EPILOG = """\b
+Example:
+  quictun-signal --port 443 --cert fullchain.pem --key privkey.pem \\
+      --token-file /etc/quictun/token --relay-rate 1000000
+
+Clients then use --signal wss://relay.example.org/ (and the same token).
+Health check: GET /healthz answers 200 "OK".
+"""
+
+
+@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--host",
+    multiple=True,
+    envvar="QUICTUN_SIGNAL_HOST",
+    show_envvar=True,
+    help="Address to listen on (repeatable). Default: all IPv4 and IPv6 addresses.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8765,
+    show_default=True,
+    envvar="QUICTUN_SIGNAL_PORT",
+    show_envvar=True,
+    help="TCP port for WebSocket and UDP port for STUN; 0 picks a free one.",
+)
+@click.option(
+    "--cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="QUICTUN_SIGNAL_CERT",
+    show_envvar=True,
+    help="TLS certificate chain (PEM); serves wss:// when given with --key.",
+)
+@click.option(
+    "--key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="QUICTUN_SIGNAL_KEY",
+    show_envvar=True,
+    help="TLS private key (PEM).",
+)
+@click.option(
+    "--token",
+    envvar="QUICTUN_SIGNAL_TOKEN",
+    show_envvar=True,
+    help="Shared secret clients must present in hello. Prefer --token-file.",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="QUICTUN_SIGNAL_TOKEN_FILE",
+    show_envvar=True,
+    help="Read the token from this file (surrounding whitespace stripped).",
+)
+@click.option(
+    "--no-relay",
+    is_flag=True,
+    envvar="QUICTUN_SIGNAL_NO_RELAY",
+    show_envvar=True,
+    help="Do not forward QUIC packets; only match peers and answer STUN.",
+)
+@click.option(
+    "--relay-rate",
+    type=click.FloatRange(min=1, min_open=False),
+    envvar="QUICTUN_SIGNAL_RELAY_RATE",
+    show_envvar=True,
+    help="Cap relayed traffic per session and direction, in bytes/s. Default: unlimited.",
+)
+@click.option(
+    "--stun-port2",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    envvar="QUICTUN_SIGNAL_STUN_PORT2",
+    show_envvar=True,
+    help="Second STUN UDP port (0: any free port).",
+)
+@click.option(
+    "--max-per-ip",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    envvar="QUICTUN_SIGNAL_MAX_PER_IP",
+    show_envvar=True,
+    help="Refuse (HTTP 429) more connections than this from one IP address.",
+)
+@click.option("-v", "--verbose", count=True, help="-v: debug logs; -vv: websockets logs too.")
+def main(
+    host: tuple[str, ...],
+    port: int,
+    cert: Path | None,
+    key: Path | None,
+    token: str | None,
+    token_file: Path | None,
+    no_relay: bool,
+    relay_rate: float | None,
+    stun_port2: int,
+    max_per_ip: int,
+    verbose: int,
+) -> None:
+    """Run the quictun signalling relay: peers meet here, swap offers, punch UDP,
+    and fall back to relaying QUIC packets over the WebSocket."""
+    from .server import RelayConfig, run_relay
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("quictun.signal.websockets").setLevel(
+        logging.DEBUG if verbose >= 2 else logging.WARNING
+    )
+    if token and token_file:
+        raise click.UsageError("use either --token or --token-file, not both")
+    if token_file is not None:
+        token = token_file.read_text(encoding="utf-8").strip()
+        if not token:
+            raise click.UsageError(f"token file {token_file} is empty")
+    if (cert is None) != (key is None):
+        raise click.UsageError("--cert and --key go together")
+    ssl_context = None
+    if cert is not None and key is not None:
+        import ssl
+
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ssl_context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise click.UsageError(f"cannot load certificate/key: {exc}") from exc
+    config = RelayConfig(
+        host=list(host) or None,
+        port=port,
+        ssl_context=ssl_context,
+        token=token or None,
+        relay_enabled=not no_relay,
+        relay_rate=relay_rate,
+        stun_port2=stun_port2,
+        max_per_ip=max_per_ip,
+    )
+    try:
+        asyncio.run(run_relay(config))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen: {exc}") from exc
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
