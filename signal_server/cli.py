@@ -138,6 +138,7 @@ def main(
             ssl_context.load_cert_chain(cert, key)
         except (OSError, ssl.SSLError) as exc:
             raise click.UsageError(f"cannot load certificate/key: {exc}") from exc
+    _raise_fd_limit()
     config = RelayConfig(
         host=list(host) or None,
         port=port,
@@ -154,6 +155,20 @@ def main(
         pass
     except OSError as exc:
         raise click.ClickException(f"cannot listen: {exc}") from exc
+
+
+def _raise_fd_limit() -> None:
+    """Each peer holds a socket: lift the soft open-files limit to the hard limit."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover
