@@ -1,0 +1,536 @@
+"""An in-memory internet with NATs and a fake clock, for testing the path manager.
+
+Modelled on Tailscale's ``tstest/natlab``: hosts with private addresses sit behind NAT
+boxes whose behaviour is named in RFC 4787 terms; everything is deterministic (seeded
+port choice, loss and jitter), and time only moves when the driver advances it.
+
+Topology: the "public internet" routes on public IPs only. A :class:`Nat` owns a LAN of
+inside hosts (which reach each other directly, by private address) and one public IP (or,
+for a translation-less stateful firewall, the inside hosts' own public IPs). A host with
+no NAT is directly on the internet. A :class:`Reflector` answers STUN Binding requests
+with the source it saw, so peers learn their server-reflexive candidate.
+
+NAT model (all per NAT box):
+
+* mapping: ``"eim"`` endpoint-independent (one public port per inside socket; the inside
+  port is kept when free, like Linux ``masquerade``) or ``"edm"`` endpoint-dependent
+  (a fresh pseudo-random public port per destination: "symmetric");
+* filtering: ``"eif"`` (full cone), ``"adf"`` (address-dependent: restricted cone) or
+  ``"apdf"`` (address-and-port-dependent: port-restricted cone, stateful firewall);
+* a mapping, and each filter permission, lives ``timeout`` seconds after the last
+  *outbound* packet (inbound packets do not refresh: the strict RFC 4787 reading);
+* ``hairpin``: whether inside hosts can reach each other through the public address;
+* ``blocked``: all UDP to or from outside is dropped;
+* :meth:`Nat.rebind` forgets every mapping and stops preserving ports (a NAT reboot).
+
+The :class:`Sim` driver runs :class:`~quictun.paths.PathManager` instances unchanged:
+it advances the clock to the next packet or timer, delivers STUN to ``receive_stun``, fake
+QUIC datagrams (first byte 0x40) to ``note_direct_traffic``, and relay datagrams to
+``note_relay_traffic``; after every step it flushes ``datagrams_to_send`` and records
+events with their time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from quictun import stun
+from quictun.paths import (
+    Addr,
+    Candidate,
+    Path,
+    PathChanged,
+    PathConfig,
+    PathManager,
+    PunchFailed,
+)
+
+Handler = Callable[[bytes, Addr], None]
+
+REFLECTOR_ADDR: Addr = ("198.51.100.1", 3478)
+QUIC_PREFIX = b"\x40quic:"
+
+
+@dataclass(frozen=True)
+class NatType:
+    """RFC 4787 behaviour of a NAT box (see the module docstring)."""
+
+    mapping: str = "eim"
+    filtering: str = "apdf"
+    translate: bool = True
+    blocked: bool = False
+    hairpin: bool = False
+
+
+NAT_TYPES: dict[str, NatType] = {
+    "firewall": NatType(mapping="eim", filtering="apdf", translate=False),
+    "full-cone": NatType(mapping="eim", filtering="eif"),
+    "restricted-cone": NatType(mapping="eim", filtering="adf"),
+    "port-restricted-cone": NatType(mapping="eim", filtering="apdf"),
+    "symmetric": NatType(mapping="edm", filtering="apdf"),
+    "udp-blocked": NatType(blocked=True),
+}
+
+
+@dataclass
+class _Mapping:
+    inside: Addr
+    public: Addr
+    last_out: float
+    permits: dict[Addr, float] = field(default_factory=dict)
+
+
+class Nat:
+    """A NAT box (or stateful firewall) in front of a LAN."""
+
+    def __init__(
+        self, net: Network, kind: NatType, public_ip: str | None, timeout: float = 30.0
+    ) -> None:
+        self.net = net
+        self.kind = kind
+        self.public_ip = public_ip
+        self.timeout = timeout
+        self.inside: dict[str, Host] = {}
+        self._mappings: dict[object, _Mapping] = {}
+        self._by_public: dict[Addr, _Mapping] = {}
+        self._preserve_ports = True
+        if kind.translate:
+            assert public_ip is not None
+            net.register_public(public_ip, self)
+
+    def _alive(self, m: _Mapping, now: float) -> bool:
+        return now - m.last_out <= self.timeout
+
+    def _drop(self, key: object, m: _Mapping) -> None:
+        del self._mappings[key]
+        del self._by_public[m.public]
+
+    def _new_public(self, inside: Addr) -> Addr:
+        if not self.kind.translate:
+            return inside
+        assert self.public_ip is not None
+        if self.kind.mapping == "eim" and self._preserve_ports:
+            candidate = (self.public_ip, inside[1])
+            if candidate not in self._by_public:
+                return candidate
+        while True:
+            candidate = (self.public_ip, self.net.rng.randrange(1024, 65536))
+            if candidate not in self._by_public:
+                return candidate
+
+    def outbound(self, inside: Addr, remote: Addr, now: float) -> Addr:
+        """Translate an outbound packet's source, creating or refreshing state."""
+        key: object = inside if self.kind.mapping == "eim" else (inside, remote)
+        m = self._mappings.get(key)
+        if m is not None and not self._alive(m, now):
+            self._drop(key, m)
+            m = None
+        if m is None:
+            m = _Mapping(inside=inside, public=self._new_public(inside), last_out=now)
+            self._mappings[key] = m
+            self._by_public[m.public] = m
+        m.last_out = now
+        m.permits[remote] = now
+        return m.public
+
+    def inbound(self, src: Addr, dst: Addr, now: float) -> Addr | None:
+        """Return the inside address for an inbound packet, or None if filtered."""
+        m = self._by_public.get(dst)
+        if m is None:
+            return None
+        if not self._alive(m, now):
+            key = m.inside if self.kind.mapping == "eim" else next(
+                k for k, v in self._mappings.items() if v is m
+            )
+            self._drop(key, m)
+            return None
+        filtering = self.kind.filtering
+        if filtering == "eif":
+            return m.inside
+        fresh = [r for r, t in m.permits.items() if now - t <= self.timeout]
+        if filtering == "adf" and any(r[0] == src[0] for r in fresh):
+            return m.inside
+        if filtering == "apdf" and src in fresh:
+            return m.inside
+        return None
+
+    def rebind(self) -> None:
+        """Forget all mappings; new ones get fresh (non-preserved) public ports."""
+        self._mappings.clear()
+        self._by_public.clear()
+        self._preserve_ports = False
+
+
+class Host:
+    """A machine with one IP address (private when behind a translating NAT)."""
+
+    def __init__(self, net: Network, name: str, ip: str, nat: Nat | None) -> None:
+        self.net = net
+        self.name = name
+        self.ip = ip
+        self.nat = nat
+        self.sockets: dict[int, Handler] = {}
+        if nat is None:
+            net.register_public(ip, self)
+        else:
+            nat.inside[ip] = self
+            if not nat.kind.translate:
+                net.register_public(ip, nat)
+
+    def bind(self, port: int, handler: Handler) -> Addr:
+        self.sockets[port] = handler
+        return (self.ip, port)
+
+    def send(self, port: int, data: bytes, dst: Addr) -> None:
+        self.net.send(self, port, data, dst)
+
+    def deliver(self, data: bytes, src: Addr, port: int) -> None:
+        handler = self.sockets.get(port)
+        if handler is not None:
+            handler(data, src)
+
+
+class Network:
+    """The internet: a clock, an event queue, public routing, loss and latency."""
+
+    def __init__(
+        self,
+        seed: int = 1,
+        *,
+        latency: float = 0.02,
+        lan_latency: float = 0.001,
+        jitter: float = 0.0,
+        loss: float = 0.0,
+    ) -> None:
+        self.now = 0.0
+        self.rng = random.Random(seed)
+        self.latency = latency
+        self.lan_latency = lan_latency
+        self.jitter = jitter
+        self.loss = loss
+        self._public: dict[str, Nat | Host] = {}
+        self._queue: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = 0
+        self.sent = 0
+        self.dropped = 0
+
+    def register_public(self, ip: str, node: Nat | Host) -> None:
+        self._public[ip] = node
+
+    def schedule(self, when: float, fn: Callable[[], None]) -> None:
+        self._seq += 1
+        heapq.heappush(self._queue, (when, self._seq, fn))
+
+    def next_time(self) -> float | None:
+        return self._queue[0][0] if self._queue else None
+
+    def run_due(self) -> None:
+        while self._queue and self._queue[0][0] <= self.now:
+            _, _, fn = heapq.heappop(self._queue)
+            fn()
+
+    def _delay(self, base: float) -> float:
+        return base + (self.rng.uniform(0.0, self.jitter) if self.jitter else 0.0)
+
+    def send(self, host: Host, port: int, data: bytes, dst: Addr) -> None:
+        self.sent += 1
+        if self.loss and self.rng.random() < self.loss:
+            self.dropped += 1
+            return
+        src = (host.ip, port)
+        nat = host.nat
+        if nat is not None and dst[0] in nat.inside and dst[0] != nat.public_ip:
+            target = nat.inside[dst[0]]
+            self.schedule(self.now + self.lan_latency, lambda: target.deliver(data, src, dst[1]))
+            return
+        if nat is not None:
+            if nat.kind.blocked:
+                self.dropped += 1
+                return
+            if dst[0] == nat.public_ip and not nat.kind.hairpin:
+                self.dropped += 1
+                return
+            src = nat.outbound(src, dst, self.now)
+        self.schedule(self.now + self._delay(self.latency), lambda: self._arrive(data, src, dst))
+
+    def _arrive(self, data: bytes, src: Addr, dst: Addr) -> None:
+        node = self._public.get(dst[0])
+        if isinstance(node, Host):
+            node.deliver(data, src, dst[1])
+            return
+        if node is None or node.kind.blocked:
+            self.dropped += 1
+            return
+        inside = node.inbound(src, dst, self.now)
+        if inside is None:
+            self.dropped += 1
+            return
+        node.inside[inside[0]].deliver(data, src, inside[1])
+
+
+class Reflector:
+    """A public STUN server: answers Binding requests with the source address it saw."""
+
+    def __init__(self, net: Network, addr: Addr = REFLECTOR_ADDR) -> None:
+        self.host = Host(net, "reflector", addr[0], None)
+        self.addr = self.host.bind(addr[1], self._on_datagram)
+
+    def _on_datagram(self, data: bytes, src: Addr) -> None:
+        try:
+            msg = stun.decode(data)
+        except stun.StunError:
+            return
+        if msg.msg_type == stun.BINDING_REQUEST:
+            self.host.send(self.addr[1], stun.binding_success(msg.txid, src), src)
+
+
+def make_site(
+    net: Network,
+    name: str,
+    nat_type: str,
+    *,
+    index: int,
+    timeout: float = 30.0,
+    hairpin: bool = False,
+    hosts: int = 1,
+) -> list[Host]:
+    """Build a site (``index`` picks its addresses) and return its hosts.
+
+    Translating NATs get public IP ``203.0.113.<index>`` and LAN ``10.<index>.0.0/24``;
+    a firewall's hosts get public ``198.19.<index>.<n>``.
+    """
+    kind = NAT_TYPES[nat_type]
+    if hairpin:
+        kind = NatType(kind.mapping, kind.filtering, kind.translate, kind.blocked, True)
+    if kind.translate:
+        nat = Nat(net, kind, f"203.0.113.{index}", timeout)
+        ips = [f"10.{index}.0.{n + 2}" for n in range(hosts)]
+    else:
+        nat = Nat(net, kind, None, timeout)
+        ips = [f"198.19.{index}.{n + 2}" for n in range(hosts)]
+    return [Host(net, f"{name}{n}", ip, nat) for n, ip in enumerate(ips)]
+
+
+def lan_of(host: Host) -> list[ipaddress.IPv4Network]:
+    """The host's local network (/24), as the shell would report it."""
+    return [ipaddress.ip_network(f"{host.ip}/24", strict=False)]
+
+
+class Peer:
+    """One quictun endpoint: a host socket, a PathManager, and a log of what happened."""
+
+    def __init__(self, sim: Sim, name: str, host: Host, pm: PathManager, port: int) -> None:
+        self.sim = sim
+        self.name = name
+        self.host = host
+        self.pm = pm
+        self.port = port
+        self.addr = host.bind(port, self._on_datagram)
+        self.other: Peer | None = None
+        self.events: list[tuple[float, PathChanged | PunchFailed]] = []
+        self.srflx: Addr | None = None
+        self.quic_received_direct = 0
+        self.quic_received_relay = 0
+        self.quic_sent = 0
+        self.quic_unsendable = 0
+        self._gather_txid: bytes | None = None
+
+    # -- helpers for tests
+    def changes(self) -> list[Path | None]:
+        return [e.path for _, e in self.events if isinstance(e, PathChanged)]
+
+    def failures(self) -> list[PunchFailed]:
+        return [e for _, e in self.events if isinstance(e, PunchFailed)]
+
+    def candidates(self) -> list[Candidate]:
+        cands = [Candidate(self.addr, "host")]
+        if self.srflx is not None and self.srflx != self.addr:
+            cands.append(Candidate(self.srflx, "srflx"))
+        return cands
+
+    # -- I/O
+    def gather(self) -> None:
+        """Ask the reflector for our server-reflexive address (answer arrives later)."""
+        self._gather_txid = self.sim.net.rng.randbytes(12)
+        self.host.send(self.port, stun.binding_request(self._gather_txid), REFLECTOR_ADDR)
+
+    def _on_datagram(self, data: bytes, src: Addr) -> None:
+        now = self.sim.net.now
+        if data.startswith(QUIC_PREFIX):
+            self.quic_received_direct += 1
+            self.pm.note_direct_traffic(src, now)
+        elif stun.is_stun(data):
+            if src == REFLECTOR_ADDR:
+                msg = stun.decode(data)
+                if msg.txid == self._gather_txid and msg.xor_mapped_address:
+                    self.srflx = msg.xor_mapped_address
+                    self._gather_txid = None
+                    self.sim.on_gathered(self)
+                return
+            self.pm.receive_stun(data, src, now)
+
+    def send_quic(self) -> None:
+        path = self.pm.current
+        self.quic_sent += 1
+        if path is None:
+            self.quic_unsendable += 1
+        elif path.kind == "direct":
+            assert path.remote is not None
+            self.host.send(self.port, QUIC_PREFIX + self.name.encode(), path.remote)
+        else:
+            self.sim.relay_send(self)
+
+    def flush(self) -> None:
+        now = self.sim.net.now
+        for data, addr in self.pm.datagrams_to_send(now):
+            self.host.send(self.port, data, addr)
+        while (event := self.pm.next_event()) is not None:
+            self.events.append((now, event))
+            self.sim.on_event(self, event)
+
+
+class Sim:
+    """Drive PathManagers through a :class:`Network` with a fake clock."""
+
+    def __init__(self, net: Network, *, relay_up: bool = True, relay_latency: float = 0.05) -> None:
+        self.net = net
+        self.reflector = Reflector(net)
+        self.peers: list[Peer] = []
+        self.relay_up = relay_up
+        self.relay_latency = relay_latency
+        self.traffic_interval: float | None = None
+        self.regather_on_fallback = False
+        self._next_traffic: float | None = None
+        self._started = False
+
+    def add_peer(
+        self,
+        name: str,
+        host: Host,
+        *,
+        mode: str = "auto",
+        config: PathConfig | None = None,
+        port: int = 40000,
+        key_seed: int = 0,
+    ) -> Peer:
+        keys = (b"key-a-" + bytes([key_seed]), b"key-b-" + bytes([key_seed]))
+        index = len(self.peers)
+        local_key, remote_key = keys[index], keys[1 - index]
+        rng = random.Random(f"{name}-{index}")
+        pm = PathManager(
+            local_key=local_key,
+            remote_key=remote_key,
+            local_networks=lan_of(host),
+            mode=mode,
+            relay_available=self.relay_up,
+            config=config,
+            random_bytes=rng.randbytes,
+        )
+        peer = Peer(self, name, host, pm, port)
+        self.peers.append(peer)
+        if len(self.peers) == 2:
+            self.peers[0].other, self.peers[1].other = self.peers[1], self.peers[0]
+        return peer
+
+    # -- scenario helpers
+    def connect(self, *, start_skew: float = 0.0, gather_time: float = 0.5) -> None:
+        """Gather srflx for both peers, exchange candidates, then start (b later by skew)."""
+        a, b = self.peers
+        a.gather()
+        b.gather()
+        self.run_for(gather_time)
+        now = self.net.now
+        a.pm.add_remote_candidates(b.candidates(), now)
+        b.pm.add_remote_candidates(a.candidates(), now)
+        a.pm.start(now)
+        a.flush()
+        self._started = True
+        if start_skew:
+            self.run_for(start_skew)
+        b.pm.start(self.net.now)
+        b.flush()
+
+    def set_relay(self, up: bool) -> None:
+        self.relay_up = up
+        for p in self.peers:
+            p.pm.set_relay_available(up, self.net.now)
+            p.flush()
+
+    def start_traffic(self, interval: float) -> None:
+        """Each peer sends one fake QUIC datagram on its current path every ``interval``."""
+        self.traffic_interval = interval
+        self._next_traffic = self.net.now + interval
+
+    def relay_send(self, sender: Peer) -> None:
+        other = sender.other
+        if not self.relay_up or other is None:
+            sender.quic_unsendable += 1
+            return
+
+        def arrive() -> None:
+            other.quic_received_relay += 1
+            other.pm.note_relay_traffic(self.net.now)
+
+        self.net.schedule(self.net.now + self.relay_latency, arrive)
+
+    def on_gathered(self, peer: Peer) -> None:
+        if not self._started or peer.other is None:
+            return
+        other = peer.other
+        cands = peer.candidates()
+
+        def signal() -> None:  # candidates travel over the relay (signalling) channel
+            other.pm.add_remote_candidates(cands, self.net.now)
+            other.flush()
+
+        self.net.schedule(self.net.now + self.relay_latency, signal)
+
+    def on_event(self, peer: Peer, event: PathChanged | PunchFailed) -> None:
+        if (
+            self.regather_on_fallback
+            and isinstance(event, PathChanged)
+            and (event.path is None or event.path.kind == "relay")
+            and any(p is not None and p.kind == "direct" for p in peer.changes()[:-1])
+        ):
+            peer.gather()
+
+    # -- the loop
+    def run_for(self, duration: float) -> None:
+        self.run_until(self.net.now + duration)
+
+    def run_until(self, t_end: float) -> None:
+        net = self.net
+        spins = 0
+        while True:
+            times = [t for t in (p.pm.get_timer() for p in self.peers) if t is not None]
+            nt = net.next_time()
+            if nt is not None:
+                times.append(nt)
+            if self._next_traffic is not None:
+                times.append(self._next_traffic)
+            t_next = min(times, default=t_end + 1.0)
+            if t_next > t_end:
+                net.now = t_end
+                return
+            if t_next <= net.now:
+                spins += 1
+                assert spins < 10_000, "simulation is not making progress"
+            else:
+                spins = 0
+                net.now = t_next
+            net.run_due()
+            for p in self.peers:
+                timer = p.pm.get_timer()
+                if timer is not None and timer <= net.now:
+                    p.pm.handle_timer(net.now)
+            if self._next_traffic is not None and self._next_traffic <= net.now:
+                assert self.traffic_interval is not None
+                self._next_traffic = net.now + self.traffic_interval
+                for p in self.peers:
+                    p.send_quic()
+            for p in self.peers:
+                p.flush()
