@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import pathlib
 import re
 import shutil
 import socket
@@ -324,3 +325,20 @@ def test_cli_help_and_usage_errors() -> None:
     assert "Example:" in result.output and "QUICTUN_SIGNAL_TOKEN" in result.output
     result = CliRunner().invoke(main, ["--token", "a", "--token-file", __file__])
     assert result.exit_code == 2
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+async def test_wss_with_make_certs_script(tmp_path: pathlib.Path) -> None:
+    import ssl
+
+    script = pathlib.Path(__file__).parent.parent / "certs" / "make-certs.sh"
+    subprocess.run(["sh", str(script), "localhost", str(tmp_path)], check=True, capture_output=True)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(tmp_path / "relay.crt", tmp_path / "relay.key")
+    config = RelayConfig(host="127.0.0.1", port=0, ssl_context=server_ctx)
+    async with RelayServer(config) as server:
+        assert server.url.startswith("wss://127.0.0.1:")
+        client_ctx = ssl.create_default_context(cafile=str(tmp_path / "relay.crt"))
+        async with connect(server.url, proxy=None, ssl=client_ctx) as ws:
+            await ws.send(sp.encode(sp.Hello(v=1, token=None, agent="t")))
+            assert isinstance(await recv(ws), sp.Welcome)
