@@ -98,6 +98,9 @@ class Nat:
         self._mappings: dict[object, _Mapping] = {}
         self._by_public: dict[Addr, _Mapping] = {}
         self._preserve_ports = True
+        self.blackhole = False  # runtime switch: drop all traffic to/from outside
+        self.lan_down = False  # runtime switch: drop traffic between inside hosts
+        self.mappings_created = 0
         if kind.translate:
             assert public_ip is not None
             net.register_public(public_ip, self)
@@ -131,6 +134,7 @@ class Nat:
             m = None
         if m is None:
             m = _Mapping(inside=inside, public=self._new_public(inside), last_out=now)
+            self.mappings_created += 1
             self._mappings[key] = m
             self._by_public[m.public] = m
         m.last_out = now
@@ -143,8 +147,10 @@ class Nat:
         if m is None:
             return None
         if not self._alive(m, now):
-            key = m.inside if self.kind.mapping == "eim" else next(
-                k for k, v in self._mappings.items() if v is m
+            key = (
+                m.inside
+                if self.kind.mapping == "eim"
+                else next(k for k, v in self._mappings.items() if v is m)
             )
             self._drop(key, m)
             return None
@@ -168,18 +174,39 @@ class Nat:
 class Host:
     """A machine with one IP address (private when behind a translating NAT)."""
 
-    def __init__(self, net: Network, name: str, ip: str, nat: Nat | None) -> None:
+    def __init__(
+        self,
+        net: Network,
+        name: str,
+        ip: str,
+        nat: Nat | None,
+        *,
+        ip6: str | None = None,
+        nat6: Nat | None = None,
+    ) -> None:
         self.net = net
         self.name = name
         self.ip = ip
         self.nat = nat
+        self.ip6 = ip6  # optional global IPv6 address (dual-stack socket)
+        self.nat6 = nat6  # None (open) or a translation-less firewall
         self.sockets: dict[int, Handler] = {}
-        if nat is None:
-            net.register_public(ip, self)
-        else:
-            nat.inside[ip] = self
-            if not nat.kind.translate:
-                net.register_public(ip, nat)
+        for addr, box in ((ip, nat), (ip6, nat6)):
+            if addr is None:
+                continue
+            if box is None:
+                net.register_public(addr, self)
+            else:
+                box.inside[addr] = self
+                if not box.kind.translate:
+                    net.register_public(addr, box)
+
+    def iface_for(self, dst: Addr) -> tuple[str, Nat | None]:
+        """Source address and NAT used to reach ``dst`` (by address family)."""
+        if ":" in dst[0]:
+            assert self.ip6 is not None, "no IPv6 address"
+            return self.ip6, self.nat6
+        return self.ip, self.nat
 
     def bind(self, port: int, handler: Handler) -> Addr:
         self.sockets[port] = handler
@@ -241,14 +268,17 @@ class Network:
         if self.loss and self.rng.random() < self.loss:
             self.dropped += 1
             return
-        src = (host.ip, port)
-        nat = host.nat
+        src_ip, nat = host.iface_for(dst)
+        src = (src_ip, port)
         if nat is not None and dst[0] in nat.inside and dst[0] != nat.public_ip:
+            if nat.lan_down:
+                self.dropped += 1
+                return
             target = nat.inside[dst[0]]
             self.schedule(self.now + self.lan_latency, lambda: target.deliver(data, src, dst[1]))
             return
         if nat is not None:
-            if nat.kind.blocked:
+            if nat.kind.blocked or nat.blackhole:
                 self.dropped += 1
                 return
             if dst[0] == nat.public_ip and not nat.kind.hairpin:
@@ -262,7 +292,7 @@ class Network:
         if isinstance(node, Host):
             node.deliver(data, src, dst[1])
             return
-        if node is None or node.kind.blocked:
+        if node is None or node.kind.blocked or node.blackhole:
             self.dropped += 1
             return
         inside = node.inbound(src, dst, self.now)
@@ -348,6 +378,8 @@ class Peer:
 
     def candidates(self) -> list[Candidate]:
         cands = [Candidate(self.addr, "host")]
+        if self.host.ip6 is not None:
+            cands.append(Candidate((self.host.ip6, self.port), "host"))
         if self.srflx is not None and self.srflx != self.addr:
             cands.append(Candidate(self.srflx, "srflx"))
         return cands
