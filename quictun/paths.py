@@ -36,7 +36,8 @@ make it flap. The selected path is *dead* when nothing (signed response or
 least one heartbeat; it is then un-validated (its pending transactions are forgotten, so
 coming back needs a response to a probe sent after the fallback), and we fall back to
 the best other validated path, else the relay (auto mode), else nothing, and start
-re-punch bursts every ``repunch_interval`` while not direct.
+re-punch bursts every ``repunch_interval`` while not direct (every ``upgrade_interval``,
+only toward better-ranked candidates, while on a direct path that is not the best rank).
 
 Addresses: every address is normalised on the way in (IPv4-mapped IPv6 -> IPv4, socket
 tuples cut to ``(host, port)``), and every address handed back (datagrams, ``Path``) is in
@@ -301,11 +302,10 @@ class PathManager:
         if self._started and self._mode != "relay":
             if not self._punch_deadline_done:
                 times.append(self._start_time + self._cfg.punch_timeout)
-            if self._selected is None:
-                if not self._on_relay and self._relay_wanted():
-                    times.append(self._start_time + self._cfg.relay_after)
-                if self._next_repunch is not None:
-                    times.append(self._next_repunch)
+            if self._selected is None and not self._on_relay and self._relay_wanted():
+                times.append(self._start_time + self._cfg.relay_after)
+            if self._next_repunch is not None and self._repunch_targets():
+                times.append(self._next_repunch)
         elif self._started and not self._punch_deadline_done:
             times.append(self._start_time + self._cfg.punch_timeout)
         return min(times) if times else None
@@ -467,11 +467,7 @@ class PathManager:
             if expiry is not None and now >= expiry:
                 self._path_died(c, now)
         if self._started:
-            if (
-                self._selected is None
-                and self._next_repunch is not None
-                and now >= self._next_repunch
-            ):
+            if self._next_repunch is not None and now >= self._next_repunch:
                 self._repunch(now)
             self._reselect(now)
             self._check_punch_deadline(now)
@@ -500,14 +496,23 @@ class PathManager:
         self._selected = None  # _reselect emits the single PathChanged below
         self._repunch(now, previous=c)
 
+    def _repunch_targets(self) -> list[_Cand]:
+        """Unvalidated candidates that would beat the current path if they worked."""
+        cur = self._selected
+        limit = cur.rank if cur is not None else RANK_RELAY + 1
+        return [c for c in self._cands.values() if not c.validated and c.rank < limit]
+
     def _repunch(self, now: float, previous: _Cand | None = None) -> None:
-        self._next_repunch = now + self._cfg.repunch_interval
+        """One re-punch burst; repeats every repunch_interval while on relay or pathless,
+        every upgrade_interval while on a direct path that a candidate could beat."""
         until = now + self._cfg.repunch_burst
-        for c in self._cands.values():
-            if not c.validated:
-                self._burst(c, now, until, fast=False)
+        for c in self._repunch_targets():
+            self._burst(c, now, until, fast=False)
         if previous is not None:
             self._reselect(now, previous_direct=previous)
+        self._next_repunch = now + (
+            self._cfg.repunch_interval if self._selected is None else self._cfg.upgrade_interval
+        )
 
     def _check_punch_deadline(self, now: float) -> None:
         if not self._started or self._punch_deadline_done:
@@ -568,10 +573,9 @@ class PathManager:
             target.next_probe = now if stale else now + self._cfg.heartbeat
         if before is not None and before.validated and before is not target:
             before.next_probe = now + ALTERNATE_FACTOR * self._cfg.heartbeat
-        if target is None:
-            self._next_repunch = min(
-                self._next_repunch or now + self._cfg.repunch_interval,
-                now + self._cfg.repunch_interval,
+        if previous_direct is None:
+            self._next_repunch = now + (
+                self._cfg.repunch_interval if target is None else self._cfg.upgrade_interval
             )
         self._stats["switches"] += 1
         self._events.append(PathChanged(self.current))

@@ -164,3 +164,5 @@ class PathConfig:
     """While on relay (or pathless), re-probe all unvalidated candidates this often."""
     repunch_burst: float = 2.0
     """Length of one re-punch burst (at probe_interval_slow)."""
+    upgrade_interval: float = 60.0
+    """While direct, re-probe unvalidated candidates of a better rank this often."""
