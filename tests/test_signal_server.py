@@ -342,3 +342,37 @@ async def test_wss_with_make_certs_script(tmp_path: pathlib.Path) -> None:
         async with connect(server.url, proxy=None, ssl=client_ctx) as ws:
             await ws.send(sp.encode(sp.Hello(v=1, token=None, agent="t")))
             assert isinstance(await recv(ws), sp.Welcome)
+
+
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
+async def test_default_host_is_dual_stack() -> None:
+    async with RelayServer(RelayConfig(host=None, port=0)) as server:
+        assert server.hosts == ["0.0.0.0", "::"]
+        for url in (f"ws://127.0.0.1:{server.port}/", f"ws://[::1]:{server.port}/"):
+            async with connect(url, proxy=None) as ws:
+                await ws.send(sp.encode(sp.Hello(v=1, token=None, agent="t")))
+                welcome = await recv(ws)
+                assert isinstance(welcome, sp.Welcome)
+                assert welcome.addr.endswith(f":{ws.local_address[1]}")
+
+        def stun6(port: int) -> tuple[tuple[str, int] | None, tuple[str, int]]:
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(10)
+                sock.bind(("::1", 0))
+                txid = os.urandom(12)
+                sock.sendto(stun.binding_request(txid), ("::1", port))
+                reply = stun.decode(sock.recvfrom(2048)[0])
+                return reply.xor_mapped_address, sock.getsockname()[:2]
+
+        for port in server.stun_ports:
+            mapped, own = await asyncio.to_thread(stun6, port)
+            assert mapped == own
