@@ -59,7 +59,9 @@ MAX_SESSIONS = 256
 StatusCallback = Callable[[str], None]
 
 
-def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+def parse_hostport(
+    text: str, default_host: str = "127.0.0.1", *, allow_zero: bool = False
+) -> tuple[str, int]:
     """Parse ``HOST:PORT``, ``[V6]:PORT`` or ``PORT``. Raises ValueError with a clear text."""
     host, sep, port = text.rpartition(":")
     if not sep:
@@ -69,7 +71,7 @@ def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int
         p = int(port)
     except ValueError:
         raise ValueError(f"{text!r} is not HOST:PORT") from None
-    if not 0 < p < 65536:
+    if not (0 if allow_zero else 1) <= p < 65536:
         raise ValueError(f"port {p} out of range in {text!r}")
     return host, p
 
@@ -284,10 +286,14 @@ async def _handshake(
     failed: asyncio.Future[str] = loop.create_future()
     tunnel_box: list[Tunnel] = []
 
+    peer_gone = False
+
     def on_path(path: Path | None) -> None:
         if tunnel_box:
             tunnel_box[0].path = path
         status(describe(path))
+        if peer_gone and (path is None or path.kind == "relay"):
+            session.close("the peer disconnected")
 
     def on_failed(reason: str) -> None:
         if not failed.done():
@@ -308,9 +314,13 @@ async def _handshake(
     sc.on_lost = lambda exc: session.relay_lost()
 
     def on_message(m: sigproto.Message) -> None:
+        nonlocal peer_gone
         if isinstance(m, sigproto.Closed) and m.session == reply.session:
+            # the peer left the relay; if we still have it directly, carry on until that
+            # path dies too
+            peer_gone = True
             if not session.paths.current or session.paths.current.kind == "relay":
-                session.close("peer closed")
+                session.close("the peer disconnected")
 
     sc.on_message = on_message
     status("punching a path" if mode != "relay" else "using the relay")
@@ -424,7 +434,7 @@ class Server:
                 lost = asyncio.get_running_loop().create_future()
                 sc.on_message = self._on_message
                 sc.on_relay = self._on_relay
-                sc.on_lost = lambda exc: lost.done() or lost.set_result(None)
+                sc.on_lost = lambda exc, lost=lost: lost.done() or lost.set_result(None)
                 self.registered.set()
                 self.emit(f"serving {self.name!r} -> {self.target[0]}:{self.target[1]} "
                           f"via {self.url}")

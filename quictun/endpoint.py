@@ -209,7 +209,7 @@ async def resolve(host: str, port: int) -> list[Addr]:
     except OSError:
         return []
     addrs: list[Addr] = []
-    for family, *_rest, sockaddr in sorted(infos, key=lambda i: i[0] != socket.AF_INET):
+    for _family, *_rest, sockaddr in sorted(infos, key=lambda i: i[0] != socket.AF_INET):
         a = (sockaddr[0], sockaddr[1])
         if a not in addrs:
             addrs.append(a)

@@ -58,6 +58,11 @@ class StreamBridge(asyncio.Protocol):
         self.bytes_down = 0
 
     # -- local transport -------------------------------------------------------------
+    @property
+    def clean(self) -> bool:
+        """True once both directions ended with a FIN (nothing was reset)."""
+        return self._local_eof and self._remote_eof
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._reader = transport
         if isinstance(transport, asyncio.WriteTransport) and self._writer is None:
@@ -91,6 +96,9 @@ class StreamBridge(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._done:
             return
+        w = self._writer
+        if exc is None and self._local_eof and w is not None and w is not self._reader:
+            return  # a read pipe (stdin) ended after its EOF: the write side goes on
         if not (self._local_eof and self._remote_eof):
             self.engine.reset(self.stream_id, ERR_LOCAL_RESET)
         self._finish()
@@ -170,8 +178,8 @@ class StreamBridge(asyncio.Protocol):
             self._finish()
 
     def _abort_local(self) -> None:
-        for t in (self._reader, self._writer):
-            if t is not None:
+        for t in {id(x): x for x in (self._reader, self._writer) if x is not None}.values():
+            if not t.is_closing():
                 t.abort() if hasattr(t, "abort") else t.close()
         self._finish()
 

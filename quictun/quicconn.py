@@ -184,7 +184,10 @@ class QuicEngine:
 
     # -- streams -------------------------------------------------------------------
     def open_stream(self) -> int:
-        return self.quic.get_next_available_stream_id()
+        """Allocate a new bidirectional stream (reserved at once, even before data)."""
+        stream_id = self.quic.get_next_available_stream_id()
+        self.quic.send_stream_data(stream_id, b"")  # creates it, so the id is taken
+        return stream_id
 
     def send(self, stream_id: int, data: bytes, end: bool = False) -> None:
         if self._closed:
@@ -211,10 +214,11 @@ class QuicEngine:
         self.schedule_flush()
 
     def close(self, error_code: int = 0, reason: str = "") -> None:
+        """Send CONNECTION_CLOSE and end at once (no draining period: the socket goes)."""
         if self._closed:
             return
         self.quic.close(error_code=error_code, reason_phrase=reason)
-        self._flush()
+        self._terminate(error_code, reason)
 
     # -- machinery -----------------------------------------------------------------
     def schedule_flush(self) -> None:

@@ -22,17 +22,17 @@ async def run_connect(
     listen: str | None, stdio: bool, pin: str | None = None,
 ) -> None:
     """Open a tunnel, then serve ``listen`` or stdio until done. Raises TunnelError."""
+    if listen is not None:
+        try:
+            host, port = parse_hostport(listen, allow_zero=True)
+        except ValueError as exc:
+            raise TunnelError(f"--listen: {exc}") from None
     tunnel = await open_tunnel(name, signal=signal, secret=secret, mode=mode, token=token,
                                on_status=_status, pin=pin)
     try:
         if stdio:
             await _stdio(tunnel)
         else:
-            assert listen is not None
-            try:
-                host, port = parse_hostport(listen)
-            except ValueError as exc:
-                raise TunnelError(f"--listen: {exc}") from None
             loop = asyncio.get_running_loop()
             try:
                 server = await loop.create_server(tunnel.bridge, host, port)
@@ -52,11 +52,93 @@ async def _stdio(tunnel) -> None:  # type: ignore[no-untyped-def]
     done = loop.create_future()
     bridge = tunnel.bridge()
     bridge._on_done = lambda b: done.done() or done.set_result(None)
-    await loop.connect_read_pipe(lambda: bridge, sys.stdin.buffer)
-    wt, _ = await loop.connect_write_pipe(lambda: WriteSide(bridge), sys.stdout.buffer)
+    try:
+        await loop.connect_read_pipe(lambda: bridge, sys.stdin.buffer)
+    except ValueError:  # a regular file: read it in a thread
+        _FileReader(sys.stdin.buffer, bridge)
+    try:
+        wt, _ = await loop.connect_write_pipe(lambda: WriteSide(bridge), sys.stdout.buffer)
+    except ValueError:
+        wt = _FileWriter(sys.stdout.buffer)
     bridge.attach_writer(wt)
     closed = asyncio.ensure_future(tunnel.wait_closed())
     await asyncio.wait({done, closed}, return_when=asyncio.FIRST_COMPLETED)
     if not done.done():
         raise TunnelError(f"the tunnel closed: {closed.result()}")
     closed.cancel()
+    if not bridge.clean:
+        raise TunnelError("the connection was reset (the peer, its target or the tunnel "
+                          "went away)")
+
+
+class _FileReader(asyncio.ReadTransport):
+    """A read transport over a regular file (which asyncio's pipe transports refuse)."""
+
+    def __init__(self, f, protocol: asyncio.Protocol) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self._f = f
+        self._protocol = protocol
+        self._resume = asyncio.Event()
+        self._resume.set()
+        self._closing = False
+        protocol.connection_made(self)
+        self._task = asyncio.ensure_future(self._pump())
+
+    async def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            await self._resume.wait()
+            data = await loop.run_in_executor(None, self._f.read1, 65536)
+            if not data:
+                self._protocol.eof_received()
+                return
+            self._protocol.data_received(data)
+
+    def pause_reading(self) -> None:
+        self._resume.clear()
+
+    def resume_reading(self) -> None:
+        self._resume.set()
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        self._closing = True
+        self._resume.set()
+
+
+class _FileWriter(asyncio.WriteTransport):
+    """A write transport over a regular file: writes are immediate."""
+
+    def __init__(self, f) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self._f = f
+        self._closing = False
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        self._f.write(data)
+        self._f.flush()
+
+    def write_eof(self) -> None:
+        self.close()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self._f.flush()
+
+    def abort(self) -> None:
+        self.close()

@@ -21,7 +21,7 @@ from aioquic.quic.packet import pull_quic_header
 
 from .endpoint import Addr, UdpEndpoint
 from .paths import Path, PathChanged, PathConfig, PathManager, PunchFailed
-from .quicconn import EngineHandler, FlowControlledConnection, QuicEngine, VIRTUAL_PEER
+from .quicconn import VIRTUAL_PEER, EngineHandler, FlowControlledConnection, QuicEngine
 from .signal_client import SignalClient
 
 log = logging.getLogger("quictun.session")
@@ -30,7 +30,10 @@ QUEUE_BEFORE_PATH = 64
 
 
 def describe(path: Path | None) -> str:
-    """The stable one-line description of a path used in logs: ``path=direct local=… remote=… rtt=…ms``."""
+    """The stable one-line description of a path used in logs.
+
+    ``path=direct local=IP:PORT remote=IP:PORT rtt=1.2ms`` or ``path=relay rtt=-``.
+    """
     if path is None:
         return "path=none"
     rtt = f"{path.rtt * 1000:.1f}ms" if path.rtt is not None else "-"

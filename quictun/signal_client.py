@@ -75,7 +75,7 @@ class SignalClient:
                 f"the relay at {self.url} refused the connection "
                 f"(HTTP {exc.response.status_code}); is this a quictun-signal URL?"
             ) from None
-        except (OSError, TimeoutError, WebSocketException, asyncio.TimeoutError) as exc:
+        except (OSError, TimeoutError, WebSocketException) as exc:
             reason = str(exc) or type(exc).__name__
             raise TunnelError(
                 f"cannot reach the relay at {self.url} ({reason}); "

@@ -1,0 +1,3 @@
+from quictun.cli import main
+
+main()

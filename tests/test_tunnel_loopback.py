@@ -1,0 +1,184 @@
+"""The tunnel end to end on loopback: a real relay, real `quictun serve` and
+`quictun connect` processes, real TCP targets."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import PY, Proc, TcpServer, base_env, hash_then_reply
+
+QT = [PY, "-m", "quictun"]
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator:
+    procs: list[Proc] = []
+
+    def _spawn(args: list[str], *, home: str, name: str, secret: str | None = "test-secret",
+               signal: str | None = None, **kw) -> Proc:  # type: ignore[no-untyped-def]
+        p = Proc(QT + args, env=base_env(tmp_path / home, secret, signal),
+                 log=tmp_path / f"{name}.log", **kw)
+        procs.append(p)
+        return p
+
+    yield _spawn
+    for p in procs:
+        p.stop()
+
+
+def _serve(spawn, url: str, port: int, *extra: str, name: str = "box") -> Proc:  # type: ignore[no-untyped-def]
+    p = spawn(["serve", name, "--forward", f"127.0.0.1:{port}", "--signal", url, *extra],
+              home="srv", name="serve")
+    p.wait_for(r"serving 'box'" if name == "box" else "serving")
+    return p
+
+
+def _listen(spawn, url: str, *extra: str, secret: str = "test-secret") -> tuple[Proc, int]:  # type: ignore[no-untyped-def]
+    p = spawn(["connect", "box", "--listen", "127.0.0.1:0", "--signal", url, *extra],
+              home="cli", name="connect", secret=secret)
+    m = p.wait_for(r"listening on 127\.0\.0\.1:(\d+)")
+    return p, int(m.group(1))
+
+
+def _roundtrip(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        t = threading.Thread(target=s.sendall, args=(payload,))
+        t.start()
+        got = bytearray()
+        while len(got) < len(payload):
+            chunk = s.recv(262144)
+            if not chunk:
+                break
+            got += chunk
+        t.join()
+        return bytes(got)
+
+
+def test_stdio_roundtrip_and_path_line(relay, echo_server, spawn, tmp_path: Path) -> None:
+    _proc, url = relay
+    _serve(spawn, url, echo_server.port)
+    payload = os.urandom(300_000)
+    r = subprocess.run(QT + ["connect", "box", "--stdio", "--signal", url], input=payload,
+                       capture_output=True, env=base_env(tmp_path / "cli"), timeout=60)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout == payload  # nothing but tunnel bytes on stdout
+    assert b"path=" in r.stderr
+
+
+def test_twenty_concurrent_connections(relay, echo_server, spawn) -> None:
+    _proc, url = relay
+    _serve(spawn, url, echo_server.port)
+    _conn, port = _listen(spawn, url)
+    payloads = [os.urandom(100_000 + i * 1000) for i in range(20)]
+    results: list[bytes | None] = [None] * 20
+
+    def run(i: int) -> None:
+        results[i] = _roundtrip(port, payloads[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(r == p for r, p in zip(results, payloads, strict=True))
+    assert echo_server.accepted == 20
+
+
+def test_half_close_and_50mb_sha256(relay, spawn) -> None:
+    _proc, url = relay
+    target = TcpServer(hash_then_reply)
+    try:
+        _serve(spawn, url, target.port)
+        _conn, port = _listen(spawn, url)
+        block = os.urandom(1 << 20)
+        expected = hashlib.sha256()
+        with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
+            for _ in range(50):
+                s.sendall(block)
+                expected.update(block)
+            s.shutdown(socket.SHUT_WR)  # half-close: the target replies only after EOF
+            reply = b""
+            while chunk := s.recv(4096):
+                reply += chunk
+        assert reply.decode().split() == [expected.hexdigest(), str(50 << 20)]
+    finally:
+        target.close()
+
+
+def test_wrong_secret_is_refused_before_the_target(relay, spawn, tmp_path: Path) -> None:
+    _proc, url = relay
+    target = TcpServer(hash_then_reply)
+    try:
+        serve = _serve(spawn, url, target.port)
+        r = subprocess.run(QT + ["connect", "box", "--stdio", "--signal", url], input=b"x",
+                           capture_output=True, timeout=60,
+                           env=base_env(tmp_path / "cli", secret="not-the-secret"))
+        assert r.returncode != 0
+        assert "wrong secret" in r.stderr.decode()
+        assert "Traceback" not in r.stderr.decode()
+        assert target.accepted == 0
+        assert "wrong secret" in serve.wait_for("refused a client: wrong secret").group(0)
+    finally:
+        target.close()
+
+
+def test_target_refusing_closes_the_connection_and_tunnel_stays(relay, echo_server,
+                                                                  spawn) -> None:
+    _proc, url = relay
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    dead_port = dead.getsockname()[1]
+    try:
+        _serve(spawn, url, dead_port)
+        conn, port = _listen(spawn, url)
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.sendall(b"hello")
+                try:
+                    data = s.recv(100)
+                except ConnectionResetError:
+                    data = b""
+                assert data == b""
+        assert conn.p.poll() is None  # the tunnel is still up
+    finally:
+        dead.close()
+
+
+def test_unknown_name(relay, tmp_path: Path) -> None:
+    _proc, url = relay
+    r = subprocess.run(QT + ["connect", "nobody", "--stdio", "--signal", url],
+                       capture_output=True, timeout=60, env=base_env(tmp_path / "cli"))
+    assert r.returncode == 1
+    err = r.stderr.decode()
+    assert "no peer is serving 'nobody'" in err and "Traceback" not in err
+
+
+def test_relay_unreachable(tmp_path: Path) -> None:
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    url = f"ws://127.0.0.1:{port.getsockname()[1]}/"
+    try:
+        r = subprocess.run(QT + ["connect", "box", "--stdio", "--signal", url],
+                           capture_output=True, timeout=60, env=base_env(tmp_path / "cli"))
+    finally:
+        port.close()
+    assert r.returncode == 1
+    err = r.stderr.decode()
+    assert "cannot reach the relay" in err and "Traceback" not in err
+
+
+def test_relay_only_mode_moves_data_through_the_relay(relay, echo_server, spawn) -> None:
+    _proc, url = relay
+    _serve(spawn, url, echo_server.port)
+    conn, port = _listen(spawn, url, "--relay-only")
+    payload = os.urandom(2_000_000)
+    assert _roundtrip(port, payload) == payload
+    text = conn.text()
+    assert "path=relay" in text and "path=direct" not in text
