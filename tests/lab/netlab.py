@@ -34,7 +34,8 @@ Router presets (``SiteSpec.kind``):
 
 API (sites are named ``"a"`` and ``"b"``)::
 
-    SiteSpec(kind: str = "cone", drop_wan_input: bool = True, ipv6: bool = True)
+    SiteSpec(kind: str = "cone", drop_wan_input: bool = True, ipv6: bool = True,
+             ipv4: bool = True)   # ipv4=False: IPv6-only host
     Lab(a: SiteSpec | str = "cone", b: SiteSpec | str | None = None, *, same_lan: bool = False,
         relay_port: int = 8765, stun_ports: tuple[int, int] = (3478, 3479),
         prefix: str = "qtl", logdir: str | None = None)
@@ -54,7 +55,8 @@ API (sites are named ``"a"`` and ``"b"``)::
           -> subprocess.CompletedProcess[str]
       start_stun() -> None         # UDP echo "SEEN <ip> <port>" on relay_ip4/6, stun_ports
       counters() -> dict[str, tuple[int, int]]   # name -> (packets, bytes), all namespaces
-      direct_udp_bytes() / direct_udp_packets() -> int  # UDP bridged router<->router on wan
+      direct_udp_bytes(family=None) / direct_udp_packets(family=None) -> int
+                                   # UDP bridged router<->router on the wan; family 4|6|None
       relay_tcp_bytes() -> int     # TCP to + from relay_port on the relay host
       relay_udp_bytes() -> int     # UDP to + from the relay host (any port)
       lan_udp_bytes() -> int       # same_lan only: UDP bridged host<->host on the LAN
@@ -193,6 +195,7 @@ class SiteSpec:
     kind: str = "cone"
     drop_wan_input: bool = True
     ipv6: bool = True
+    ipv4: bool = True  # False: the host has no IPv4 address at all (IPv6-only site)
 
     def __post_init__(self) -> None:
         if self.kind not in SITE_KINDS:
@@ -519,9 +522,10 @@ class Lab:
 
     def _host_addrs(self, site: str, gw4: str, gw6: str) -> None:
         h = self.host_ns(site)
-        self._ip(h, "addr", "add", f"{self.host_ip4(site)}/24", "dev", "eth0")
         self._ip(h, "link", "set", "eth0", "up")
-        self._ip(h, "route", "add", "default", "via", gw4)
+        if self._site(site).ipv4:
+            self._ip(h, "addr", "add", f"{self.host_ip4(site)}/24", "dev", "eth0")
+            self._ip(h, "route", "add", "default", "via", gw4)
         if self._site(site).ipv6:
             self._ip(h, "addr", "add", f"{self.host_ip6(site)}/64", "dev", "eth0", "nodad")
             self._ip(h, "-6", "route", "add", "default", "via", gw6)
@@ -727,14 +731,18 @@ table bridge qlab_lan {
     def _counter(self, ns: str, key: str, field: int) -> int:
         return self._ns_counters(ns).get(key, (0, 0))[field]
 
-    def direct_udp_bytes(self) -> int:
-        """Bytes of UDP bridged between the two site routers on the wan (the direct path)."""
+    def _direct(self, family: int | None, field: int) -> int:
         c = self._ns_counters(self.wan_ns)
-        return c["qlab_wan/direct_udp4"][1] + c["qlab_wan/direct_udp6"][1]
+        fams = (4, 6) if family is None else (family,)
+        return sum(c[f"qlab_wan/direct_udp{f}"][field] for f in fams)
 
-    def direct_udp_packets(self) -> int:
-        c = self._ns_counters(self.wan_ns)
-        return c["qlab_wan/direct_udp4"][0] + c["qlab_wan/direct_udp6"][0]
+    def direct_udp_bytes(self, family: int | None = None) -> int:
+        """Bytes of UDP bridged between the two site routers on the wan (the direct path);
+        ``family`` 4 or 6 counts one IP version only."""
+        return self._direct(family, 1)
+
+    def direct_udp_packets(self, family: int | None = None) -> int:
+        return self._direct(family, 0)
 
     def relay_tcp_bytes(self) -> int:
         """Bytes of TCP to and from the relay's port (both directions summed)."""

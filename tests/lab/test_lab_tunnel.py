@@ -1,0 +1,497 @@
+"""quictun end to end in the network lab: relay in the wan, `serve` in host A, `connect` in B.
+
+Each test checks the data (SHA-256 of 10 MB) and proves the path with the lab's nftables
+counters: a direct tunnel moves its bytes as site<->site UDP on the wan, a relayed one as
+TCP to the relay. Skipped (with the reason) while the CLI is missing; the fallback cases
+are skipped until ``quictun connect --help`` offers ``--relay-only``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .netlab import Lab, LabProcess, SiteSpec
+
+REPO = Path(__file__).resolve().parents[2]
+MB = 1024 * 1024
+SIZE = 10 * MB
+SERVICE_PORT = 7000
+LISTEN_PORT = 7001
+NAME = "labsvc"
+SECRET = "lab-secret-4d1b6c0e8f2a"
+
+LabFactory = Callable[..., Lab]
+
+
+@functools.cache
+def _cli_help(sub: str) -> tuple[int, str]:
+    proc = subprocess.run(
+        [sys.executable, "-c", "from quictun.cli import main; main()", sub, "--help"],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _cli_missing() -> str | None:
+    for sub in ("connect", "serve"):
+        rc, out = _cli_help(sub)
+        if rc != 0:
+            return f"`quictun {sub} --help` does not work yet: {out.strip()[-300:]}"
+    return None
+
+
+def _relay_fallback_missing() -> str | None:
+    missing = _cli_missing()
+    if missing:
+        return missing
+    if "--relay-only" not in _cli_help("connect")[1]:
+        return "relay fallback not there yet (`quictun connect --help` has no --relay-only)"
+    return None
+
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.skipif(_cli_missing() is not None, reason=str(_cli_missing())),
+]
+needs_fallback = pytest.mark.skipif(_relay_fallback_missing() is not None,
+                                    reason=str(_relay_fallback_missing()))
+needs_conntrack = pytest.mark.skipif(shutil.which("conntrack") is None,
+                                     reason="`conntrack` tool not installed")
+
+# The forwarded service in host A. Per connection, a header line:
+#   UP n     -> read n bytes, answer "<sha256> <count>"
+#   DOWN n   -> send n bytes of random.Random(n).randbytes(n)
+#   ECHO     -> echo lines until EOF
+SERVICE = r"""
+import hashlib, random, socket, sys, threading
+def handle(c):
+    try:
+        f = c.makefile("rb")
+        head = f.readline().split()
+        if head[0] == b"UP":
+            n = left = int(head[1]); h = hashlib.sha256()
+            while left:
+                data = f.read1(min(left, 65536))
+                if not data:
+                    break
+                h.update(data); left -= len(data)
+            c.sendall(f"{h.hexdigest()} {n - left}\n".encode())
+        elif head[0] == b"DOWN":
+            c.sendall(random.Random(int(head[1])).randbytes(int(head[1])))
+        elif head[0] == b"ECHO":
+            while line := f.readline():
+                c.sendall(line)
+        c.shutdown(socket.SHUT_WR)
+        while c.recv(65536):
+            pass
+    except OSError as exc:
+        print("service error", exc, flush=True)
+    finally:
+        c.close()
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1]))); srv.listen(16)
+print("service listening", flush=True)
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=handle, args=(c,), daemon=True).start()
+"""
+
+# Client side, in host B, through `quictun connect --listen`: prints "UP ok"/"DOWN ok".
+CLIENT = r"""
+import hashlib, random, socket, sys
+port, up, down = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def conn():
+    c = socket.create_connection(("127.0.0.1", port), timeout=120)
+    return c
+if up:
+    data = random.Random(up + 1).randbytes(up)
+    c = conn()
+    c.sendall(b"UP %d\n" % up + data)
+    reply = b""
+    while not reply.endswith(b"\n"):
+        chunk = c.recv(4096)
+        if not chunk:
+            break
+        reply += chunk
+    c.close()
+    want = f"{hashlib.sha256(data).hexdigest()} {up}"
+    print("UP ok" if reply.decode().strip() == want else f"UP BAD {reply!r}", flush=True)
+if down:
+    c = conn()
+    c.sendall(b"DOWN %d\n" % down)
+    c.shutdown(socket.SHUT_WR)
+    h, n = hashlib.sha256(), 0
+    while chunk := c.recv(262144):
+        h.update(chunk); n += len(chunk)
+    c.close()
+    ok = n == down and h.digest() == hashlib.sha256(random.Random(down).randbytes(down)).digest()
+    print("DOWN ok" if ok else f"DOWN BAD got {n} bytes", flush=True)
+"""
+
+PATH_RE = r"path=(direct|relay)"
+
+
+class Tunnel:
+    """Relay + service + `quictun serve` in host A + `quictun connect` in host B."""
+
+    def __init__(self, lab: Lab, workdir: Path, *, family: int = 4) -> None:
+        self.lab = lab
+        self.workdir = workdir
+        self.signal = lab.signal_url6 if family == 6 else lab.signal_url
+        bindir = workdir / "bin"
+        bindir.mkdir(parents=True, exist_ok=True)
+        self.quictun = bindir / "quictun"
+        self.quictun.write_text(
+            f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
+            "from quictun.cli import main\nsys.argv[0] = 'quictun'\nsys.exit(main())\n"
+        )
+        self.quictun.chmod(0o755)
+        self.serve_proc: LabProcess | None = None
+        self.connect_proc: LabProcess | None = None
+
+    def env(self, site: str) -> dict[str, str]:
+        home = self.workdir / f"home-{site}"
+        home.mkdir(exist_ok=True)
+        return {"QUICTUN_SECRET": SECRET, "QUICTUN_HOME": str(home), "PYTHONPATH": str(REPO)}
+
+    def start_relay(self) -> LabProcess:
+        relay = self.lab.spawn(
+            self.lab.relay_ns,
+            [sys.executable, "-m", "signal_server", "--port", str(self.lab.relay_port),
+             "--stun-port2", str(self.lab.relay_port + 1)],
+            env={"PYTHONPATH": str(REPO)}, cwd=REPO, name="relay",
+        )
+        relay.wait_for_line(r"listening", timeout=20)
+        return relay
+
+    def start_service(self) -> LabProcess:
+        svc = self.lab.spawn_python(self.lab.host_a_ns, SERVICE, str(SERVICE_PORT),
+                                    name="service")
+        svc.wait_for_line("service listening", timeout=10)
+        return svc
+
+    def serve(self, *extra: str, forward: str = f"127.0.0.1:{SERVICE_PORT}") -> LabProcess:
+        self.serve_proc = self.lab.spawn(
+            self.lab.host_a_ns,
+            [str(self.quictun), "serve", NAME, "--forward", forward, "--signal", self.signal,
+             *extra],
+            env=self.env("a"), name="serve",
+        )
+        self.serve_proc.wait_for_line(r"serving", timeout=20)
+        return self.serve_proc
+
+    def connect(self, *extra: str) -> LabProcess:
+        self.connect_proc = self.lab.spawn(
+            self.lab.host_b_ns,
+            [str(self.quictun), "connect", NAME, "--listen", f"127.0.0.1:{LISTEN_PORT}",
+             "--signal", self.signal, *extra],
+            env=self.env("b"), name="connect",
+        )
+        self.connect_proc.wait_for_line(r"listening on", timeout=30)
+        return self.connect_proc
+
+    def start(self, *extra: str) -> None:
+        self.start_relay()
+        self.start_service()
+        self.serve(*extra)
+        self.connect(*extra)
+
+    def wait_path(self, kind: str, timeout: float = 20.0) -> re.Match[str]:
+        assert self.connect_proc is not None
+        return self.connect_proc.wait_for_line(rf"path={kind}\b", timeout=timeout)
+
+    def last_path(self, proc: LabProcess | None = None) -> str:
+        proc = proc or self.connect_proc
+        assert proc is not None
+        kinds = re.findall(PATH_RE, proc.output())
+        return kinds[-1] if kinds else "none"
+
+    def transfer(self, up: int = 0, down: int = 0, timeout: float = 180.0) -> None:
+        r = self.lab.run_python(self.lab.host_b_ns, CLIENT, str(LISTEN_PORT), str(up),
+                                str(down), timeout=timeout, check=False)
+        out = r.stdout + r.stderr
+        if up:
+            assert "UP ok" in out, out
+        if down:
+            assert "DOWN ok" in out, out
+
+    def spawn_transfer(self, up: int = 0, down: int = 0) -> LabProcess:
+        return self.lab.spawn_python(self.lab.host_b_ns, CLIENT, str(LISTEN_PORT), str(up),
+                                     str(down), name="transfer")
+
+
+@pytest.fixture
+def tunnel_factory(tmp_path: Path) -> Callable[..., Tunnel]:
+    def make(lab: Lab, *, family: int = 4) -> Tunnel:
+        return Tunnel(lab, tmp_path, family=family)
+
+    return make
+
+
+TunnelFactory = Callable[..., Tunnel]
+
+
+def assert_direct(lab: Lab, size: int, *, family: int | None = None) -> None:
+    direct = lab.direct_udp_bytes(family)
+    relayed = lab.relay_tcp_bytes()
+    assert direct >= size, f"direct UDP {direct} < {size} (relay TCP {relayed})"
+    assert relayed < size // 10, f"relay TCP {relayed} for a direct tunnel"
+
+
+def assert_relayed(lab: Lab, size: int) -> None:
+    direct = lab.direct_udp_bytes()
+    relayed = lab.relay_tcp_bytes()
+    assert relayed >= size, f"relay TCP {relayed} < {size} (direct UDP {direct})"
+    assert direct < size // 10, f"direct UDP {direct} for a relayed tunnel"
+
+
+# ---------------------------------------------------------------------------- direct paths
+def test_firewall_pair_ipv4_direct(lab_factory: LabFactory,
+                                   tunnel_factory: TunnelFactory) -> None:
+    spec = SiteSpec("firewall", ipv6=False)
+    lab = lab_factory(spec, spec)
+    t = tunnel_factory(lab)
+    t.start()
+    m = t.wait_path("direct")
+    t.transfer(down=SIZE)
+    assert_direct(lab, SIZE, family=4)
+    assert lab.host_a_ip4 in m.string
+    t.transfer(up=SIZE)
+    assert_direct(lab, 2 * SIZE, family=4)
+
+
+def test_firewall_pair_ipv6_direct(lab_factory: LabFactory,
+                                   tunnel_factory: TunnelFactory) -> None:
+    spec = SiteSpec("firewall", ipv4=False)
+    lab = lab_factory(spec, spec)
+    t = tunnel_factory(lab, family=6)
+    t.start()
+    m = t.wait_path("direct")
+    assert lab.host_a_ip6 in m.string
+    t.transfer(down=SIZE)
+    assert_direct(lab, SIZE, family=6)
+
+
+def test_cone_pair_direct(lab_factory: LabFactory, tunnel_factory: TunnelFactory) -> None:
+    spec = SiteSpec("cone", ipv6=False)  # IPv4 only: the NAT must be traversed
+    lab = lab_factory(spec, spec)
+    t = tunnel_factory(lab)
+    t.start()
+    m = t.wait_path("direct")
+    assert lab.router_a_wan_ip4 in m.string  # B reaches A through A's public address
+    t.transfer(down=SIZE)
+    assert_direct(lab, SIZE, family=4)
+
+
+def test_same_lan_uses_lan_path(lab_factory: LabFactory,
+                                tunnel_factory: TunnelFactory) -> None:
+    lab = lab_factory("cone", same_lan=True)
+    t = tunnel_factory(lab)
+    t.start()
+    m = t.wait_path("direct")
+    lan_ips = {lab.host_a_ip4, lab.host_a_ip6}
+    assert any(ip in m.string for ip in lan_ips), m.string
+    t.transfer(down=SIZE)
+    assert t.last_path() == "direct"
+    assert lab.lan_udp_bytes() >= SIZE
+    assert lab.direct_udp_bytes() == 0
+    assert lab.relay_tcp_bytes() < SIZE // 10
+
+
+SSHD_CONFIG = """\
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {dir}/ssh_host_ed25519_key
+AuthorizedKeysFile {dir}/authorized_keys
+PidFile {dir}/sshd.pid
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+"""
+
+
+@pytest.mark.skipif(not (os.path.exists("/usr/sbin/sshd") and shutil.which("ssh")
+                         and shutil.which("ssh-keygen")),
+                    reason="openssh-server/openssh-client not installed")
+def test_openssh_through_stdio(lab_factory: LabFactory, tunnel_factory: TunnelFactory,
+                               tmp_path: Path) -> None:
+    spec = SiteSpec("cone", ipv6=False)
+    lab = lab_factory(spec, spec)
+    t = tunnel_factory(lab)
+    sshdir = tmp_path / "ssh"
+    sshdir.mkdir()
+    for key in ("ssh_host_ed25519_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(sshdir / key)],
+                       check=True)
+    (sshdir / "authorized_keys").write_text((sshdir / "client_key.pub").read_text())
+    (sshdir / "client_key").chmod(0o600)
+    port = 2222
+    cfg = sshdir / "sshd_config"
+    cfg.write_text(SSHD_CONFIG.format(port=port, dir=sshdir))
+    Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation dir sshd insists on
+    sshd = lab.spawn(lab.host_a_ns, ["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)],
+                     name="sshd")
+    sshd.wait_for_line(r"Server listening", timeout=10)
+    t.start_relay()
+    t.serve(forward=f"127.0.0.1:{port}")
+    proxy = f"{t.quictun} connect %h --stdio --signal {t.signal}"
+    ssh = ["ssh", "-F", "/dev/null", "-o", f"ProxyCommand={proxy}",
+           "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+           "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-i", str(sshdir / "client_key"),
+           f"root@{NAME}"]
+    r = lab.run(lab.host_b_ns, [*ssh, "echo", "hello"], env=t.env("b"), timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "hello", r.stderr
+    payload = random.Random(7).randbytes(SIZE)
+    before = lab.direct_udp_bytes()
+    proc = subprocess.run(["ip", "netns", "exec", lab.host_b_ns, *ssh, "sha256sum"],
+                          input=payload, capture_output=True, timeout=180,
+                          env={**os.environ, **t.env("b")})
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert proc.stdout.decode().split()[0] == hashlib.sha256(payload).hexdigest()
+    assert lab.direct_udp_bytes() - before >= SIZE
+
+
+# ---------------------------------------------------------------------------- fallback
+@needs_fallback
+def test_symmetric_pair_relayed(lab_factory: LabFactory, tunnel_factory: TunnelFactory) -> None:
+    spec = SiteSpec("symmetric", ipv6=False)
+    lab = lab_factory(spec, spec)
+    t = tunnel_factory(lab)
+    t.start()
+    t.wait_path("relay", timeout=30)
+    t.transfer(down=SIZE)
+    assert_relayed(lab, SIZE)
+
+
+@needs_fallback
+def test_udp_blocked_side_relayed(lab_factory: LabFactory,
+                                  tunnel_factory: TunnelFactory) -> None:
+    lab = lab_factory("udp-blocked", "cone")
+    t = tunnel_factory(lab)
+    t.start()
+    t.wait_path("relay", timeout=30)
+    t.transfer(down=SIZE)
+    assert_relayed(lab, SIZE)
+
+
+@needs_fallback
+def test_relay_only_switch(lab_factory: LabFactory, tunnel_factory: TunnelFactory) -> None:
+    spec = SiteSpec("firewall", ipv6=False)
+    lab = lab_factory(spec, spec)
+    t = tunnel_factory(lab)
+    t.start("--relay-only")
+    t.wait_path("relay", timeout=30)
+    t.transfer(down=SIZE)
+    assert_relayed(lab, SIZE)
+
+
+ECHO_CLIENT = r"""
+import socket, sys, time
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=60)
+f = c.makefile("rb")
+c.sendall(b"ECHO\nping1\n")
+assert f.readline() == b"ping1\n"
+print("echo1 ok", flush=True)
+time.sleep(float(sys.argv[2]))
+c.sendall(b"ping2\n")
+assert f.readline() == b"ping2\n"
+print("echo2 ok", flush=True)
+"""
+
+
+@needs_fallback
+def test_idle_session_survives_short_udp_timeout(lab_factory: LabFactory,
+                                                 tunnel_factory: TunnelFactory) -> None:
+    spec = SiteSpec("cone", ipv6=False)
+    lab = lab_factory(spec, spec)
+    for site in ("a", "b"):
+        lab.set_udp_timeout(site, 5)
+    t = tunnel_factory(lab)
+    t.start()
+    t.wait_path("direct")
+    echo = lab.spawn_python(lab.host_b_ns, ECHO_CLIENT, str(LISTEN_PORT), "20",
+                            name="echo-client")
+    echo.wait_for_line("echo1 ok", timeout=20)
+    echo.wait_for_line("echo2 ok", timeout=40)  # 20 s idle, 4 UDP timeouts
+    before = lab.direct_udp_bytes()
+    t.transfer(down=SIZE)
+    assert t.last_path() == "direct"
+    assert lab.direct_udp_bytes() - before >= SIZE
+
+
+@needs_fallback
+@needs_conntrack
+def test_nat_rebinding_mid_transfer(lab_factory: LabFactory,
+                                    tunnel_factory: TunnelFactory) -> None:
+    spec = SiteSpec("cone", ipv6=False)
+    lab = lab_factory(spec, spec)
+    t = tunnel_factory(lab)
+    t.start()
+    t.wait_path("direct")
+    size = 3 * SIZE
+    xfer = t.spawn_transfer(down=size)
+    deadline = time.monotonic() + 60
+    while lab.direct_udp_bytes() < 2 * MB:
+        assert time.monotonic() < deadline and xfer.alive, xfer.tail()
+        time.sleep(0.02)
+    lab.set_masquerade_ports("a", 50000, 59999)
+    lab.flush_conntrack("a")
+    xfer.wait_for_line(r"DOWN (ok|BAD)", timeout=240)
+    assert "DOWN ok" in xfer.output()
+
+
+@needs_fallback
+@needs_conntrack
+@pytest.mark.xfail(strict=False, reason="measured: after a NAT rebinding the tunnel stays on "
+                   "the relay (no re-punch yet); remove this mark once it recovers direct")
+def test_nat_rebinding_recovers_direct_path(lab_factory: LabFactory,
+                                            tunnel_factory: TunnelFactory) -> None:
+    spec = SiteSpec("cone", ipv6=False)
+    lab = lab_factory(spec, spec)
+    t = tunnel_factory(lab)
+    t.start()
+    t.wait_path("direct")
+    t.transfer(down=MB)
+    assert t.connect_proc is not None
+    directs = t.connect_proc.count_matches(r"path=direct")
+    lab.set_masquerade_ports("a", 50000, 59999)
+    lab.flush_conntrack("a")
+    t.transfer(down=MB)  # traffic makes the peers notice the change
+    m = t.connect_proc.wait_for_line(r"path=direct", timeout=30, skip=directs)
+    assert re.search(rf"{lab.router_a_wan_ip4}:5\d{{4}}", m.string), m.string
+    before = lab.direct_udp_bytes()
+    t.transfer(down=SIZE)
+    assert lab.direct_udp_bytes() - before >= SIZE
+
+
+@needs_fallback
+def test_ten_percent_loss_stays_direct(lab_factory: LabFactory,
+                                       tunnel_factory: TunnelFactory) -> None:
+    spec = SiteSpec("cone", ipv6=False)
+    lab = lab_factory(spec, spec)
+    t = tunnel_factory(lab)
+    t.start()
+    t.wait_path("direct")
+    lab.set_loss(10)
+    size = 2 * MB
+    t.transfer(down=size, timeout=240)
+    assert lab.loss_dropped_packets() > 0
+    assert_direct(lab, size)
+    assert t.last_path() == "direct"
