@@ -1,0 +1,118 @@
+"""The library API in one process: a real relay, quictun.serve as a task, quictun.connect."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+import quictun
+from quictun.errors import TunnelError
+from quictun.identity import Identity
+from signal_server.server import RelayConfig, RelayServer
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.write_eof()
+    writer.close()
+
+
+@pytest.fixture
+async def env(tmp_path: Path):  # type: ignore[no-untyped-def]
+    relay = RelayServer(RelayConfig(host="127.0.0.1", port=0))
+    await relay.start()
+    target = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    port = target.sockets[0].getsockname()[1]
+    server_id = Identity.generate()
+    task = asyncio.create_task(quictun.serve(
+        "lib", forward=f"127.0.0.1:{port}", signal=relay.url, secret="lib-secret",
+        identity=server_id, on_event=lambda s: None))
+    # wait until the name is registered: a connect before that gets no-such-name
+    for _ in range(100):
+        if relay.stats.get("names", 0) >= 1:
+            break
+        await asyncio.sleep(0.05)
+    try:
+        yield relay, server_id
+    finally:
+        task.cancel()
+        with __import__("contextlib").suppress(asyncio.CancelledError):
+            await task
+        target.close()
+        await relay.stop()
+
+
+async def test_many_connections_over_one_tunnel(env) -> None:  # type: ignore[no-untyped-def]
+    relay, _ = env
+    async with quictun.connect("lib", signal=relay.url, secret="lib-secret",
+                               identity=Identity.generate(), on_status=lambda s: None) as tunnel:
+
+        async def one(i: int) -> bool:
+            reader, writer = await tunnel.open_connection()
+            payload = os.urandom(50_000 + i)
+            writer.write(payload)
+            writer.write_eof()
+            got = await reader.read(-1)
+            writer.close()
+            return hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+
+        results = await asyncio.gather(*(one(i) for i in range(10)))
+        assert all(results)
+        assert tunnel.path is not None
+
+
+async def test_wrong_secret_raises_a_clear_error(env) -> None:  # type: ignore[no-untyped-def]
+    relay, _ = env
+    with pytest.raises(TunnelError, match="wrong secret"):
+        async with quictun.connect("lib", signal=relay.url, secret="nope",
+                                   identity=Identity.generate(), on_status=lambda s: None):
+            pass
+
+
+async def test_pinned_fingerprint_mismatch_is_refused(env) -> None:  # type: ignore[no-untyped-def]
+    """A ticket pins the server's identity: another fingerprint is refused."""
+    relay, _ = env
+    from quictun.api import open_tunnel
+
+    with pytest.raises(TunnelError, match="fingerprint differs"):
+        await open_tunnel("lib", signal=relay.url, secret="lib-secret",
+                          identity=Identity.generate(), on_status=lambda s: None,
+                          pin=Identity.generate().fingerprint)
+
+
+async def test_relay_swapping_the_fingerprint_is_detected(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A malicious relay that substitutes its own identity in the answer is caught."""
+    relay, _ = env
+    from signal_server import matchmaker
+
+    original = matchmaker.Matchmaker._send
+    attacker = Identity.generate().fingerprint
+
+    def tampering(self, conn_id, msg, *a, **k):  # type: ignore[no-untyped-def]
+        if isinstance(msg, matchmaker.sp.Answer):
+            msg = type(msg)(msg.session, dict(msg.answer, fp=attacker))
+        return original(self, conn_id, msg, *a, **k)
+
+    monkeypatch.setattr(matchmaker.Matchmaker, "_send", tampering)
+    with pytest.raises(TunnelError, match="not authenticated by our secret"):
+        async with quictun.connect("lib", signal=relay.url, secret="lib-secret",
+                                   identity=Identity.generate(), on_status=lambda s: None):
+            pass
+
+
+async def test_relay_only_library_tunnel(env) -> None:  # type: ignore[no-untyped-def]
+    relay, _ = env
+    async with quictun.connect("lib", signal=relay.url, secret="lib-secret", mode="relay",
+                               identity=Identity.generate(), on_status=lambda s: None) as t:
+        reader, writer = await t.open_connection()
+        writer.write(b"ping\n")
+        assert await reader.readline() == b"ping\n"
+        assert t.path is not None and t.path.kind == "relay"
+        writer.close()
+    assert relay.stats["relayed_bytes"] > 0
