@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 
 from .api import open_tunnel, parse_hostport
 from .errors import TunnelError
 from .forward import WriteSide
+from .status import log_stats_every, stats_line
 
 log = logging.getLogger("quictun")
 
@@ -20,6 +22,7 @@ def _status(line: str) -> None:
 async def run_connect(
     name: str, *, signal: str, secret: str, mode: str, token: str | None,
     listen: str | None, stdio: bool, pin: str | None = None,
+    on_status: Callable[[str], None] | None = None, stats_interval: float = 60.0,
 ) -> None:
     """Open a tunnel, then serve ``listen`` or stdio until done. Raises TunnelError."""
     if listen is not None:
@@ -28,7 +31,7 @@ async def run_connect(
         except ValueError as exc:
             raise TunnelError(f"--listen: {exc}") from None
     tunnel = await open_tunnel(name, signal=signal, secret=secret, mode=mode, token=token,
-                               on_status=_status, pin=pin)
+                               on_status=on_status or _status, pin=pin)
     try:
         if stdio:
             await _stdio(tunnel)
@@ -40,7 +43,12 @@ async def run_connect(
                 raise TunnelError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
             bound = server.sockets[0].getsockname()
             log.info("listening on %s:%d", bound[0], bound[1])
-            reason = await tunnel.wait_closed()
+            stats = asyncio.ensure_future(log_stats_every(tunnel, stats_interval))
+            try:
+                reason = await tunnel.wait_closed()
+            finally:
+                stats.cancel()
+                log.info("%s", stats_line(tunnel))
             server.close()
             raise TunnelError(f"the tunnel to {name!r} closed: {reason}")
     finally:

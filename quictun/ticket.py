@@ -12,6 +12,7 @@ import base64
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 PREFIX = "qt"
 VERSION = 1
@@ -62,3 +63,28 @@ def decode(text: str) -> Ticket:
     if not all(isinstance(v, str) for v in (t.url, t.name, t.secret, t.fingerprint)):
         raise TicketError("this ticket is damaged (copy it again, whole)")
     return t
+
+
+def stored_secret(name: str) -> str:
+    """The generated secret for ``name``: created once, then kept in the config dir
+    (``$QUICTUN_HOME/secrets/NAME``, mode 600) so that restarts print the same ticket."""
+    import secrets as _secrets
+
+    from .identity import _write
+
+    path = secret_path(name)
+    if path.exists():
+        value = path.read_text().strip()
+        if value:
+            return value
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    value = _secrets.token_urlsafe(32)
+    _write(path, value.encode())
+    return value
+
+
+def secret_path(name: str) -> Path:
+    """Where :func:`stored_secret` keeps the secret for ``name``."""
+    from .identity import config_dir
+
+    return config_dir() / "secrets" / name

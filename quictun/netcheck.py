@@ -1,0 +1,143 @@
+"""``quictun netcheck``: what this network allows, in plain words.
+
+Two halves: :func:`probe` talks to the relay (WebSocket ping, STUN to both of its UDP
+reflector ports over IPv4 and, when the relay has an IPv6 address, IPv6) and returns
+raw :class:`Observations`; :func:`report` turns observations into a :class:`Report`
+with a verdict. :func:`report` is pure, so every verdict is unit-tested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+Addr = tuple[str, int]
+
+VERDICT_DIRECT = "direct connections should work"
+VERDICT_SYMMETRIC = ("direct works with most peers; a peer behind a symmetric NAT will be "
+                     "relayed")
+VERDICT_BLOCKED = ("UDP is blocked: every tunnel will be relayed through the signalling "
+                   "server")
+VERDICT_BLOCKED_NO_RELAY = ("UDP is blocked and this relay does not relay: tunnels will "
+                            "fail (use another network or a relay that relays)")
+VERDICT_UNKNOWN = ("UDP works, but only one reflector answered, so the NAT type is "
+                   "unknown; direct connections will probably work")
+
+
+@dataclass
+class Observations:
+    """What :func:`probe` saw. ``stun4``/``stun6`` map each reflector (ip, port) asked to
+    the mapped address it reported, or None when it did not answer."""
+
+    relay_url: str
+    relay_rtt_ms: float | None = None
+    relay_relays: bool = True
+    relay_sees: str | None = None  # our address as the relay's WebSocket saw it
+    stun4: list[tuple[Addr, Addr | None]] = field(default_factory=list)
+    stun6: list[tuple[Addr, Addr | None]] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    udp: bool
+    public_addr: str | None
+    mapping: str | None
+    ipv6: bool
+    relay_rtt_ms: float | None
+    relay_url: str
+    verdict: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def to_text(self) -> str:
+        yes = {True: "yes", False: "no"}
+        rtt = f"{self.relay_rtt_ms:.1f} ms" if self.relay_rtt_ms is not None else "-"
+        rows = [
+            ("relay", self.relay_url),
+            ("relay rtt", rtt),
+            ("udp", yes[self.udp]),
+            ("public address", self.public_addr or "-"),
+            ("mapping", self.mapping or "-"),
+            ("ipv6", yes[self.ipv6]),
+        ]
+        lines = ["netcheck report:"] + [f"  {k + ':':<16}{v}" for k, v in rows]
+        lines.append(f"verdict: {self.verdict}")
+        return "\n".join(lines)
+
+
+def _fmt(addr: Addr) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+def _mapping(results: list[tuple[Addr, Addr | None]]) -> str | None:
+    """endpoint-independent / endpoint-dependent from answers by different reflectors."""
+    answers = {server: mapped for server, mapped in results if mapped is not None}
+    if len(answers) < 2:
+        return None
+    return "endpoint-independent" if len(set(answers.values())) == 1 else "endpoint-dependent"
+
+
+def report(obs: Observations) -> Report:
+    """Turn observations into a report with a plain-words verdict (pure)."""
+    v4 = [m for _s, m in obs.stun4 if m is not None]
+    v6 = [m for _s, m in obs.stun6 if m is not None]
+    udp = bool(v4 or v6)
+    public = _fmt(v4[0]) if v4 else _fmt(v6[0]) if v6 else None
+    # IPv4 decides the NAT type when it works (IPv6 is rarely NATed)
+    mapping = _mapping(obs.stun4) if v4 else _mapping(obs.stun6)
+    if not udp:
+        verdict = VERDICT_BLOCKED if obs.relay_relays else VERDICT_BLOCKED_NO_RELAY
+    elif mapping == "endpoint-independent":
+        verdict = VERDICT_DIRECT
+    elif mapping == "endpoint-dependent":
+        verdict = VERDICT_SYMMETRIC
+        if v6 and _mapping(obs.stun6) == "endpoint-independent":
+            verdict += " (over IPv4; IPv6 peers connect directly)"
+    else:
+        verdict = VERDICT_UNKNOWN
+    return Report(udp=udp, public_addr=public, mapping=mapping if udp else None,
+                  ipv6=bool(v6), relay_rtt_ms=obs.relay_rtt_ms, relay_url=obs.relay_url,
+                  verdict=verdict)
+
+
+async def probe(url: str, *, token: str | None = None, timeout: float = 1.5,
+                pings: int = 3) -> Observations:
+    """Ask the relay at ``url``. Raises :class:`~quictun.errors.TunnelError` (one line)
+    when the relay cannot be reached."""
+    from . import sigproto
+    from .endpoint import UdpEndpoint, resolve
+    from .signal_client import SignalClient
+
+    sc = SignalClient(url, token=token)
+    welcome = await sc.open()
+    try:
+        obs = Observations(relay_url=url, relay_relays=welcome.relay,
+                           relay_sees=welcome.addr or None)
+        rtts = []
+        for i in range(1, pings + 1):
+            t0 = time.monotonic()
+            await sc.request(sigproto.Ping(id=i),
+                             lambda m, i=i: isinstance(m, sigproto.Pong) and m.id == i,
+                             timeout=5)
+            rtts.append((time.monotonic() - t0) * 1000)
+        obs.relay_rtt_ms = round(min(rtts), 2)
+        addrs = await resolve(sc.host, sc.port)
+        v4 = [a[0] for a in addrs if ":" not in a[0]][:1]
+        v6 = [a[0] for a in addrs if ":" in a[0]][:1]
+        ports = list(welcome.stun[:2])
+        ep = await UdpEndpoint.bind()
+        try:
+            servers4 = [(ip, p) for ip in v4 for p in ports]
+            servers6 = [(ip, p) for ip in v6 for p in ports] if ep.dual_stack else []
+            answers = await asyncio.gather(*(ep.stun_query(s, timeout)
+                                             for s in servers4 + servers6))
+        finally:
+            ep.close()
+        obs.stun4 = list(zip(servers4, answers[:len(servers4)], strict=True))
+        obs.stun6 = list(zip(servers6, answers[len(servers4):], strict=True))
+        return obs
+    finally:
+        await sc.close()
