@@ -113,6 +113,13 @@ async def _candidates(signal: SignalClient, mode: str) -> tuple[UdpEndpoint, lis
         raise
 
 
+async def _regather(signal: SignalClient, ep: UdpEndpoint, mode: str) -> list[Candidate]:
+    """Candidates of an existing socket, re-learned (after the NAT may have moved it)."""
+    if mode == "relay" or signal.welcome is None:
+        return []
+    return await gather(ep, await _stun_servers(signal))
+
+
 def _decode_cands(raw: Any) -> list[Candidate]:
     out = []
     for c in raw if isinstance(raw, list) else []:
@@ -305,6 +312,7 @@ async def _handshake(
         handler_factory=lambda eng: ClientHandler(eng, identity=identity, keys=keys,
                                                   server_fp=fp),
         on_path=on_path, on_failed=on_failed,
+        regather=lambda: _regather(sc, ep, mode),
     )
     handler = session.handler
     assert isinstance(handler, ClientHandler)
@@ -528,6 +536,7 @@ class Server:
                 target=self.target, on_authenticated=on_auth),
             on_path=on_path,
             on_failed=lambda reason: session.close(reason),
+            regather=lambda: _regather(sc, ep, self.mode),
         )
         served.session = session
         self.sessions[sid] = served

@@ -13,14 +13,14 @@ import asyncio
 import logging
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aioquic.buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import pull_quic_header
 
 from .endpoint import Addr, UdpEndpoint
-from .paths import Path, PathChanged, PathConfig, PathManager, PunchFailed
+from .paths import Candidate, Path, PathChanged, PathConfig, PathManager, PunchFailed
 from .quicconn import VIRTUAL_PEER, EngineHandler, FlowControlledConnection, QuicEngine
 from .signal_client import SignalClient
 
@@ -64,6 +64,7 @@ class PeerSession:
         handler_factory: Callable[[QuicEngine], EngineHandler],
         on_path: Callable[[Path | None], None] | None = None,
         on_failed: Callable[[str], None] | None = None,
+        regather: Callable[[], Awaitable[list[Candidate]]] | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.endpoint = endpoint
@@ -81,6 +82,9 @@ class PeerSession:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self.closed = False
+        self._regather = regather
+        self._refreshing = False
+        self._was_direct = False
         endpoint.on_stun = self._stun_received
         endpoint.on_quic = self._quic_received
         if is_client:
@@ -158,6 +162,7 @@ class PeerSession:
         self.handler = self._handler_factory(self.engine)
         self.engine.set_handler(self.handler)
         self.engine.on_closed = self._shutdown
+        self.handler.on_candidates = self._remote_candidates  # type: ignore[attr-defined]
         if self.is_client:
             self.engine.schedule_flush()
         return True
@@ -181,6 +186,10 @@ class PeerSession:
         while (ev := pm.next_event()) is not None:
             if isinstance(ev, PathChanged):
                 self._on_path(ev.path)
+                direct = ev.path is not None and ev.path.kind == "direct"
+                if self._was_direct and not direct:
+                    self._refresh_soon()  # lost the direct path: our NAT may have moved us
+                self._was_direct = direct
                 if ev.path is not None and self._queue:
                     queued, self._queue = list(self._queue), deque(maxlen=QUEUE_BEFORE_PATH)
                     for d in queued:
@@ -193,6 +202,38 @@ class PeerSession:
                 self._timer.cancel()
             self._timer_at = at
             self._timer = self.loop.call_at(at, self._on_timer) if at is not None else None
+
+    # -- NAT rebinding: re-learn our public address and tell the peer in-band ----------
+    def _refresh_soon(self) -> None:
+        if self._regather is not None and not self._refreshing and not self.closed:
+            self._refreshing = True
+            asyncio.ensure_future(self._refresh())
+
+    async def _refresh(self) -> None:
+        """While not direct, re-gather candidates and send them inside QUIC, a few times."""
+        try:
+            for delay in (0.0, 2.0, 5.0, 10.0, 20.0, 30.0):
+                await asyncio.sleep(delay)
+                cur = self.paths.current
+                if self.closed or (cur is not None and cur.kind == "direct"):
+                    return
+                cands = await self._regather()  # type: ignore[misc]
+                if self.handler is not None and self.engine is not None:
+                    self.handler.send_candidates([c.encode() for c in cands])  # type: ignore[attr-defined]
+                    self.engine.schedule_flush()
+        finally:
+            self._refreshing = False
+
+    def _remote_candidates(self, texts: list[str]) -> None:
+        cands = []
+        for t in texts:
+            try:
+                cands.append(Candidate.decode(t))
+            except ValueError:
+                continue
+        if cands and not self.closed:
+            self.paths.add_remote_candidates(cands, self.loop.time())
+            self._service()
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -12,6 +12,7 @@ one forwarded connection (:class:`~quictun.forward.StreamBridge`).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 
@@ -31,11 +32,40 @@ PRE_AUTH_LIMIT = 256 * 1024
 ERR_FINGERPRINT = 0x102
 
 
+CANDIDATES_LIMIT = 4096
+
+
 class _Base:
     def __init__(self, engine: QuicEngine) -> None:
         self.engine = engine
         self.bridges: dict[int, StreamBridge] = {}
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        # fresh candidates from the peer (after a NAT rebinding); set by the session
+        self.on_candidates: Callable[[list[str]], None] | None = None
+        self._uni: dict[int, bytearray] = {}
+
+    def send_candidates(self, cands: list[str]) -> None:
+        """Tell the peer our current candidates, inside the encrypted connection."""
+        if self.engine.closed:
+            return
+        sid = self.engine.quic.get_next_available_stream_id(is_unidirectional=True)
+        self.engine.send(sid, json.dumps(cands).encode(), end=True)
+
+    def _candidate_data(self, stream_id: int, data: bytes, end: bool) -> None:
+        self.engine.consume(stream_id, len(data))
+        buf = self._uni.setdefault(stream_id, bytearray())
+        buf.extend(data)
+        if len(buf) > CANDIDATES_LIMIT:
+            self._uni.pop(stream_id, None)
+            return
+        if end:
+            raw = bytes(self._uni.pop(stream_id))
+            try:
+                cands = json.loads(raw)
+            except ValueError:
+                return
+            if isinstance(cands, list) and self.on_candidates is not None:
+                self.on_candidates([c for c in cands if isinstance(c, str)][:32])
 
     def _route(self, stream_id: int) -> StreamBridge | None:
         return self.bridges.get(stream_id)
@@ -121,6 +151,8 @@ class ClientHandler(_Base):
         b = self._route(stream_id)
         if b is not None:
             b.quic_data(data, end)
+        elif stream_id % 4 == 3 and self.ready.done():
+            self._candidate_data(stream_id, data, end)
         else:
             self._consume_stray(stream_id, data)
 
@@ -171,6 +203,9 @@ class ServerHandler(_Base):
             self._held_bytes += len(data)
             if self._held_bytes > PRE_AUTH_LIMIT:
                 self._refuse("too much data before authentication")
+            return
+        if stream_id % 4 == 2:  # client-initiated unidirectional: candidate updates
+            self._candidate_data(stream_id, data, end)
             return
         self._deliver(stream_id, data, end)
 
