@@ -1,0 +1,87 @@
+"""netcheck: the verdict table (pure) and a probe against a real in-process relay."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quictun import netcheck as nc
+from quictun.errors import TunnelError
+
+R1, R2 = ("198.51.100.1", 3478), ("198.51.100.1", 3479)
+R6a, R6b = ("2001:db8::1", 3478), ("2001:db8::1", 3479)
+PUB = ("203.0.113.7", 40000)
+PUB2 = ("203.0.113.7", 40001)
+PUB6 = ("2001:db8::7", 40000)
+
+
+def obs(stun4=(), stun6=(), relays: bool = True) -> nc.Observations:  # type: ignore[no-untyped-def]
+    return nc.Observations(relay_url="ws://relay/", relay_rtt_ms=12.5, relay_relays=relays,
+                           stun4=list(stun4), stun6=list(stun6))
+
+
+CASES = [
+    # name, observations, udp, public_addr, mapping, ipv6, verdict
+    ("eim", obs([(R1, PUB), (R2, PUB)]), True, "203.0.113.7:40000",
+     "endpoint-independent", False, nc.VERDICT_DIRECT),
+    ("edm", obs([(R1, PUB), (R2, PUB2)]), True, "203.0.113.7:40000",
+     "endpoint-dependent", False, nc.VERDICT_SYMMETRIC),
+    ("blocked", obs([(R1, None), (R2, None)]), False, None, None, False, nc.VERDICT_BLOCKED),
+    ("blocked, no relay", obs([(R1, None), (R2, None)], relays=False), False, None, None,
+     False, nc.VERDICT_BLOCKED_NO_RELAY),
+    ("nothing asked", obs(), False, None, None, False, nc.VERDICT_BLOCKED),
+    ("one answer", obs([(R1, PUB), (R2, None)]), True, "203.0.113.7:40000", None, False,
+     nc.VERDICT_UNKNOWN),
+    ("dual stack", obs([(R1, PUB), (R2, PUB)], [(R6a, PUB6), (R6b, PUB6)]), True,
+     "203.0.113.7:40000", "endpoint-independent", True, nc.VERDICT_DIRECT),
+    ("v6 only", obs([(R1, None), (R2, None)], [(R6a, PUB6), (R6b, PUB6)]), True,
+     "[2001:db8::7]:40000", "endpoint-independent", True, nc.VERDICT_DIRECT),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_report_table(case) -> None:  # type: ignore[no-untyped-def]
+    _name, o, udp, public, mapping, ipv6, verdict = case
+    r = nc.report(o)
+    assert (r.udp, r.public_addr, r.mapping, r.ipv6) == (udp, public, mapping, ipv6)
+    assert r.verdict == verdict
+    assert r.relay_rtt_ms == 12.5 and r.relay_url == "ws://relay/"
+
+
+def test_symmetric_v4_with_direct_v6_says_so() -> None:
+    r = nc.report(obs([(R1, PUB), (R2, PUB2)], [(R6a, PUB6), (R6b, PUB6)]))
+    assert r.mapping == "endpoint-dependent"
+    assert r.verdict.startswith(nc.VERDICT_SYMMETRIC) and "IPv6" in r.verdict
+
+
+def test_text_and_json() -> None:
+    r = nc.report(obs([(R1, PUB), (R2, PUB)]))
+    data = json.loads(r.to_json())
+    assert set(data) == {"udp", "public_addr", "mapping", "ipv6", "relay_rtt_ms",
+                         "relay_url", "verdict"}
+    text = r.to_text()
+    assert "203.0.113.7:40000" in text and f"verdict: {nc.VERDICT_DIRECT}" in text
+
+
+async def test_probe_real_relay() -> None:
+    from signal_server.server import RelayConfig, RelayServer
+
+    relay = RelayServer(RelayConfig(host="127.0.0.1", port=0))
+    await relay.start()
+    try:
+        r = nc.report(await nc.probe(relay.url))
+    finally:
+        await relay.stop()
+    assert r.udp is True
+    assert r.mapping == "endpoint-independent"
+    assert r.public_addr is not None and r.public_addr.startswith("127.0.0.1:")
+    assert r.relay_rtt_ms is not None and r.relay_rtt_ms >= 0
+    assert r.verdict == nc.VERDICT_DIRECT
+
+
+async def test_probe_unreachable_relay() -> None:
+    from helpers import free_port
+
+    with pytest.raises(TunnelError, match="cannot reach the relay"):
+        await nc.probe(f"ws://127.0.0.1:{free_port()}/")
