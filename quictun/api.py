@@ -383,6 +383,7 @@ class _ServedSession:
     session: PeerSession
     started: float
     client_fp: str = ""
+    relay_closed: bool = False  # the relay already ended this session (no Close needed)
 
 
 class Server:
@@ -471,6 +472,8 @@ class Server:
                 s.session.start()
         elif isinstance(m, sigproto.Closed):
             s = self.sessions.get(m.session)
+            if s is not None:
+                s.relay_closed = True
             if s is not None and (s.session.engine is None or s.session.paths.current is None
                                   or s.session.paths.current.kind == "relay"):
                 s.session.close("peer closed")
@@ -561,7 +564,7 @@ class Server:
             await session.engine.terminated.wait()
         session.close()
         self.sessions.pop(sid, None)
-        if self.signal is not None and self.signal.connected:
+        if self.signal is not None and self.signal.connected and not served.relay_closed:
             with contextlib.suppress(TunnelError):
                 await self.signal.send(sigproto.Close(session=sid, reason="ended"))
         if served.client_fp:
