@@ -182,3 +182,36 @@ def test_relay_only_mode_moves_data_through_the_relay(relay, echo_server, spawn)
     assert _roundtrip(port, payload) == payload
     text = conn.text()
     assert "path=relay" in text and "path=direct" not in text
+
+
+def test_serve_reregisters_after_relay_restart(echo_server, spawn, tmp_path: Path) -> None:
+    from helpers import free_port
+
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}/"
+    argv = [PY, "-m", "signal_server", "--host", "127.0.0.1", "--port", str(port)]
+    relay1 = Proc(argv, env=base_env(tmp_path / "r"), log=tmp_path / "relay1.log")
+    try:
+        relay1.wait_for("listening on")
+        serve = _serve(spawn, url, echo_server.port)
+    finally:
+        relay1.stop()
+    serve.wait_for("lost the relay")
+    relay2 = Proc(argv, env=base_env(tmp_path / "r"), log=tmp_path / "relay2.log")
+    try:
+        relay2.wait_for("listening on")
+        # the server comes back by itself (backoff of a few seconds)
+        import re
+        import time
+
+        deadline = time.monotonic() + 40
+        while len(re.findall(r"serving 'box'", serve.text())) < 2:
+            assert time.monotonic() < deadline, serve.text()
+            time.sleep(0.1)
+        r = subprocess.run(QT + ["connect", "box", "--stdio", "--signal", url],
+                           input=b"after restart", capture_output=True, timeout=60,
+                           env=base_env(tmp_path / "cli"))
+        assert r.returncode == 0, r.stderr.decode()
+        assert r.stdout == b"after restart"
+    finally:
+        relay2.stop()
