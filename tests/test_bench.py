@@ -1,0 +1,33 @@
+"""Smoke test of ``python -m quictun.bench --quick``: it runs end to end, writes a JSON
+with every section, and every SHA-256 check passed. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import base_env
+
+
+def test_bench_quick(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "quictun.bench", "--quick", "--quiet",
+                        "--json", str(out)], capture_output=True, text=True, timeout=180,
+                       env=base_env(tmp_path / "home"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for key in ("engine", "tunnel_direct", "tunnel_relayed", "ttfb", "latency", "rss",
+                "raw_tcp", "ssh", "relay"):
+        assert key in res, key
+    for kind in ("flowcontrolled", "aioquic"):
+        assert res["engine"][kind]["sha256_ok"]
+    for key in ("tunnel_direct", "tunnel_relayed", "rss", "raw_tcp"):
+        assert res[key]["sha256_ok"], key
+    if "sha256_ok" in res["ssh"]:
+        assert res["ssh"]["sha256_ok"]
+    assert res["ttfb"]["median_s"] > 0
+    assert res["latency"]["tunnel_us"] > 0
+    assert "kib_per_peer" in res["relay"], res["relay"]
+    assert "| measurement |" in r.stdout
