@@ -56,6 +56,7 @@ class StreamBridge(asyncio.Protocol):
         self._done = False
         self.bytes_up = 0
         self.bytes_down = 0
+        self._batch: list[bytes] = []  # QUIC data for the writer, flushed once per loop turn
 
     # -- local transport -------------------------------------------------------------
     @property
@@ -144,15 +145,26 @@ class StreamBridge(asyncio.Protocol):
 
     # -- helpers ----------------------------------------------------------------------
     def _write(self, data: bytes) -> None:
+        """Queue data for the writer; one write per event-loop turn, not per packet."""
+        if not self._batch:
+            asyncio.get_running_loop().call_soon(self._flush_batch)
+        self._batch.append(data)
+
+    def _flush_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        n = sum(map(len, batch))
         w = self._writer
         if w is None or w.is_closing():
-            self.engine.consume(self.stream_id, len(data))
+            self.engine.consume(self.stream_id, n)
             return
-        w.write(data)
-        self._written += len(data)
+        w.write(batch[0] if len(batch) == 1 else b"".join(batch))
+        self._written += n
         self._report_consumed()
 
     def _write_eof(self) -> None:
+        self._flush_batch()
         self._remote_eof = True
         w = self._writer
         if w is not None and not w.is_closing():

@@ -259,10 +259,12 @@ class PathManager:
 
         Ignored unless ``addr`` is a validated candidate.
         """
-        try:
-            c = self._cands.get(normalize_addr(addr))
-        except ValueError:
-            return
+        c = self._cands.get(addr)  # fast path: the shell already hands plain (ip, port)
+        if c is None:
+            try:
+                c = self._cands.get(normalize_addr(addr))
+            except ValueError:
+                return
         if c is not None and c.validated:
             c.last_alive = now
             c.first_unanswered = None
