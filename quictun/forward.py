@@ -168,10 +168,15 @@ class StreamBridge(asyncio.Protocol):
         self._remote_eof = True
         w = self._writer
         if w is not None and not w.is_closing():
-            if w.can_write_eof():
-                w.write_eof()
-            elif w is not self._reader:
-                w.close()  # a pipe: closing it is its EOF
+            try:
+                if w.can_write_eof():
+                    w.write_eof()
+                elif w is not self._reader:
+                    w.close()  # a pipe: closing it is its EOF
+            except OSError:
+                # the local side already hung up (ENOTCONN): nobody left to tell
+                self._abort_local()
+                return
         self._maybe_done()
 
     def _report_consumed(self) -> None:
