@@ -790,7 +790,11 @@ table bridge qlab_lan {
                    check=False).stdout
 
     def set_masquerade_ports(self, site: str, lo: int, hi: int) -> None:
-        """Masquerade UDP from ``site`` to ports lo-hi (new flows only; flush to rebind)."""
+        """Masquerade UDP from ``site`` to ports lo-hi (new flows only; flush to rebind).
+
+        Linux keeps a source port that already lies inside lo-hi: to force a new public
+        port pick a range outside the hosts' ephemeral ports (32768-60999), e.g. 20000-29999.
+        """
         if not self._site(site).nat:
             raise ValueError(f"site {site} ({self._site(site).kind}) has no NAT")
         rules = self._masq_rules(site, (lo, hi))

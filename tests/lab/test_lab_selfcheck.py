@@ -371,6 +371,17 @@ def test_masquerade_ports_and_flush_rebind(lab_factory: LabFactory) -> None:
 
 
 @needs_conntrack
+def test_masquerade_range_keeps_a_port_already_inside(lab_factory: LabFactory) -> None:
+    """Surprise worth knowing: a new range does not move a source port that lies inside it."""
+    lab = lab_factory("cone", "cone")
+    a = start_agent(lab, "a", port=55555)
+    assert stun(a) == (lab.router_a_wan_ip4, 55555)
+    lab.set_masquerade_ports("a", 50000, 59999)
+    lab.flush_conntrack("a")
+    assert stun(a) == (lab.router_a_wan_ip4, 55555)
+
+
+@needs_conntrack
 def test_udp_timeout_knob(lab_factory: LabFactory) -> None:
     lab = lab_factory("cone", "cone")
     lab.set_udp_timeout("a", 2)
