@@ -124,8 +124,12 @@ class PeerSession:
             return
         if self.engine is None and not self._create_engine(data):
             return
+        quic = self.engine.quic
+        before = quic._close_at  # aioquic re-arms its idle timer only for a packet it decrypted
         self.engine.datagram_received(data)
-        self.paths.note_direct_traffic(addr, self.loop.time())
+        if quic._close_at != before:
+            # only authenticated packets count as evidence that this path is alive
+            self.paths.note_direct_traffic(addr, self.loop.time())
         self._service()
 
     def relay_received(self, payload: bytes) -> None:
