@@ -6,7 +6,9 @@ key over both identities, its raw Ed25519 public key, and its signature over tha
 The server accepts no other stream before the proof checks out — data that arrives
 earlier is held (bounded) and nothing is connected to the forwarded port — so a peer
 that does not know the secret never reaches the target. Every other client stream is
-one forwarded connection (:class:`~quictun.forward.StreamBridge`).
+one forwarded connection (:class:`~quictun.forward.StreamBridge`); it starts with one
+preamble byte (0x00) so that the server learns of it, and connects the target, before
+the local client has said anything.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .quicconn import QuicEngine
 log = logging.getLogger("quictun.tunnel")
 
 CONTROL_STREAM = 0
+STREAM_PREAMBLE = b"\x00"  # first byte of every forwarded stream: format version 0
 PROOF_SIZE = 32 + 32 + 64
 ERR_AUTH = 0x101
 PRE_AUTH_LIMIT = 256 * 1024
@@ -145,6 +148,9 @@ class ClientHandler(_Base):
         sid = self.engine.open_stream()
         bridge = StreamBridge(self.engine, sid, on_done=self._bridge_done)
         self.bridges[sid] = bridge
+        # announce the stream at once, so services that speak first (SMTP, MySQL...)
+        # are connected before the local client sends anything
+        self.engine.send(sid, STREAM_PREAMBLE)
         return bridge
 
     def on_stream_data(self, stream_id: int, data: bytes, end: bool) -> None:
@@ -248,6 +254,12 @@ class ServerHandler(_Base):
             if stream_id in self._finished or self.engine.quic._streams.get(stream_id) is None:
                 self._consume_stray(stream_id, data)
                 return  # a late frame of a stream already finished
+            if not data.startswith(STREAM_PREAMBLE):
+                self._consume_stray(stream_id, data)
+                self.engine.reset(stream_id, ERR_TARGET_UNREACHABLE)
+                return
+            self.engine.consume(stream_id, len(STREAM_PREAMBLE))
+            data = data[len(STREAM_PREAMBLE):]
             b = StreamBridge(self.engine, stream_id, on_done=self._bridge_done)
             self.bridges[stream_id] = b
             self.connections += 1
