@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from .api import open_tunnel, parse_hostport
+from .api import Tunnel, open_tunnel, parse_hostport
 from .errors import TunnelError
 from .forward import WriteSide
 from .status import log_stats_every, stats_line
@@ -30,29 +30,85 @@ async def run_connect(
             host, port = parse_hostport(listen, allow_zero=True)
         except ValueError as exc:
             raise TunnelError(f"--listen: {exc}") from None
-    tunnel = await open_tunnel(name, signal=signal, secret=secret, mode=mode, token=token,
-                               on_status=on_status or _status, pin=pin)
-    try:
-        if stdio:
+    def opener() -> Awaitable[Tunnel]:
+        return open_tunnel(name, signal=signal, secret=secret, mode=mode, token=token,
+                           on_status=on_status or _status, pin=pin)
+
+    tunnel = await opener()
+    if stdio:
+        try:
             await _stdio(tunnel)
-        else:
-            loop = asyncio.get_running_loop()
+        finally:
+            await tunnel.close()
+        return
+    await _listen(tunnel, opener, name, host, port, stats_interval)
+
+
+# errors that another attempt cannot fix: stop instead of retrying
+_PERMANENT = ("wrong secret", "fingerprint", "impersonat", "not authenticated", "refused our")
+
+
+def _permanent(exc: TunnelError) -> bool:
+    return any(p in str(exc) for p in _PERMANENT)
+
+
+class _Refuse(asyncio.Protocol):
+    """Closes a local connection at once: the tunnel is down (being re-established)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+async def _listen(
+    tunnel: Tunnel, opener: Callable[[], Awaitable[Tunnel]], name: str, host: str,
+    port: int, stats_interval: float,
+) -> None:
+    """Serve a local listener; when the tunnel dies, keep listening and re-establish it.
+
+    Connections that arrive while the tunnel is down are closed at once. Errors another
+    attempt cannot fix (wrong secret, an impostor) end the command.
+    """
+    loop = asyncio.get_running_loop()
+    current: list[Tunnel | None] = [tunnel]
+
+    def factory() -> asyncio.Protocol:
+        t = current[0]
+        return _Refuse() if t is None or t.closed else t.bridge()
+
+    try:
+        server = await loop.create_server(factory, host, port)
+    except OSError as exc:
+        await tunnel.close()
+        raise TunnelError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    bound = server.sockets[0].getsockname()
+    log.info("listening on %s:%d", bound[0], bound[1])
+    try:
+        while True:
+            t = current[0]
+            assert t is not None
+            stats = asyncio.ensure_future(log_stats_every(t, stats_interval))
             try:
-                server = await loop.create_server(tunnel.bridge, host, port)
-            except OSError as exc:
-                raise TunnelError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-            bound = server.sockets[0].getsockname()
-            log.info("listening on %s:%d", bound[0], bound[1])
-            stats = asyncio.ensure_future(log_stats_every(tunnel, stats_interval))
-            try:
-                reason = await tunnel.wait_closed()
+                reason = await t.wait_closed()
             finally:
                 stats.cancel()
-                log.info("%s", stats_line(tunnel))
-            server.close()
-            raise TunnelError(f"the tunnel to {name!r} closed: {reason}")
+                log.info("%s", stats_line(t))
+                current[0] = None
+                await t.close()
+            log.warning("the tunnel to %r closed (%s); reconnecting", name, reason)
+            delay = 1.0
+            while current[0] is None:
+                await asyncio.sleep(delay)
+                try:
+                    current[0] = await opener()
+                except TunnelError as exc:
+                    if _permanent(exc):
+                        raise
+                    delay = min(delay * 2, 30.0)
+                    log.warning("reconnect failed: %s; retrying in %.0f s", exc, delay)
     finally:
-        await tunnel.close()
+        server.close()
+        if current[0] is not None:
+            await current[0].close()
 
 
 async def _stdio(tunnel) -> None:  # type: ignore[no-untyped-def]

@@ -215,3 +215,28 @@ def test_serve_reregisters_after_relay_restart(echo_server, spawn, tmp_path: Pat
         assert r.stdout == b"after restart"
     finally:
         relay2.stop()
+
+
+def test_listen_reconnects_after_the_server_comes_back(relay, echo_server, spawn) -> None:
+    _proc, url = relay
+    serve = _serve(spawn, url, echo_server.port)
+    conn, port = _listen(spawn, url)
+    assert _roundtrip(port, b"before") == b"before"
+    serve.stop()
+    conn.wait_for("reconnecting", timeout=60)
+    serve2 = spawn(["serve", "box", "--forward", f"127.0.0.1:{echo_server.port}",
+                    "--signal", url], home="srv", name="serve2")
+    serve2.wait_for("serving 'box'")
+    import time
+
+    deadline = time.monotonic() + 90
+    while True:  # connections are refused until the tunnel is back
+        try:
+            if _roundtrip(port, b"after") == b"after":
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, conn.text()
+        assert conn.p.poll() is None, conn.text()
+        time.sleep(0.5)
+    assert "Traceback" not in conn.text()
