@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import stun
+from .birthday import Birthday, decide_role
 from .pathtypes import (
     KIND_PREFERENCE,
     RANK_HOST_IPV4,
@@ -115,15 +116,22 @@ class _Cand:
     next_probe: float | None = None
     burst_until: float = float("-inf")
     fast_until: float = float("-inf")
+    slot: int = 0
+    probes: int = 0
 
     def path(self) -> Path:
-        return Path(kind="direct", remote=self.addr, local=self.local, rtt=self.rtt, rank=self.rank)
+        return Path("direct", self.addr, self.local, self.rtt, self.rank, self.slot)
 
 
 @dataclass
 class _Txn:
     addr: Addr
     sent_at: float
+    slot: int = 0
+    learn: bool = False  # a birthday probe: a signed answer teaches a prflx candidate
+
+
+Datagram = tuple[bytes, Addr, "int | None", int]
 
 
 class PathManager:
@@ -137,7 +145,10 @@ class PathManager:
             ``"relay"`` (never any UDP: no probes and no answers).
         relay_available: whether the relay can carry datagrams now.
         config: timing; defaults to :class:`PathConfig()`.
-        random_bytes: ``random_bytes(n)`` returns n random bytes (transaction ids).
+        random_bytes: ``random_bytes(n)`` returns n random bytes (transaction ids,
+            birthday ports).
+        multi_socket: the shell sends :meth:`datagrams_to_send_slots` from extra sockets
+            (slots) on request, so this side may take the birthday *hard* role.
     """
 
     def __init__(
@@ -150,6 +161,7 @@ class PathManager:
         relay_available: bool = True,
         config: PathConfig | None = None,
         random_bytes: Callable[[int], bytes],
+        multi_socket: bool = False,
     ) -> None:
         if mode not in ("auto", "direct", "relay"):
             raise ValueError(f"unknown mode: {mode!r}")
@@ -160,11 +172,15 @@ class PathManager:
         self._relay_available = relay_available
         self._cfg = config if config is not None else PathConfig()
         self._random_bytes = random_bytes
+        self._multi_socket = multi_socket
+        self._local_cands: list[Candidate] | None = None
+        self._bday: Birthday | None = None
+        self._bday_decided = False
 
         self._cands: dict[Addr, _Cand] = {}
         self._prflx_counter = 0
         self._txns: dict[bytes, _Txn] = {}
-        self._out: list[tuple[bytes, Addr, int | None]] = []
+        self._out: list[Datagram] = []
         self._events: deque[PathChanged | PunchFailed] = deque()
 
         self._started = False
@@ -186,7 +202,11 @@ class PathManager:
             "paths_died": 0,
             "switches": 0,
             "relay_traffic": 0,
+            "birthday_probes": 0,
+            "low_ttl_probes": 0,
         }
+        self.birthday_role: str | None = None
+        """``"easy"`` / ``"hard"`` once a birthday attempt started (diagnostics)."""
 
     # ------------------------------------------------------------------ public API
 
@@ -219,6 +239,11 @@ class PathManager:
                 self._burst(existing, now, now + self._cfg.punch_timeout, fast=True)
         self._reselect(now)
 
+    def set_local_candidates(self, cands: Iterable[Candidate]) -> None:
+        """Tell the manager our own signalled candidates (optional; improves the birthday
+        role decision: two reflexive ports on one IP mean our NAT is endpoint-dependent)."""
+        self._local_cands = list(cands)
+
     def start(self, now: float) -> None:
         """Begin punching (the relay said go). Idempotent."""
         if self._started:
@@ -232,8 +257,11 @@ class PathManager:
                     self._burst(c, now, now + self._cfg.punch_timeout, fast=True)
         self._reselect(now)
 
-    def receive_stun(self, data: bytes, addr: Addr, now: float) -> None:
+    def receive_stun(self, data: bytes, addr: Addr, now: float, slot: int = 0) -> None:
         """Handle any STUN datagram that arrived on the UDP socket from ``addr``.
+
+        ``slot`` is the socket it arrived on (0: the main socket; see
+        :meth:`datagrams_to_send_slots`).
 
         Anything invalid is silently dropped (counted in ``stats()["invalid_dropped"]``):
         malformed, unsigned or wrongly signed, an unknown or expired transaction id, or a
@@ -248,9 +276,9 @@ class PathManager:
             self._stats["invalid_dropped"] += 1
             return
         if msg.msg_type == stun.BINDING_REQUEST:
-            self._handle_request(data, msg, src, now)
+            self._handle_request(data, msg, src, now, slot)
         elif msg.msg_type == stun.BINDING_SUCCESS:
-            self._handle_response(data, msg, src, now)
+            self._handle_response(data, msg, src, now, slot)
         else:
             self._stats["invalid_dropped"] += 1
 
@@ -279,18 +307,33 @@ class PathManager:
         self._reselect(now)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]:
-        """Run due timers, then return and forget the UDP datagrams to send now."""
-        return [(data, addr) for data, addr, _ttl in self.datagrams_to_send_ttl(now)]
+        """Run due timers, then return and forget the UDP datagrams to send now (from the
+        main socket; a shell without slots never gets the others)."""
+        return [(data, addr) for data, addr, _ttl, slot in self.datagrams_to_send_slots(now)
+                if slot == 0]
 
     def datagrams_to_send_ttl(self, now: float) -> list[tuple[bytes, Addr, int | None]]:
-        """Like :meth:`datagrams_to_send`, with an IP TTL hint per datagram.
+        """Like :meth:`datagrams_to_send`, with an IP TTL hint per datagram: an int is the
+        TTL / hop limit to send that one datagram with (a candidate's first probes, see
+        ``PathConfig.low_ttl``), None the socket default."""
+        return [(data, addr, ttl) for data, addr, ttl, slot in self.datagrams_to_send_slots(now)
+                if slot == 0]
 
-        The hint is currently always None (use the socket default); it exists so that a
-        low-TTL first probe can be added without changing the shell.
-        """
+    def datagrams_to_send_slots(self, now: float) -> list[Datagram]:
+        """Like :meth:`datagrams_to_send_ttl`, as ``(data, addr, ttl, slot)``: send from
+        socket ``slot`` (0 the main one, k > 0 the shell's extra socket k, opened on first
+        use, any free port). Only a manager created with ``multi_socket=True`` uses slots
+        other than 0; the shell closes the extra sockets not in :meth:`aux_slots`."""
         self._service(now)
         out, self._out = self._out, []
         return out
+
+    def aux_slots(self) -> set[int]:
+        """The extra sockets (slots > 0) that must stay open now; close all others."""
+        wanted = {c.slot for c in self._cands.values() if c.slot}
+        if self._bday is not None:
+            wanted.update(self._bday.slots())
+        return wanted
 
     def get_timer(self) -> float | None:
         """Return the time at which :meth:`handle_timer` must be called, or None."""
@@ -303,7 +346,11 @@ class PathManager:
                 times.append(expiry)
         if self._started and self._mode != "relay":
             if not self._punch_deadline_done:
-                times.append(self._start_time + self._cfg.punch_timeout)
+                times.append(self._punch_deadline())
+            if not self._bday_decided and self._cfg.birthday_duration > 0:
+                times.append(self._start_time + self._cfg.birthday_after)
+            if self._bday is not None and (t := self._bday.next_time()) is not None:
+                times.append(t)
             if self._selected is None and not self._on_relay and self._relay_wanted():
                 times.append(self._start_time + self._cfg.relay_after)
             if self._next_repunch is not None and self._repunch_targets():
@@ -380,20 +427,28 @@ class PathManager:
 
     # ------------------------------------------------------------------ STUN input
 
-    def _handle_request(self, data: bytes, msg: stun.StunMessage, src: Addr, now: float) -> None:
+    def _handle_request(
+        self, data: bytes, msg: stun.StunMessage, src: Addr, now: float, slot: int
+    ) -> None:
         if not stun.verify_integrity(data, self._local_key):
             self._stats["invalid_dropped"] += 1
             return
         self._stats["requests_received"] += 1
-        self._out.append((stun.binding_success(msg.txid, src, key=self._local_key), src, None))
+        answer = stun.binding_success(msg.txid, src, key=self._local_key)
+        self._out.append((answer, src, None, slot))
         self._stats["responses_sent"] += 1
         c = self._cands.get(src)
         if c is None:
             c = self._learn_prflx(src)
             if c is None:
                 return
+            c.slot = slot
         elif c.validated:
             return
+        elif slot and c.slot != slot:
+            # A birthday hit: the peer reached our extra socket ``slot``; probe from there.
+            self._forget_txns(c.addr)
+            c.slot = slot
         # Triggered check: the peer reaches us from src, so src may now reach back.
         if c.next_probe is None or c.next_probe > now + self._cfg.probe_interval:
             self._stats["triggered_checks"] += 1
@@ -401,14 +456,25 @@ class PathManager:
         else:
             c.burst_until = max(c.burst_until, now + TRIGGERED_BURST)
 
-    def _handle_response(self, data: bytes, msg: stun.StunMessage, src: Addr, now: float) -> None:
+    def _handle_response(
+        self, data: bytes, msg: stun.StunMessage, src: Addr, now: float, slot: int
+    ) -> None:
         self._expire_txns(now)
         txn = self._txns.get(msg.txid)
-        if txn is None or txn.addr != src or not stun.verify_integrity(data, self._remote_key):
+        if (
+            txn is None
+            or txn.addr != src
+            or txn.slot != slot
+            or not stun.verify_integrity(data, self._remote_key)
+        ):
             self._stats["invalid_dropped"] += 1
             return
         del self._txns[msg.txid]
         c = self._cands.get(src)
+        if c is None and txn.learn:  # a birthday probe hit: the peer answered a random port
+            c = self._learn_prflx(src)
+            if c is not None:
+                c.slot = slot
         if c is None:
             return
         self._stats["responses_received"] += 1
@@ -426,6 +492,8 @@ class PathManager:
             c.validated = True
             c.validation_rtt = rtt
             self._stats["validations"] += 1
+            if self._bday is not None:
+                self._bday.stop()
             c.next_probe = now + ALTERNATE_FACTOR * self._cfg.heartbeat  # unless selected
             self._reselect(now)
 
@@ -472,16 +540,47 @@ class PathManager:
             if self._next_repunch is not None and now >= self._next_repunch:
                 self._repunch(now)
             self._reselect(now)
+            self._birthday(now)
             self._check_punch_deadline(now)
         for c in self._cands.values():
             if c.next_probe is not None and c.next_probe <= now:
                 self._send_probe(c, now)
 
+    def _birthday(self, now: float) -> None:
+        """Start a birthday attempt when due (see :mod:`quictun.birthday`), send its probes."""
+        cfg = self._cfg
+        if not self._bday_decided and now >= self._start_time + cfg.birthday_after:
+            self._bday_decided = True
+            if cfg.birthday_duration > 0 and not any(c.validated for c in self._cands.values()):
+                peer = [Candidate(c.addr, c.kind) for c in self._cands.values()
+                        if c.kind != "prflx" and c.rank > RANK_LAN]
+                role, targets = decide_role(peer, self._local_cands,
+                                            multi_socket=self._multi_socket)
+                if role is not None:
+                    self.birthday_role = role
+                    self._bday = Birthday(role, targets, now, cfg, self._random_bytes)
+        bday = self._bday
+        if bday is None:
+            return
+        ttl = cfg.low_ttl if bday.role == "hard" and cfg.low_ttl_probes > 0 else None
+        for slot, addr in bday.due(now):
+            txid = self._random_bytes(12)
+            self._txns[txid] = _Txn(addr=addr, sent_at=now, slot=slot, learn=True)
+            self._out.append((stun.binding_request(txid, key=self._remote_key), addr, ttl, slot))
+            self._stats["birthday_probes"] += 1
+        if bday.next_time() is None:
+            self._bday = None  # over: aux_slots() keeps only the slots candidates use
+
     def _send_probe(self, c: _Cand, now: float) -> None:
         txid = self._random_bytes(12)
-        self._txns[txid] = _Txn(addr=c.addr, sent_at=now)
+        self._txns[txid] = _Txn(addr=c.addr, sent_at=now, slot=c.slot)
         self._expire_txns(now)
-        self._out.append((stun.binding_request(txid, key=self._remote_key), c.addr, None))
+        ttl = None
+        if c.kind != "prflx" and not c.validated and c.probes < self._cfg.low_ttl_probes:
+            ttl = self._cfg.low_ttl  # opens our NAT, dies before the far one (module doc)
+            self._stats["low_ttl_probes"] += 1
+        c.probes += 1
+        self._out.append((stun.binding_request(txid, key=self._remote_key), c.addr, ttl, c.slot))
         self._stats["probes_sent"] += 1
         if c.validated and c.first_unanswered is None:
             c.first_unanswered = now
@@ -516,10 +615,17 @@ class PathManager:
             self._cfg.repunch_interval if self._selected is None else self._cfg.upgrade_interval
         )
 
+    def _punch_deadline(self) -> float:
+        """start + punch_timeout, or the end of a running birthday attempt if later."""
+        deadline = self._start_time + self._cfg.punch_timeout
+        if self._bday is not None and self._bday.next_time() is not None:
+            deadline = max(deadline, self._bday.until)
+        return deadline
+
     def _check_punch_deadline(self, now: float) -> None:
         if not self._started or self._punch_deadline_done:
             return
-        if now < self._start_time + self._cfg.punch_timeout:
+        if now < self._punch_deadline():
             return
         self._punch_deadline_done = True
         if self.current is None and not self._relay_wanted():

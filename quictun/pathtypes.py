@@ -123,6 +123,9 @@ class Path:
     """Last measured probe round-trip time in seconds, if any."""
     rank: int
     """0 LAN/loopback/link-local, 1 IPv6, 2 routed host IPv4, 3 reflexive, 9 relay."""
+    slot: int = 0
+    """Which of our sockets the path uses: 0 the main one, k > 0 the shell's birthday
+    socket k (see :meth:`quictun.paths.PathManager.datagrams_to_send_slots`)."""
 
 
 RELAY_PATH = Path(kind="relay", remote=None, local=None, rtt=None, rank=RANK_RELAY)
@@ -166,3 +169,16 @@ class PathConfig:
     """Length of one re-punch burst (at probe_interval_slow)."""
     upgrade_interval: float = 60.0
     """While direct, re-probe unvalidated candidates of a better rank this often."""
+    low_ttl: int = 5
+    """IP TTL of a candidate's first probes: enough to open our own NAT(s), too little to
+    reach the far one (so a router that accepts unsolicited input keeps no stale entry)."""
+    low_ttl_probes: int = 3
+    """How many of a candidate's first probes go out with ``low_ttl`` (0 disables)."""
+    birthday_after: float = 3.0
+    """Birthday probing starts this long after start() if nothing validated by then."""
+    birthday_duration: float = 15.0
+    """Birthday probing stops this long after it started (or at the first validation)."""
+    birthday_rate: float = 100.0
+    """Birthday probes per second (each side, all sockets together)."""
+    birthday_sockets: int = 256
+    """Extra sockets the hard (endpoint-dependent) side asks the shell for."""

@@ -21,7 +21,20 @@ NAT model (all per NAT box):
   *outbound* packet (inbound packets do not refresh: the strict RFC 4787 reading);
 * ``hairpin``: whether inside hosts can reach each other through the public address;
 * ``blocked``: all UDP to or from outside is dropped;
-* :meth:`Nat.rebind` forgets every mapping and stops preserving ports (a NAT reboot).
+* :meth:`Nat.rebind` forgets every mapping and stops preserving ports (a NAT reboot);
+* ``wan_input``: ``"drop"`` (home-router style) or ``"accept"``: an unsolicited inbound
+  packet that the filter refuses then leaves a *stale* conntrack-like entry
+  (remote -> public port, alive ``timeout`` after the last such packet), and a later
+  outbound flow toward that remote cannot use that public port: like Linux
+  ``masquerade``, that one flow gets another port (the "trap" of NOTES.md section 1).
+
+TTL: a datagram sent with an explicit TTL loses one hop at the sender's NAT box (if
+any) and ``Network.internet_hops`` on the way; it is dropped if that exhausts it, so a
+low-TTL probe opens the sender's own NAT state and never reaches the far one.
+
+Sockets: a :class:`Peer` has its main socket (``port``) and, when its PathManager asks
+for them (``datagrams_to_send_slots`` slot k > 0), extra sockets on ``port + k``, closed
+when the manager no longer lists them in ``aux_slots()``.
 
 The :class:`Sim` driver runs :class:`~quictun.paths.PathManager` instances unchanged:
 it advances the clock to the next packet or timer, delivers STUN to ``receive_stun``, fake
@@ -32,6 +45,7 @@ events with their time.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import ipaddress
 import random
@@ -52,6 +66,7 @@ from quictun.paths import (
 Handler = Callable[[bytes, Addr], None]
 
 REFLECTOR_ADDR: Addr = ("198.51.100.1", 3478)
+REFLECTOR2_ADDR: Addr = ("198.51.100.1", 3479)  # a second port: reveals EDM mapping
 QUIC_PREFIX = b"\x40quic:"
 
 
@@ -64,6 +79,7 @@ class NatType:
     translate: bool = True
     blocked: bool = False
     hairpin: bool = False
+    wan_input: str = "drop"
 
 
 NAT_TYPES: dict[str, NatType] = {
@@ -98,6 +114,8 @@ class Nat:
         self._mappings: dict[object, _Mapping] = {}
         self._by_public: dict[Addr, _Mapping] = {}
         self._preserve_ports = True
+        self._stale: dict[tuple[Addr, Addr], float] = {}  # (public, remote) -> last inbound
+        self.stale_created = 0
         self.blackhole = False  # runtime switch: drop all traffic to/from outside
         self.lan_down = False  # runtime switch: drop traffic between inside hosts
         self.mappings_created = 0
@@ -125,15 +143,37 @@ class Nat:
             if candidate not in self._by_public:
                 return candidate
 
-    def outbound(self, inside: Addr, remote: Addr, now: float) -> Addr:
-        """Translate an outbound packet's source, creating or refreshing state."""
-        key: object = inside if self.kind.mapping == "eim" else (inside, remote)
+    def _is_stale(self, public: Addr, remote: Addr, now: float) -> bool:
+        t = self._stale.get((public, remote))
+        return t is not None and now - t <= self.timeout
+
+    def _get(self, key: object, now: float) -> _Mapping | None:
         m = self._mappings.get(key)
         if m is not None and not self._alive(m, now):
             self._drop(key, m)
             m = None
+        return m
+
+    def outbound(self, inside: Addr, remote: Addr, now: float) -> Addr:
+        """Translate an outbound packet's source, creating or refreshing state."""
+        flow = (inside, remote)
+        key: object = flow
+        m = self._get(flow, now)
+        if m is None and self.kind.mapping == "eim":
+            key = inside
+            m = self._get(inside, now)
+            public = m.public if m is not None else self._new_public(inside)
+            if (
+                self.kind.translate
+                and self._is_stale(public, remote, now)
+                and (m is None or remote not in m.permits)
+            ):
+                key, m = flow, None  # the trap: this flow's port is taken by a stale entry
         if m is None:
-            m = _Mapping(inside=inside, public=self._new_public(inside), last_out=now)
+            public = self._new_public(inside)
+            while self._is_stale(public, remote, now):
+                public = (public[0], self.net.rng.randrange(1024, 65536))
+            m = _Mapping(inside=inside, public=public, last_out=now)
             self.mappings_created += 1
             self._mappings[key] = m
             self._by_public[m.public] = m
@@ -144,16 +184,18 @@ class Nat:
     def inbound(self, src: Addr, dst: Addr, now: float) -> Addr | None:
         """Return the inside address for an inbound packet, or None if filtered."""
         m = self._by_public.get(dst)
-        if m is None:
-            return None
-        if not self._alive(m, now):
-            key = (
-                m.inside
-                if self.kind.mapping == "eim"
-                else next(k for k, v in self._mappings.items() if v is m)
-            )
+        if m is not None and not self._alive(m, now):
+            key = next(k for k, v in self._mappings.items() if v is m)
             self._drop(key, m)
-            return None
+            m = None
+        inside = None if m is None else self._filter(m, src, now)
+        if inside is None and self.kind.wan_input == "accept" and self.kind.translate:
+            if not self._is_stale(dst, src, now):
+                self.stale_created += 1
+            self._stale[(dst, src)] = now
+        return inside
+
+    def _filter(self, m: _Mapping, src: Addr, now: float) -> Addr | None:
         filtering = self.kind.filtering
         if filtering == "eif":
             return m.inside
@@ -168,6 +210,7 @@ class Nat:
         """Forget all mappings; new ones get fresh (non-preserved) public ports."""
         self._mappings.clear()
         self._by_public.clear()
+        self._stale.clear()
         self._preserve_ports = False
 
 
@@ -212,8 +255,8 @@ class Host:
         self.sockets[port] = handler
         return (self.ip, port)
 
-    def send(self, port: int, data: bytes, dst: Addr) -> None:
-        self.net.send(self, port, data, dst)
+    def send(self, port: int, data: bytes, dst: Addr, ttl: int | None = None) -> None:
+        self.net.send(self, port, data, dst, ttl)
 
     def deliver(self, data: bytes, src: Addr, port: int) -> None:
         handler = self.sockets.get(port)
@@ -239,6 +282,8 @@ class Network:
         self.lan_latency = lan_latency
         self.jitter = jitter
         self.loss = loss
+        self.internet_hops = 8  # routers between two sites (explicit-TTL datagrams only)
+        self.ttl_expired = 0
         self._public: dict[str, Nat | Host] = {}
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = 0
@@ -263,7 +308,7 @@ class Network:
     def _delay(self, base: float) -> float:
         return base + (self.rng.uniform(0.0, self.jitter) if self.jitter else 0.0)
 
-    def send(self, host: Host, port: int, data: bytes, dst: Addr) -> None:
+    def send(self, host: Host, port: int, data: bytes, dst: Addr, ttl: int | None = None) -> None:
         self.sent += 1
         if self.loss and self.rng.random() < self.loss:
             self.dropped += 1
@@ -285,6 +330,9 @@ class Network:
                 self.dropped += 1
                 return
             src = nat.outbound(src, dst, self.now)
+        if ttl is not None and ttl - (nat is not None) <= self.internet_hops:
+            self.ttl_expired += 1  # died on the way, after opening our own NAT state
+            return
         self.schedule(self.now + self._delay(self.latency), lambda: self._arrive(data, src, dst))
 
     def _arrive(self, data: bytes, src: Addr, dst: Addr) -> None:
@@ -305,8 +353,8 @@ class Network:
 class Reflector:
     """A public STUN server: answers Binding requests with the source address it saw."""
 
-    def __init__(self, net: Network, addr: Addr = REFLECTOR_ADDR) -> None:
-        self.host = Host(net, "reflector", addr[0], None)
+    def __init__(self, net: Network, addr: Addr = REFLECTOR_ADDR, host: Host | None = None) -> None:
+        self.host = host if host is not None else Host(net, "reflector", addr[0], None)
         self.addr = self.host.bind(addr[1], self._on_datagram)
 
     def _on_datagram(self, data: bytes, src: Addr) -> None:
@@ -362,12 +410,15 @@ class Peer:
         self.addr = host.bind(port, self._on_datagram)
         self.other: Peer | None = None
         self.events: list[tuple[float, PathChanged | PunchFailed]] = []
-        self.srflx: Addr | None = None
+        self.srflx: Addr | None = None  # from the first reflector that answered
+        self.srflxs: list[Addr] = []  # every distinct reflexive address seen
+        self.aux: set[int] = set()  # open extra sockets (slots)
         self.quic_received_direct = 0
         self.quic_received_relay = 0
         self.quic_sent = 0
         self.quic_unsendable = 0
-        self._gather_txid: bytes | None = None
+        self.max_aux = 0
+        self._gather_txids: set[bytes] = set()
 
     # -- helpers for tests
     def changes(self) -> list[Path | None]:
@@ -380,30 +431,45 @@ class Peer:
         cands = [Candidate(self.addr, "host")]
         if self.host.ip6 is not None:
             cands.append(Candidate((self.host.ip6, self.port), "host"))
-        if self.srflx is not None and self.srflx != self.addr:
-            cands.append(Candidate(self.srflx, "srflx"))
+        cands += [Candidate(a, "srflx") for a in self.srflxs if a != self.addr]
         return cands
 
     # -- I/O
     def gather(self) -> None:
-        """Ask the reflector for our server-reflexive address (answer arrives later)."""
-        self._gather_txid = self.sim.net.rng.randbytes(12)
-        self.host.send(self.port, stun.binding_request(self._gather_txid), REFLECTOR_ADDR)
+        """Ask the reflectors for our server-reflexive addresses (answers arrive later)."""
+        self.srflxs = []
+        self._gather_txids.clear()
+        for reflector in self.sim.reflector_addrs:
+            txid = self.sim.net.rng.randbytes(12)
+            self._gather_txids.add(txid)
+            self._query(txid, reflector, tries=3)
 
-    def _on_datagram(self, data: bytes, src: Addr) -> None:
+    def _query(self, txid: bytes, reflector: Addr, tries: int) -> None:
+        """Send a reflector query, again after 0.15 s while unanswered (like the shell)."""
+        if txid not in self._gather_txids or tries <= 0:
+            return
+        self.host.send(self.port, stun.binding_request(txid), reflector)
+        net = self.sim.net
+        net.schedule(net.now + 0.15, lambda: self._query(txid, reflector, tries - 1))
+
+    def _on_datagram(self, data: bytes, src: Addr, slot: int = 0) -> None:
         now = self.sim.net.now
         if data.startswith(QUIC_PREFIX):
             self.quic_received_direct += 1
             self.pm.note_direct_traffic(src, now)
         elif stun.is_stun(data):
-            if src == REFLECTOR_ADDR:
+            if src in self.sim.reflector_addrs and slot == 0:
                 msg = stun.decode(data)
-                if msg.txid == self._gather_txid and msg.xor_mapped_address:
-                    self.srflx = msg.xor_mapped_address
-                    self._gather_txid = None
+                mapped = msg.xor_mapped_address
+                if msg.txid in self._gather_txids and mapped:
+                    self._gather_txids.discard(msg.txid)
+                    if self.srflx is None or not self.srflxs:
+                        self.srflx = mapped
+                    if mapped not in self.srflxs:
+                        self.srflxs.append(mapped)
                     self.sim.on_gathered(self)
                 return
-            self.pm.receive_stun(data, src, now)
+            self.pm.receive_stun(data, src, now, slot)
 
     def send_quic(self) -> None:
         path = self.pm.current
@@ -412,14 +478,22 @@ class Peer:
             self.quic_unsendable += 1
         elif path.kind == "direct":
             assert path.remote is not None
-            self.host.send(self.port, QUIC_PREFIX + self.name.encode(), path.remote)
+            self.host.send(self.port + path.slot, QUIC_PREFIX + self.name.encode(), path.remote)
         else:
             self.sim.relay_send(self)
 
     def flush(self) -> None:
         now = self.sim.net.now
-        for data, addr in self.pm.datagrams_to_send(now):
-            self.host.send(self.port, data, addr)
+        for data, addr, ttl, slot in self.pm.datagrams_to_send_slots(now):
+            if slot and slot not in self.aux:
+                self.aux.add(slot)
+                self.max_aux = max(self.max_aux, len(self.aux))
+                self.host.bind(self.port + slot, functools.partial(self._on_datagram, slot=slot))
+            self.host.send(self.port + slot, data, addr, ttl)
+        if self.aux:
+            for slot in self.aux - self.pm.aux_slots():
+                self.aux.discard(slot)
+                del self.host.sockets[self.port + slot]
         while (event := self.pm.next_event()) is not None:
             self.events.append((now, event))
             self.sim.on_event(self, event)
@@ -431,11 +505,14 @@ class Sim:
     def __init__(self, net: Network, *, relay_up: bool = True, relay_latency: float = 0.05) -> None:
         self.net = net
         self.reflector = Reflector(net)
+        self.reflector2 = Reflector(net, REFLECTOR2_ADDR, host=self.reflector.host)
+        self.reflector_addrs = (REFLECTOR_ADDR, REFLECTOR2_ADDR)
         self.peers: list[Peer] = []
         self.relay_up = relay_up
         self.relay_latency = relay_latency
         self.traffic_interval: float | None = None
         self.regather_on_fallback = False
+        self.tell_local = True  # connect() passes each peer its own candidates
         self._next_traffic: float | None = None
         self._started = False
 
@@ -448,6 +525,7 @@ class Sim:
         config: PathConfig | None = None,
         port: int = 40000,
         key_seed: int = 0,
+        multi_socket: bool = True,
     ) -> Peer:
         keys = (b"key-a-" + bytes([key_seed]), b"key-b-" + bytes([key_seed]))
         index = len(self.peers)
@@ -461,6 +539,7 @@ class Sim:
             relay_available=self.relay_up,
             config=config,
             random_bytes=rng.randbytes,
+            multi_socket=multi_socket,
         )
         peer = Peer(self, name, host, pm, port)
         self.peers.append(peer)
@@ -478,6 +557,9 @@ class Sim:
         now = self.net.now
         a.pm.add_remote_candidates(b.candidates(), now)
         b.pm.add_remote_candidates(a.candidates(), now)
+        if self.tell_local:
+            a.pm.set_local_candidates(a.candidates())
+            b.pm.set_local_candidates(b.candidates())
         a.pm.start(now)
         a.flush()
         self._started = True
