@@ -442,9 +442,6 @@ for i in range(4):  # odd connections: greeting then echo; even: greeting then c
 """
 
 
-@pytest.mark.xfail(strict=False, reason="measured: ClientHandler.open_bridge opens the QUIC "
-                   "stream lazily, so nothing reaches `serve` (which would connect to the "
-                   "service) until the local client sends a byte")
 def test_service_speaks_first(lab_factory: LabFactory, tunnel_factory: TunnelFactory) -> None:
     """Server-speaks-first protocols (SMTP, MySQL, a banner then close): the client sends
     nothing before it has read the greeting."""
