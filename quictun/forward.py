@@ -64,10 +64,14 @@ class StreamBridge(asyncio.Protocol):
         """True once both directions ended with a FIN (nothing was reset)."""
         return self._local_eof and self._remote_eof
 
+    #: False when the read side is a pipe and the writer comes via :meth:`attach_writer`
+    duplex = True
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._reader = transport
-        if isinstance(transport, asyncio.WriteTransport) and self._writer is None:
-            self.attach_writer(transport)
+        # not isinstance(WriteTransport): uvloop's socket transports do not subclass it
+        if self.duplex and self._writer is None:
+            self.attach_writer(transport)  # type: ignore[arg-type]
 
     def attach_writer(self, transport: asyncio.WriteTransport) -> None:
         self._writer = transport

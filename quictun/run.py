@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -115,15 +117,18 @@ async def _stdio(tunnel) -> None:  # type: ignore[no-untyped-def]
     loop = asyncio.get_running_loop()
     done = loop.create_future()
     bridge = tunnel.bridge()
+    bridge.duplex = False  # stdin reads, stdout writes
     bridge._on_done = lambda b: done.done() or done.set_result(None)
-    try:
-        await loop.connect_read_pipe(lambda: bridge, sys.stdin.buffer)
-    except ValueError:  # a regular file: read it in a thread
+    # asyncio refuses regular files for pipe transports (and uvloop aborts on them), so
+    # files get small thread/synchronous transports instead
+    if _is_file(sys.stdin):
         _FileReader(sys.stdin.buffer, bridge)
-    try:
+    else:
+        await loop.connect_read_pipe(lambda: bridge, sys.stdin.buffer)
+    if _is_file(sys.stdout):
+        wt: asyncio.WriteTransport = _FileWriter(sys.stdout.buffer)
+    else:
         wt, _ = await loop.connect_write_pipe(lambda: WriteSide(bridge), sys.stdout.buffer)
-    except ValueError:
-        wt = _FileWriter(sys.stdout.buffer)
     bridge.attach_writer(wt)
     closed = asyncio.ensure_future(tunnel.wait_closed())
     await asyncio.wait({done, closed}, return_when=asyncio.FIRST_COMPLETED)
@@ -133,6 +138,13 @@ async def _stdio(tunnel) -> None:  # type: ignore[no-untyped-def]
     if not bridge.clean:
         raise TunnelError("the connection was reset (the peer, its target or the tunnel "
                           "went away)")
+
+
+def _is_file(f) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        return stat.S_ISREG(os.fstat(f.fileno()).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 class _FileReader(asyncio.ReadTransport):
