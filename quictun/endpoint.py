@@ -55,6 +55,11 @@ class UdpEndpoint:
     @classmethod
     async def bind(cls, host: str | None = None, port: int = 0) -> UdpEndpoint:
         """Bind a socket: dual-stack ``::`` where IPv6 exists, else ``0.0.0.0``."""
+        return cls.open(host, port)
+
+    @classmethod
+    def open(cls, host: str | None = None, port: int = 0) -> UdpEndpoint:
+        """Like :meth:`bind`, synchronously (needs a running event loop)."""
         loop = asyncio.get_running_loop()
         ep = cls()
         sock = None
@@ -117,8 +122,12 @@ class UdpEndpoint:
             self.on_stun(data, _plain(addr))
 
     # -- sending -------------------------------------------------------------------
-    def sendto(self, data: bytes, addr: Addr) -> None:
+    def sendto(self, data: bytes, addr: Addr, ttl: int | None = None) -> None:
+        """Send one datagram; ``ttl`` (if given) is its IP TTL / IPv6 hop limit only."""
         if self._sock is None or self.closed:
+            return
+        if ttl is not None:
+            self._send_ttl(data, addr, ttl)
             return
         host = addr[0]
         if self.dual_stack and ":" not in host:
@@ -131,6 +140,26 @@ class UdpEndpoint:
             pass  # socket buffer full: a dropped datagram, QUIC recovers
         except OSError as exc:
             log.debug("sendto %s failed: %s", addr, exc)
+
+    def _send_ttl(self, data: bytes, addr: Addr, ttl: int) -> None:
+        sock = self._sock
+        assert sock is not None
+        v6 = ":" in addr[0]
+        if v6:
+            level, opt = socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS
+        else:  # also right for an IPv4-mapped peer of a dual-stack socket
+            level, opt = socket.IPPROTO_IP, socket.IP_TTL
+        try:
+            old = sock.getsockopt(level, opt)
+            sock.setsockopt(level, opt, ttl)
+        except OSError as exc:
+            log.debug("cannot set ttl: %s", exc)
+            self.sendto(data, addr)
+            return
+        try:
+            self.sendto(data, addr)
+        finally:
+            sock.setsockopt(level, opt, old)
 
     def close(self) -> None:
         if self._sock is None:

