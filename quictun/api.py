@@ -29,15 +29,12 @@ import contextlib
 import logging
 import os
 import socket
-import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aioquic.quic.configuration import QuicConfiguration
-
-from . import auth, sigproto
+from . import auth, engines, sigproto
 from .endpoint import UdpEndpoint, gather, resolve
 from .errors import TunnelError
 from .identity import Identity, load_or_create
@@ -76,22 +73,12 @@ def parse_hostport(
     return host, p
 
 
-def _quic_config(is_client: bool, identity: Identity) -> QuicConfiguration:
-    cfg = QuicConfiguration(
-        is_client=is_client,
-        alpn_protocols=[ALPN],
-        max_datagram_size=MAX_DATAGRAM,
-        max_stream_data=STREAM_WINDOW,
-        max_data=CONNECTION_WINDOW,
-        idle_timeout=60.0,
+def _quic_config(is_client: bool, identity: Identity) -> Any:
+    # a client does not verify the certificate: it pins the fingerprint after the handshake
+    return engines.current().configuration(
+        is_client, identity, alpn=ALPN, max_datagram_size=MAX_DATAGRAM,
+        max_stream_data=STREAM_WINDOW, max_data=CONNECTION_WINDOW, idle_timeout=60.0,
     )
-    if is_client:
-        cfg.verify_mode = ssl.CERT_NONE  # we pin the fingerprint after the handshake
-        cfg.server_name = "quictun"
-    else:
-        cfg.certificate = identity.certificate
-        cfg.private_key = identity.private_key
-    return cfg
 
 
 async def _stun_servers(signal: SignalClient) -> list[tuple[str, int]]:

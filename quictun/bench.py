@@ -276,7 +276,10 @@ def engine_ceiling(kind: str, nbytes: int, certs: tuple[str, str],
         from aioquic.quic.connection import QuicConnection as Conn  # type: ignore[assignment]
 
         if kind == "flowcontrolled":
-            from quictun.quicconn import FlowControlledConnection as Conn  # type: ignore[assignment]
+            from quictun import engines
+            from quictun.quicconn import connection_class
+
+            Conn = connection_class(engines.get("aioquic"))  # type: ignore[misc]
     from quictun.quicconn import CONNECTION_WINDOW, STREAM_WINDOW
 
     ccfg = Cfg(is_client=True, alpn_protocols=["bench"], max_datagram_size=datagram,
@@ -370,6 +373,8 @@ class Rig:
                ("http_proxy", "https_proxy", "all_proxy")}
         env.update(QUICTUN_HOME=str(self.work / home), QUICTUN_SECRET=SECRET,
                    PYTHONUNBUFFERED="1", QUICTUN_BENCH_PATCH=json.dumps(self.patch))
+        if os.environ.get("QUICTUN_ENGINE"):  # the QUIC engine under test (engines.py)
+            env["QUICTUN_ENGINE"] = os.environ["QUICTUN_ENGINE"]
         if profile and self.profile_dir is not None:
             env["QUICTUN_BENCH_PROFILE"] = str(self.profile_dir / f"{profile}.prof")
         return env

@@ -14,11 +14,9 @@ import logging
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-from aioquic.buffer import Buffer
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.packet import pull_quic_header
-
+from . import engines
 from .endpoint import Addr, UdpEndpoint
 from .paths import Candidate, Path, PathChanged, PathConfig, PathManager, PunchFailed
 from .quicconn import VIRTUAL_PEER, EngineHandler, FlowControlledConnection, QuicEngine
@@ -59,7 +57,7 @@ class PeerSession:
         signal: SignalClient | None,
         session_id: int,
         paths: PathManager,
-        quic_config: QuicConfiguration,
+        quic_config: Any,  # the engine's QuicConfiguration (engines.py)
         is_client: bool,
         handler_factory: Callable[[QuicEngine], EngineHandler],
         on_path: Callable[[Path | None], None] | None = None,
@@ -128,9 +126,9 @@ class PeerSession:
         if self.engine is None and not self._create_engine(data):
             return
         quic = self.engine.quic
-        before = quic._close_at  # aioquic re-arms its idle timer only for a packet it decrypted
+        before = quic.authenticated_packets  # grows only for a packet that decrypted
         self.engine.datagram_received(data)
-        if quic._close_at != before:
+        if quic.authenticated_packets != before:
             # only authenticated packets count as evidence that this path is alive
             self.paths.note_direct_traffic(addr, self.loop.time())
         self._service()
@@ -156,7 +154,7 @@ class PeerSession:
             quic.connect(VIRTUAL_PEER, now=self.loop.time())
         else:
             try:
-                header = pull_quic_header(Buffer(data=first or b""), host_cid_length=8)
+                header = engines.current().pull_quic_header(first or b"", host_cid_length=8)
             except Exception:
                 return False
             if header.packet_type is None or len(first or b"") < 1200:

@@ -17,13 +17,15 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-
-from aioquic.quic import events
+from typing import TYPE_CHECKING
 
 from . import auth
 from .forward import ERR_TARGET_UNREACHABLE, StreamBridge
-from .identity import Identity, certificate_fingerprint, fingerprint_of_raw, verify_signature
+from .identity import Identity, fingerprint_of_raw, verify_signature
 from .quicconn import QuicEngine
+
+if TYPE_CHECKING:
+    from aioquic.quic import events
 
 log = logging.getLogger("quictun.tunnel")
 
@@ -115,8 +117,7 @@ class ClientHandler(_Base):
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def on_handshake(self, event: events.HandshakeCompleted) -> None:
-        cert = self.engine.quic.tls._peer_certificate
-        fp = certificate_fingerprint(cert) if cert is not None else ""
+        fp = self.engine.quic.engine.peer_fingerprint(self.engine.quic)
         if fp != self.server_fp:
             msg = (
                 "the server's certificate does not match the fingerprint authenticated "
@@ -196,9 +197,9 @@ class ServerHandler(_Base):
     def _bridge_done(self, bridge: StreamBridge) -> None:
         super()._bridge_done(bridge)
         self._finished.add(bridge.stream_id)
-        if len(self._finished) > 4096:  # forget streams aioquic itself has discarded
-            live = self.engine.quic._streams
-            self._finished = {s for s in self._finished if s in live}
+        if len(self._finished) > 4096:  # forget streams QUIC itself has discarded
+            alive = self.engine.quic.stream_alive
+            self._finished = {s for s in self._finished if alive(s)}
 
     def on_stream_data(self, stream_id: int, data: bytes, end: bool) -> None:
         if stream_id == CONTROL_STREAM:
@@ -251,7 +252,7 @@ class ServerHandler(_Base):
             if stream_id % 4 != 0:  # only client-initiated bidirectional streams
                 self._consume_stray(stream_id, data)
                 return
-            if stream_id in self._finished or self.engine.quic._streams.get(stream_id) is None:
+            if stream_id in self._finished or not self.engine.quic.stream_alive(stream_id):
                 self._consume_stray(stream_id, data)
                 return  # a late frame of a stream already finished
             if not data.startswith(STREAM_PREAMBLE):

@@ -1,0 +1,217 @@
+"""The one place that picks the QUIC implementation: aioquic or qh3.
+
+``QUICTUN_ENGINE`` chooses: ``aioquic`` (default dependency), ``qh3`` (optional extra
+``quictun[fast]``: an aioquic fork whose connection core is native Rust) or ``auto``
+(qh3 when a usable one is installed, else aioquic). Unset means :data:`DEFAULT`.
+
+Everything QUIC-specific the rest of quictun needs goes through an :class:`Engine`:
+the connection base class, the configuration class, the events module, the long-header
+parser, building a configuration from our :class:`~quictun.identity.Identity` and the
+peer's identity fingerprint after the handshake.
+
+The two engines differ where it matters to us:
+
+* aioquic keeps its whole connection in Python; quictun overrides its flow-control
+  writers (``quicconn.py``). qh3 2.x keeps frames, streams and credit in its native
+  core: receive credit is granted as events are *popped* from that core, so quictun
+  bounds memory by holding events in the core until the application consumes.
+* aioquic takes ``cryptography`` objects for the certificate and key; qh3 takes its own
+  (built from DER / PEM bytes). Both accept Ed25519 server certificates, but a qh3
+  *client* does not offer Ed25519 unless told to (done here), so identities stay
+  Ed25519 and fingerprints stay SHA-256 of the SubjectPublicKeyInfo.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import ssl
+from dataclasses import dataclass
+from functools import cache
+from types import ModuleType
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from .identity import Identity, certificate_fingerprint
+
+ENV = "QUICTUN_ENGINE"
+NAMES = ("aioquic", "qh3")
+CHOICES = (*NAMES, "auto")
+# What an unset QUICTUN_ENGINE means. Not qh3 (yet), although it is about twice as fast:
+# with qh3 a stalled stream stalls its whole connection (see quicconn._NativeFlowControl),
+# and qh3 2.1.0 as a server fails its first flight to an aioquic 1.7 client ("packet
+# builder capacity exhausted", recovered only by a retransmission); tests/test_engines.py
+# pins both as strict xfails, so they announce when they are fixed.
+DEFAULT = "aioquic"
+
+
+class EngineUnavailable(ImportError):
+    """The requested QUIC implementation is not installed (or not a supported version)."""
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One QUIC implementation, as quictun uses it."""
+
+    name: str
+    QuicConnection: type[Any]
+    QuicConfiguration: type[Any]
+    events: ModuleType
+    Buffer: type[Any]
+    native_core: bool  # True: qh3 2.x (frames and credit live in Rust)
+    errors: tuple[type[BaseException], ...]  # what a stream call on a dead stream raises
+
+    def pull_quic_header(self, data: bytes, host_cid_length: int = 8) -> Any:
+        """Parse a packet's header; ``.packet_type`` (None for a short header) and
+        ``.destination_cid`` are what sessions look at. Raises ValueError if malformed."""
+        return self._pull(self.Buffer(data=data), host_cid_length=host_cid_length)
+
+    @property
+    def _pull(self) -> Any:
+        return importlib.import_module(f"{self.name}.quic.packet").pull_quic_header
+
+    def configuration(
+        self,
+        is_client: bool,
+        identity: Identity,
+        *,
+        alpn: str,
+        max_datagram_size: int,
+        max_stream_data: int,
+        max_data: int,
+        idle_timeout: float,
+    ) -> Any:
+        """A client or server configuration carrying ``identity`` (the server's
+        certificate; a client does not verify it: it pins the fingerprint after the
+        handshake, see :meth:`peer_fingerprint`)."""
+        cfg = self.QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[alpn],
+            max_datagram_size=max_datagram_size,
+            max_stream_data=max_stream_data,
+            max_data=max_data,
+            idle_timeout=idle_timeout,
+        )
+        if is_client:
+            cfg.verify_mode = ssl.CERT_NONE  # we pin the fingerprint after the handshake
+            cfg.server_name = "quictun"
+            if self.name == "qh3":
+                from qh3.tls import SignatureAlgorithm
+
+                # qh3 clients leave EdDSA out by default; our identities are Ed25519
+                cfg.signature_algorithms = [
+                    SignatureAlgorithm.ED25519,
+                    SignatureAlgorithm.ECDSA_SECP256R1_SHA256,
+                    SignatureAlgorithm.RSA_PSS_RSAE_SHA256,
+                    SignatureAlgorithm.ECDSA_SECP384R1_SHA384,
+                ]
+        elif self.name == "qh3":
+            from qh3._hazmat import Certificate
+            from qh3.tls import load_pem_private_key
+
+            cfg.certificate = Certificate(
+                identity.certificate.public_bytes(serialization.Encoding.DER)
+            )
+            cfg.private_key = load_pem_private_key(
+                identity.private_key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+        else:
+            cfg.certificate = identity.certificate
+            cfg.private_key = identity.private_key
+        return cfg
+
+    def peer_fingerprint(self, quic: Any) -> str:
+        """The identity fingerprint of the peer's certificate ("" if it sent none)."""
+        if self.name == "qh3":
+            native = quic.get_peercert()
+            if native is None:
+                return ""
+            cert = x509.load_der_x509_certificate(native.public_bytes())
+        else:
+            tls = quic.tls
+            cert = tls._peer_certificate if tls is not None else None
+            if cert is None:
+                return ""
+        return certificate_fingerprint(cert)
+
+
+def _load_aioquic() -> Engine:
+    from aioquic.buffer import Buffer
+    from aioquic.quic import events
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    return Engine("aioquic", QuicConnection, QuicConfiguration, events, Buffer,
+                  native_core=False, errors=(AssertionError, ValueError))
+
+
+def _load_qh3() -> Engine:
+    try:
+        from qh3._hazmat import Buffer
+        from qh3.quic import events
+        from qh3.quic.configuration import QuicConfiguration
+        from qh3.quic.connection import QuicConnection, QuicConnectionError
+    except ImportError as exc:
+        raise EngineUnavailable(
+            f"qh3 is not installed (pip install 'quictun[fast]'): {exc}") from None
+    if not hasattr(QuicConnection, "_drain_core"):
+        # qh3 1.x: a Python connection like aioquic's, but with the flow-control writers
+        # inlined, so quictun cannot make its windows follow the application
+        import qh3
+
+        raise EngineUnavailable(
+            f"qh3 {getattr(qh3, '__version__', '?')} is not supported: quictun needs "
+            "qh3 >= 2.1 (native connection core)")
+    return Engine("qh3", QuicConnection, QuicConfiguration, events, Buffer,
+                  native_core=True, errors=(AssertionError, ValueError, QuicConnectionError))
+
+
+_LOADERS = {"aioquic": _load_aioquic, "qh3": _load_qh3}
+
+
+@cache
+def get(name: str) -> Engine:
+    """The engine ``name`` (``aioquic`` or ``qh3``). Raises EngineUnavailable."""
+    if name not in _LOADERS:
+        raise ValueError(f"unknown QUIC engine {name!r}; choose one of {', '.join(CHOICES)}")
+    return _LOADERS[name]()
+
+
+def available() -> list[str]:
+    """Names of the engines that can be loaded here."""
+    out = []
+    for name in NAMES:
+        try:
+            get(name)
+        except EngineUnavailable:
+            continue
+        out.append(name)
+    return out
+
+
+def select(choice: str | None = None) -> Engine:
+    """The engine for ``choice`` (default: ``$QUICTUN_ENGINE``, else :data:`DEFAULT`).
+
+    ``auto`` is qh3 when a usable qh3 is installed, else aioquic. An explicit name that
+    is not installed raises :class:`EngineUnavailable`; an unknown name ValueError.
+    """
+    value = (choice if choice is not None else os.environ.get(ENV, "")).strip().lower()
+    value = value or DEFAULT
+    if value == "auto":
+        try:
+            return get("qh3")
+        except EngineUnavailable:
+            return get("aioquic")
+    return get(value)
+
+
+@cache
+def current() -> Engine:
+    """The engine this process uses (chosen once, from the environment)."""
+    return select()
