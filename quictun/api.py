@@ -276,6 +276,7 @@ async def _handshake(
     pm = new_path_manager(local_key=keys.to_client, remote_key=keys.to_server, mode=mode,
                           relay_available=bool(sc.welcome and sc.welcome.relay),
                           config=path_config)
+    pm.set_local_candidates(cands)  # lets it tell whether our own NAT is symmetric
     pm.add_remote_candidates(_decode_cands(scands), loop.time())
     failed: asyncio.Future[str] = loop.create_future()
     tunnel_box: list[Tunnel] = []
@@ -505,6 +506,7 @@ class Server:
                               mode=self.mode, relay_available=bool(sc.welcome.relay),
                               config=self.path_config)
         loop = asyncio.get_running_loop()
+        pm.set_local_candidates(mine)
         pm.add_remote_candidates(_decode_cands(cands), loop.time())
         sid = inc.session
         served = _ServedSession(session=None, started=time.monotonic())  # type: ignore[arg-type]
