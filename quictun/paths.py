@@ -477,6 +477,10 @@ class PathManager:
                 c.slot = slot
         if c is None:
             return
+        if not c.validated and c.slot != slot:
+            # the pair works through the socket this answer came in on (a birthday slot):
+            # keep sending there, or the path would leave by another NAT mapping
+            c.slot = slot
         self._stats["responses_received"] += 1
         rtt = max(0.0, now - txn.sent_at)
         c.rtt = rtt
