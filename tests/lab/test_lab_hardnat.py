@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from .netlab import Lab, SiteSpec
 from .test_lab_tunnel import (  # noqa: F401  (pytestmark and the fixture, used by name)
     MB,
@@ -91,32 +89,25 @@ def test_cone_to_symmetric_goes_direct_by_birthday(lab_factory: LabFactory,
     assert_direct(lab, SIZE, family=4)
 
 
-@pytest.mark.parametrize("hops", [True, False], ids=["low-ttl-dies", "low-ttl-arrives"])
-def test_accept_wan_input_trap(lab_factory: LabFactory, tunnel_factory: TunnelFactory,
-                               hops: bool) -> None:
+def test_accept_wan_input_trap(lab_factory: LabFactory, tunnel_factory: TunnelFactory) -> None:
+    """Routers that accept unsolicited wan input (NOTES §1 trap): low-TTL first probes.
+
+    Control, measured by hand and not kept as a test (it can only observe): without the
+    hop emulation the TTL-5 probes reach the adjacent far router, the stale entry
+    forms, and the pair stayed relayed for 25 s.
+    """
     spec = SiteSpec("cone", drop_wan_input=False, ipv6=False)
     lab = lab_factory(spec, spec)
-    if hops:
-        emulate_internet_hops(lab)
+    emulate_internet_hops(lab)
     t = tunnel_factory(lab)
     t.start_relay()
     t.start_service()
     t.serve()
     t0 = time.monotonic()
     t.connect()
-    t.wait_path("relay|direct", timeout=30)
-    try:
-        m = t.wait_path("direct", timeout=25)
-    except Exception:
-        m = None
-    took = time.monotonic() - t0
-    verdict = f"direct after {took:.1f} s" if m else f"no direct path in {took:.0f} s"
-    print(f"\naccept-input cone pair, hop emulation {hops}: {verdict}; "
-          f"conntrack a:\n{lab.conntrack_list('a')}\nconntrack b:\n{lab.conntrack_list('b')}")
-    if hops:
-        assert m is not None, "low-TTL first probes should avoid the stale-entry trap"
-        assert ttl_expired(lab) > 0  # the low-TTL probes did die on the way
-        t.transfer(down=MB * 4)
-        assert_direct(lab, MB * 4, family=4)
-    elif m is None:
-        pytest.xfail("control: low-TTL probes reach the adjacent far router, the trap holds")
+    m = t.wait_path("direct", timeout=30)
+    print(f"\naccept-input cone pair: direct after {time.monotonic() - t0:.1f} s")
+    assert m is not None, "low-TTL first probes should avoid the stale-entry trap"
+    assert ttl_expired(lab) > 0  # the low-TTL probes did die on the way
+    t.transfer(down=MB * 4)
+    assert_direct(lab, MB * 4, family=4)
