@@ -111,3 +111,19 @@ def test_accept_wan_input_trap(lab_factory: LabFactory, tunnel_factory: TunnelFa
     assert ttl_expired(lab) > 0  # the low-TTL probes did die on the way
     t.transfer(down=MB * 4)
     assert_direct(lab, MB * 4, family=4)
+
+
+def test_firewall_to_symmetric_goes_direct_by_birthday(lab_factory: LabFactory,
+                                                       tunnel_factory: TunnelFactory) -> None:
+    """A stateful firewall filters like a port-restricted cone: birthday needed too."""
+    lab = lab_factory(SiteSpec("firewall", ipv6=False), SiteSpec("symmetric", ipv6=False))
+    t = tunnel_factory(lab)
+    t.start_relay()
+    t.start_service()
+    t.serve()
+    t0 = time.monotonic()
+    t.connect()
+    m = t.wait_path("direct", timeout=40)
+    print(f"\nfirewall<->symmetric: direct after {time.monotonic() - t0:.1f} s: {m.group(0)}")
+    t.transfer(down=SIZE)
+    assert_direct(lab, SIZE, family=4)
