@@ -52,6 +52,7 @@ MODES = ("auto", "direct", "relay")
 MAX_DATAGRAM = 1350
 CONNECT_TIMEOUT = 20.0
 MAX_SESSIONS = 256
+STUN_WAIT = 0.5  # how long gathering waits for the relay's reflectors before the offer
 
 StatusCallback = Callable[[str], None]
 
@@ -94,7 +95,8 @@ async def _candidates(signal: SignalClient, mode: str) -> tuple[UdpEndpoint, lis
     if mode == "relay":
         return ep, []
     try:
-        return ep, await gather(ep, await _stun_servers(signal))
+        # a short wait: reflexive candidates that miss it follow in-band once QUIC is up
+        return ep, await gather(ep, await _stun_servers(signal), timeout=STUN_WAIT)
     except BaseException:
         ep.close()
         raise

@@ -96,6 +96,7 @@ TRANSACTION_LIFETIME = 5.0  # seconds a probe's response is accepted
 FAST_PHASE = 1.0  # seconds of probe_interval at the start of a punch / triggered burst
 TRIGGERED_BURST = 2.0  # seconds a triggered check keeps probing a candidate
 ALTERNATE_FACTOR = 5  # validated, unselected candidates are probed every 5 heartbeats
+EARLY_MOVE_EXTRA = 1.0  # s of fast probing unanswered before moving off a silent path early
 SUSPECT_FACTOR = 1.5  # selected path with no evidence for 1.5 heartbeats probes faster
 
 
@@ -300,6 +301,19 @@ class PathManager:
     def note_relay_traffic(self, now: float) -> None:
         """A datagram came through the relay (statistics only)."""
         self._stats["relay_traffic"] += 1
+
+    def uncertain(self, now: float) -> bool:
+        """True while the selected direct path shows no sign of life (it is *suspect*:
+        nothing for 1.5 heartbeats) and the relay could carry datagrams (auto mode).
+
+        The shell may then send each QUIC datagram over the relay as well: after a NAT
+        rebinding the data keeps flowing within seconds instead of stalling until the
+        path is declared dead. Duplicates are harmless to QUIC.
+        """
+        c = self._selected
+        if c is None or self._mode != "auto" or not self._relay_available:
+            return False
+        return self._silent(c, now)
 
     def set_relay_available(self, available: bool, now: float) -> None:
         """The relay connection was lost (False) or restored (True)."""
@@ -661,12 +675,27 @@ class PathManager:
         if cur is not None and cur.validated:
             if best is not None and best.rank < cur.rank:
                 return best, False
+            if self._silent(cur, now, EARLY_MOVE_EXTRA):
+                # clear evidence: the selected path went quiet (through a heartbeat and the
+                # fast probes after it) while another of no worse rank answered recently,
+                # e.g. the peer's NAT moved it to a new port: move now, not at dead_after.
+                # Never to a worse rank, so loss on a LAN path cannot flap it.
+                alive = [c for c in self._cands.values()
+                         if c.validated and c is not cur and c.rank <= cur.rank
+                         and not self._silent(c, now)]
+                if alive:
+                    return min(alive, key=lambda c: (c.rank, c.validation_rtt or 0.0)), False
             return cur, False
         if best is not None:
             return best, False
         if self._relay_wanted() and now >= self._start_time + self._cfg.relay_after:
             return None, True
         return None, False
+
+    def _silent(self, c: _Cand, now: float, extra: float = 0.0) -> bool:
+        """No evidence from ``c`` for 1.5 heartbeats (the *suspect* threshold) + ``extra``."""
+        return (c.last_alive is None
+                or now - c.last_alive >= SUSPECT_FACTOR * self._cfg.heartbeat + extra)
 
     def _reselect(self, now: float, previous_direct: _Cand | None = None) -> None:
         """Move ``current`` to the target, emitting one PathChanged if it changed."""

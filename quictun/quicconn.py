@@ -416,6 +416,15 @@ class QuicEngine:
         self._process_events()
         self._flush()
 
+    def ping(self) -> None:
+        """Send a PING now. After a path change its ACK makes QUIC declare the packets
+        lost on the old path at once, instead of waiting for a backed-off PTO."""
+        if self._closed:
+            return
+        self._ping_uid += 1
+        self.quic.send_ping(self._ping_uid)
+        self.schedule_flush()
+
     def _send_keepalive(self) -> None:
         if self._closed:
             return

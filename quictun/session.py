@@ -83,6 +83,9 @@ class PeerSession:
         self._regather = regather
         self._refreshing = False
         self._was_direct = False
+        self._started_refresh = False
+        self._path: Path | None = None
+        self._dup = False  # also send QUIC over the relay (direct path is suspect)
         self._aux: dict[int, UdpEndpoint] = {}  # birthday sockets by path-manager slot
         endpoint.on_stun = self._stun_received
         endpoint.on_quic = self._quic_received
@@ -173,12 +176,14 @@ class PeerSession:
         return True
 
     def _send_quic(self, data: bytes) -> None:
-        path = self.paths.current
+        path = self._path  # PathManager.current, cached: it changes only with PathChanged
         if path is None:
             self._queue.append(data)
         elif path.kind == "direct":
             ep = self._aux.get(path.slot, self.endpoint) if path.slot else self.endpoint
             ep.sendto(data, path.remote)  # type: ignore[arg-type]
+            if self._dup and self.signal is not None:
+                self.signal.send_relay(self.session_id, data)
         elif self.signal is not None:
             self.signal.send_relay(self.session_id, data)
 
@@ -196,17 +201,33 @@ class PeerSession:
                 self._aux.pop(slot).close()
         while (ev := pm.next_event()) is not None:
             if isinstance(ev, PathChanged):
+                self._path = ev.path
                 self._on_path(ev.path)
                 direct = ev.path is not None and ev.path.kind == "direct"
                 if self._was_direct and not direct:
                     self._refresh_soon()  # lost the direct path: our NAT may have moved us
+                elif not direct and not self._started_refresh:
+                    # starting on the relay: if still not direct in a second, re-learn our
+                    # public address (a slow reflector may have missed the offer) and tell
+                    # the peer in-band
+                    self._refresh_soon(first_delay=1.0)
+                self._started_refresh = True
                 self._was_direct = direct
+                if self.engine is not None and ev.path is not None:
+                    self.engine.ping()  # fast loss recovery on the new path
                 if ev.path is not None and self._queue:
                     queued, self._queue = list(self._queue), deque(maxlen=QUEUE_BEFORE_PATH)
                     for d in queued:
                         self._send_quic(d)
             elif isinstance(ev, PunchFailed):
                 self._on_failed(ev.reason)
+        dup = pm.uncertain(now)
+        if dup and not self._dup and self.engine is not None:
+            self.engine.ping()  # the direct path went quiet: probe QUIC over the relay too
+        rising = dup and not self._dup
+        self._dup = dup
+        if rising:
+            self._refresh_soon()  # our NAT may have moved us: tell the peer where we are
         at = pm.get_timer()
         if at != self._timer_at and not self.closed:
             if self._timer is not None:
@@ -233,18 +254,18 @@ class PeerSession:
         return ep
 
     # -- NAT rebinding: re-learn our public address and tell the peer in-band ----------
-    def _refresh_soon(self) -> None:
+    def _refresh_soon(self, first_delay: float = 0.0) -> None:
         if self._regather is not None and not self._refreshing and not self.closed:
             self._refreshing = True
-            asyncio.ensure_future(self._refresh())
+            asyncio.ensure_future(self._refresh(first_delay))
 
-    async def _refresh(self) -> None:
+    async def _refresh(self, first_delay: float) -> None:
         """While not direct, re-gather candidates and send them inside QUIC, a few times."""
         try:
-            for delay in (0.0, 2.0, 5.0, 10.0, 20.0, 30.0):
+            for delay in (first_delay, 2.0, 5.0, 10.0, 20.0, 30.0):
                 await asyncio.sleep(delay)
-                cur = self.paths.current
-                if self.closed or (cur is not None and cur.kind == "direct"):
+                cur = self._path
+                if self.closed or (cur is not None and cur.kind == "direct" and not self._dup):
                     return
                 cands = await self._regather()  # type: ignore[misc]
                 if self.handler is not None and self.engine is not None:
