@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 Addr = tuple[str, int]
 
 VERDICT_DIRECT = "direct connections should work"
-VERDICT_SYMMETRIC = ("direct works with most peers; a peer behind a symmetric NAT will be "
-                     "relayed")
+VERDICT_SYMMETRIC = ("your NAT is symmetric: peers behind ordinary NATs or firewalls are "
+                     "reached directly after a few seconds of birthday probing; a peer "
+                     "behind another symmetric NAT will be relayed")
 VERDICT_BLOCKED = ("UDP is blocked: every tunnel will be relayed through the signalling "
                    "server")
 VERDICT_BLOCKED_NO_RELAY = ("UDP is blocked and this relay does not relay: tunnels will "
