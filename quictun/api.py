@@ -36,7 +36,7 @@ from typing import Any
 
 from . import auth, engines, sigproto
 from .endpoint import UdpEndpoint, gather, resolve
-from .errors import TunnelError
+from .errors import AuthError, TunnelError, printable
 from .identity import Identity, load_or_create
 from .paths import Candidate, Path, PathConfig
 from .quicconn import CONNECTION_WINDOW, STREAM_WINDOW
@@ -249,15 +249,15 @@ async def _handshake(
         raise
     if isinstance(reply, sigproto.Rejected):
         if "secret" in reply.reason or "auth" in reply.reason:
-            raise TunnelError(
+            raise AuthError(
                 f"{name!r} refused the connection: wrong secret "
                 "(check QUICTUN_SECRET / --secret-file, or use the ticket)"
             )
-        raise TunnelError(f"{name!r} refused the connection: {reply.reason}")
+        raise TunnelError(f"{name!r} refused the connection: {printable(reply.reason)}")
     if isinstance(reply, sigproto.Error):
         if reply.code == sigproto.E_TIMEOUT:
             raise TunnelError(f"the peer serving {name!r} did not answer (it may be gone)")
-        raise TunnelError(f"relay: {reply.message}")
+        raise TunnelError(f"relay: {printable(reply.message)}")
     assert isinstance(reply, sigproto.Answer)
     ans = reply.answer
     fp, snonce, scands = ans.get("fp"), ans.get("nonce"), ans.get("cands")
@@ -265,12 +265,12 @@ async def _handshake(
             and all(isinstance(c, str) for c in scands)):
         raise TunnelError(f"the answer from {name!r} is malformed")
     if not auth.check(auth.answer_mac(root, nonce, snonce, fp, pub, scands), ans.get("mac")):
-        raise TunnelError(
+        raise AuthError(
             f"the answer for {name!r} is not authenticated by our secret: the relay or "
             "someone else is impersonating the peer; refusing"
         )
     if pin is not None and fp != pin:
-        raise TunnelError(
+        raise AuthError(
             f"the peer answering for {name!r} is not the one in the ticket "
             "(fingerprint differs); refusing"
         )
@@ -337,7 +337,7 @@ async def _handshake(
         try:
             ready.result()
         except ConnectionRefusedError as exc:
-            raise TunnelError(str(exc)) from None
+            raise AuthError(str(exc)) from None
     except BaseException:
         ready.cancel()
         session.close("connect failed")

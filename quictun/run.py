@@ -46,14 +46,6 @@ async def run_connect(
     await _listen(tunnel, opener, name, host, port, stats_interval)
 
 
-# errors that another attempt cannot fix: stop instead of retrying
-_PERMANENT = ("wrong secret", "fingerprint", "impersonat", "not authenticated", "refused our")
-
-
-def _permanent(exc: TunnelError) -> bool:
-    return any(p in str(exc) for p in _PERMANENT)
-
-
 class _Refuse(asyncio.Protocol):
     """Closes a local connection at once: the tunnel is down (being re-established)."""
 
@@ -103,7 +95,7 @@ async def _listen(
                 try:
                     current[0] = await opener()
                 except TunnelError as exc:
-                    if _permanent(exc):
+                    if exc.permanent:
                         raise
                     delay = min(delay * 2, 30.0)
                     log.warning("reconnect failed: %s; retrying in %.0f s", exc, delay)

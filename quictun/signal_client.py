@@ -15,7 +15,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from . import __version__, sigproto
-from .errors import TunnelError
+from .errors import TunnelError, printable
 
 log = logging.getLogger("quictun.signal")
 
@@ -217,5 +217,6 @@ class RelayError(TunnelError):
     """The relay answered with an ``error`` message."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"relay: {message}" if message else f"relay error: {code}")
+        text = printable(message)
+        super().__init__(f"relay: {text}" if text else f"relay error: {printable(code)}")
         self.code = code
