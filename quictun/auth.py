@@ -13,8 +13,9 @@ MAC'd with it, and per-session keys come from both peers' fresh nonces and ident
 - the **client proof**, sent inside the QUIC connection, is a MAC over both identities
   plus an Ed25519 signature by the client's identity key, bound to this session.
 
-A relay that records an offer can try to guess a weak secret offline; generated
-secrets (tickets) are 256 bits so that is hopeless. See docs/architecture.md.
+A relay that records an offer can try to guess a weak secret offline; the root key comes
+from scrypt to make each guess expensive, and generated secrets (tickets) are 256 bits
+so that is hopeless for them. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -36,10 +37,15 @@ def _mac(key: bytes, *parts: bytes | str) -> bytes:
 
 
 def root_key(secret: str | bytes, name: str) -> bytes:
-    """Derive the tunnel's root key from its shared secret and name (HKDF-SHA256)."""
+    """Derive the tunnel's root key from its shared secret and name.
+
+    scrypt (N=2^14, r=8: ~16 MiB, tens of milliseconds, once per connect or serve) so
+    that a relay that recorded an offer pays dearly for every guess of a weak,
+    person-chosen secret; generated secrets (tickets) are 256 bits anyway.
+    """
     ikm = secret.encode() if isinstance(secret, str) else secret
-    prk = hmac.new(_SALT, ikm, hashlib.sha256).digest()
-    return hmac.new(prk, b"root|" + name.encode() + b"\x01", hashlib.sha256).digest()
+    return hashlib.scrypt(ikm, salt=_SALT + b"|" + name.encode(), n=1 << 14, r=8, p=1,
+                          maxmem=64 * 1024 * 1024, dklen=32)
 
 
 def owner_token(identity_private: bytes, name: str) -> str:
@@ -49,7 +55,9 @@ def owner_token(identity_private: bytes, name: str) -> str:
 
 
 def offer_mac(root: bytes, nonce: str, client_pub: str, cands: list[str]) -> str:
-    return _mac(root, "offer", nonce, client_pub, "\n".join(cands)).hex()
+    """MAC of an offer. Every candidate is its own length-prefixed part, so a relay
+    cannot merge or split candidates without breaking it."""
+    return _mac(root, "offer", nonce, client_pub, str(len(cands)), *cands).hex()
 
 
 def answer_mac(
@@ -57,7 +65,8 @@ def answer_mac(
     cands: list[str],
 ) -> str:
     return _mac(
-        root, "answer", client_nonce, server_nonce, server_fp, client_pub, "\n".join(cands)
+        root, "answer", client_nonce, server_nonce, server_fp, client_pub, str(len(cands)),
+        *cands,
     ).hex()
 
 

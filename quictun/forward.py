@@ -25,6 +25,7 @@ log = logging.getLogger("quictun.forward")
 SEND_HIGH = 1024 * 1024
 SEND_LOW = 256 * 1024
 WRITE_HIGH = 512 * 1024
+CONSUMED_POLL = 0.05  # s between looks at a local write buffer that is draining
 
 ERR_TARGET_UNREACHABLE = 0x51
 ERR_LOCAL_RESET = 0x52
@@ -57,6 +58,7 @@ class StreamBridge(asyncio.Protocol):
         self.bytes_up = 0
         self.bytes_down = 0
         self._batch: list[bytes] = []  # QUIC data for the writer, flushed once per loop turn
+        self._polling = False
 
     # -- local transport -------------------------------------------------------------
     @property
@@ -70,6 +72,9 @@ class StreamBridge(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._reader = transport
         # not isinstance(WriteTransport): uvloop's socket transports do not subclass it
+        if self._done:  # the stream ended while the target was being connected
+            transport.abort()  # type: ignore[attr-defined]
+            return
         if self.duplex and self._writer is None:
             self.attach_writer(transport)  # type: ignore[arg-type]
 
@@ -187,10 +192,22 @@ class StreamBridge(asyncio.Protocol):
         w = self._writer
         if w is None:
             return
-        consumed = self._written - w.get_write_buffer_size()
+        buffered = w.get_write_buffer_size()
+        consumed = self._written - buffered
         if consumed > self._reported:
             self.engine.consume(self.stream_id, consumed - self._reported)
             self._reported = consumed
+        if buffered and not self._polling and not self._done:
+            # asyncio says nothing when a buffer drains below the high-water mark: look
+            # again shortly, or those bytes would stay "unconsumed" and, summed over many
+            # idle streams, could pin the connection window
+            self._polling = True
+            asyncio.get_running_loop().call_later(CONSUMED_POLL, self._poll_consumed)
+
+    def _poll_consumed(self) -> None:
+        self._polling = False
+        if not self._done:
+            self._report_consumed()
 
     def _maybe_done(self) -> None:
         if self._local_eof and self._remote_eof:

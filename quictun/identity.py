@@ -122,6 +122,8 @@ def load_or_create(directory: Path | None = None) -> Identity:
     d = directory or config_dir()
     key_path, cert_path = d / KEY_FILE, d / CERT_FILE
     if key_path.exists():
+        if key_path.stat().st_mode & 0o077:
+            raise ValueError(f"{key_path} is readable by other users; run chmod 600 on it")
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(key, ed25519.Ed25519PrivateKey):
             raise ValueError(f"{key_path} is not an Ed25519 key")
@@ -146,9 +148,14 @@ def load_or_create(directory: Path | None = None) -> Identity:
     return ident
 
 
-def _write(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Atomically write ``data`` to ``path`` with mode 0600 (owner only)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)  # also when a stale .tmp existed with a looser mode
         f.write(data)
     os.replace(tmp, path)
+
+
+_write = write_private  # kept for older callers

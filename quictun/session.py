@@ -10,6 +10,7 @@ sees the same virtual peer, so a path switch never disturbs the connection.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections import deque
@@ -25,6 +26,8 @@ from .signal_client import SignalClient
 log = logging.getLogger("quictun.session")
 
 QUEUE_BEFORE_PATH = 64
+MAX_AUX_SOCKETS = 1024  # birthday sockets open at once, all sessions of this process
+_AUX_OPEN = [0]
 
 
 def describe(path: Path | None) -> str:
@@ -84,6 +87,7 @@ class PeerSession:
         self._refreshing = False
         self._was_direct = False
         self._started_refresh = False
+        self._refresh_task: asyncio.Future[None] | None = None
         self._path: Path | None = None
         self._dup = False  # also send QUIC over the relay (direct path is suspect)
         self._aux: dict[int, UdpEndpoint] = {}  # birthday sockets by path-manager slot
@@ -95,6 +99,8 @@ class PeerSession:
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
         """Begin punching (the relay's go / answer)."""
+        if self.closed:
+            return
         self.paths.start(self.loop.time())
         self._service()
 
@@ -113,8 +119,10 @@ class PeerSession:
             self._timer.cancel()
         # give a final CONNECTION_CLOSE a moment to leave before the socket goes
         self.loop.call_later(0.2, self.endpoint.close)
-        for ep in self._aux.values():
-            self.loop.call_later(0.2, ep.close)
+        for slot in list(self._aux):
+            self.loop.call_later(0.2, self._close_aux, slot)
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
 
     # -- input -------------------------------------------------------------------------
     def _stun_received(self, data: bytes, addr: Addr, slot: int = 0) -> None:
@@ -147,6 +155,8 @@ class PeerSession:
         self._service()
 
     def relay_lost(self) -> None:
+        if self.closed:
+            return
         self.paths.set_relay_available(False, self.loop.time())
         self._service()
 
@@ -198,7 +208,7 @@ class PeerSession:
                 ep.sendto(data, addr, ttl)
         if self._aux:
             for slot in set(self._aux) - pm.aux_slots():
-                self._aux.pop(slot).close()
+                self._close_aux(slot)
         while (ev := pm.next_event()) is not None:
             if isinstance(ev, PathChanged):
                 self._path = ev.path
@@ -243,21 +253,30 @@ class PeerSession:
             return self.endpoint
         ep = self._aux.get(slot)
         if ep is None and not self.closed:
+            if _AUX_OPEN[0] >= MAX_AUX_SOCKETS:
+                return None  # process-wide budget spent: fewer birthday ports, no failure
             try:
                 ep = UdpEndpoint.open()
             except OSError as exc:  # out of file descriptors or ports: fewer birthday ports
                 log.debug("extra socket %d: %s", slot, exc)
                 return None
+            _AUX_OPEN[0] += 1
             ep.on_stun = lambda d, a: self._stun_received(d, a, slot)
             ep.on_quic = self._quic_received
             self._aux[slot] = ep
         return ep
 
+    def _close_aux(self, slot: int) -> None:
+        ep = self._aux.pop(slot, None)
+        if ep is not None:
+            _AUX_OPEN[0] -= 1
+            ep.close()
+
     # -- NAT rebinding: re-learn our public address and tell the peer in-band ----------
     def _refresh_soon(self, first_delay: float = 0.0) -> None:
         if self._regather is not None and not self._refreshing and not self.closed:
             self._refreshing = True
-            asyncio.ensure_future(self._refresh(first_delay))
+            self._refresh_task = asyncio.ensure_future(self._refresh(first_delay))
 
     async def _refresh(self, first_delay: float) -> None:
         """While not direct, re-gather candidates and send them inside QUIC, a few times."""
@@ -267,7 +286,11 @@ class PeerSession:
                 cur = self._path
                 if self.closed or (cur is not None and cur.kind == "direct" and not self._dup):
                     return
-                cands = await self._regather()  # type: ignore[misc]
+                try:
+                    cands = await self._regather()  # type: ignore[misc]
+                except Exception as exc:  # e.g. the relay is gone: try again later
+                    log.debug("re-gathering candidates failed: %s", exc)
+                    continue
                 if self.handler is not None and self.engine is not None:
                     self.handler.send_candidates([c.encode() for c in cands])  # type: ignore[attr-defined]
                     self.engine.schedule_flush()
@@ -301,6 +324,11 @@ def new_path_manager(
     """A PathManager wired to this host's networks and the OS random source."""
     from .endpoint import local_networks
 
+    if os.environ.get("QUICTUN_BIRTHDAY_ANY_ADDRESS") == "1":
+        # the network lab's addresses are not global; never set outside a lab
+        base = config or PathConfig()
+        if hasattr(base, "birthday_any_address"):
+            config = dataclasses.replace(base, birthday_any_address=True)
     return PathManager(
         local_key=local_key,
         remote_key=remote_key,

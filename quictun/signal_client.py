@@ -86,9 +86,13 @@ class SignalClient:
         self._writer = asyncio.create_task(self._write_loop())
         hello = sigproto.Hello(v=sigproto.PROTOCOL_VERSION, token=self.token,
                                agent=f"quictun/{__version__}")
-        reply = await self.request(
-            hello, lambda m: isinstance(m, sigproto.Welcome), timeout=timeout
-        )
+        try:
+            reply = await self.request(
+                hello, lambda m: isinstance(m, sigproto.Welcome), timeout=timeout
+            )
+        except BaseException:
+            await self.close()  # no half-open WebSocket and reader tasks left behind
+            raise
         assert isinstance(reply, sigproto.Welcome)
         self.welcome = reply
         return reply
@@ -174,14 +178,20 @@ class SignalClient:
                     except sigproto.ProtocolError:
                         continue
                     self.relayed_in += len(payload)
-                    self.on_relay(session, payload)
+                    try:
+                        self.on_relay(session, payload)
+                    except Exception:  # a bug above us must not cut the relay link
+                        log.exception("error handling a relayed packet")
                     continue
                 try:
                     msg = sigproto.decode(raw)
                 except sigproto.ProtocolError as exc:
                     log.warning("ignoring a malformed message from the relay: %s", exc)
                     continue
-                self._dispatch(msg)
+                try:
+                    self._dispatch(msg)
+                except Exception:
+                    log.exception("error handling a %s message from the relay", msg.T)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

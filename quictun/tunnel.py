@@ -34,6 +34,7 @@ STREAM_PREAMBLE = b"\x00"  # first byte of every forwarded stream: format versio
 PROOF_SIZE = 32 + 32 + 64
 ERR_AUTH = 0x101
 PRE_AUTH_LIMIT = 256 * 1024
+PROOF_DEADLINE = 10.0  # s from the first QUIC packet to a verified client proof
 ERR_FINGERPRINT = 0x102
 
 
@@ -101,6 +102,7 @@ class _Base:
     def _consume_stray(self, stream_id: int, data: bytes) -> None:
         if data:
             self.engine.consume(stream_id, len(data))
+        self.engine.quic.forget_stream(stream_id)  # no bookkeeping left for it
 
 
 class ClientHandler(_Base):
@@ -190,6 +192,19 @@ class ServerHandler(_Base):
         self._held_bytes = 0
         self.connections = 0
         self._finished: set[int] = set()
+        # a connection that never proves itself must not hold a session (and its sockets)
+        self._deadline: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            PROOF_DEADLINE, self._proof_overdue)
+
+    def _proof_overdue(self) -> None:
+        self._deadline = None
+        if not self.authenticated:
+            self._refuse(f"no valid proof within {PROOF_DEADLINE:.0f} s")
+
+    def on_terminated(self, error_code: int, reason: str) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().on_terminated(error_code, reason)
 
     def on_handshake(self, event: events.HandshakeCompleted) -> None:
         pass
@@ -238,9 +253,11 @@ class ServerHandler(_Base):
         self.authenticated = True
         if self._on_authenticated is not None:
             self._on_authenticated(self.client_fp)
+        if self._deadline is not None:
+            self._deadline.cancel()
         held, self._held = self._held, []
         for sid, d, e in held:
-            self._deliver(sid, d, e)
+            self.on_stream_data(sid, d, e)  # candidate updates as well as connections
 
     def _refuse(self, why: str) -> None:
         log.warning("refusing a client: %s", why)

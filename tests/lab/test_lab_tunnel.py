@@ -174,7 +174,9 @@ class Tunnel:
     def env(self, site: str) -> dict[str, str]:
         home = self.workdir / f"home-{site}"
         home.mkdir(exist_ok=True)
-        return {"QUICTUN_SECRET": SECRET, "QUICTUN_HOME": str(home), "PYTHONPATH": str(REPO)}
+        # the lab's addresses (198.18.0.0/15) are not global: allow birthday probing there
+        return {"QUICTUN_SECRET": SECRET, "QUICTUN_HOME": str(home), "PYTHONPATH": str(REPO),
+                "QUICTUN_BIRTHDAY_ANY_ADDRESS": "1"}
 
     def start_relay(self) -> LabProcess:
         relay = self.lab.spawn(
