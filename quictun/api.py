@@ -52,6 +52,7 @@ MODES = ("auto", "direct", "relay")
 MAX_DATAGRAM = 1350
 CONNECT_TIMEOUT = 20.0
 MAX_SESSIONS = 256
+NONCE_MEMORY = 600.0  # s a client nonce is remembered (replayed offers are refused)
 STUN_WAIT = 0.5  # how long gathering waits for the relay's reflectors before the offer
 
 StatusCallback = Callable[[str], None]
@@ -394,6 +395,8 @@ class Server:
         self.emit = on_event or (lambda s: log.info("%s", s))
         self.path_config = path_config
         self.sessions: dict[int, _ServedSession] = {}
+        self._accepting: set[int] = set()
+        self._nonces: dict[str, float] = {}  # client nonce -> forget after (monotonic)
         self.signal: SignalClient | None = None
         self.registered = asyncio.Event()
 
@@ -476,6 +479,30 @@ class Server:
                 await self.signal.send(sigproto.Reject(session=sid, reason=reason))
 
     async def _accept(self, inc: sigproto.Incoming) -> None:
+        """Answer one offer; never raises (a failure rejects that client only)."""
+        if inc.session in self.sessions or inc.session in self._accepting:
+            return  # a duplicate incoming for a session we already handle
+        self._accepting.add(inc.session)
+        try:
+            await self._accept_offer(inc)
+        except Exception as exc:  # e.g. out of sockets: this client fails, serving goes on
+            log.error("could not accept session %d: %s", inc.session, exc)
+            await self._reject(inc.session, "server error")
+        finally:
+            self._accepting.discard(inc.session)
+
+    def _fresh_nonce(self, nonce: str) -> bool:
+        """False for a client nonce seen recently: a replayed offer (the relay or an
+        eavesdropper resending one) gets no session, no sockets, no punching."""
+        now = time.monotonic()
+        if len(self._nonces) > 4096 or (self._nonces and next(iter(self._nonces.values())) < now):
+            self._nonces = {n: t for n, t in self._nonces.items() if t > now}
+        if nonce in self._nonces or len(self._nonces) > 65536:
+            return False
+        self._nonces[nonce] = now + NONCE_MEMORY
+        return True
+
+    async def _accept_offer(self, inc: sigproto.Incoming) -> None:
         sc = self.signal
         if sc is None:
             return
@@ -496,7 +523,11 @@ class Server:
         except ValueError:
             await self._reject(inc.session, "malformed offer")
             return
-        if len(self.sessions) >= MAX_SESSIONS:
+        if not self._fresh_nonce(nonce):
+            self.emit(f"refused a replayed offer (session {inc.session})")
+            await self._reject(inc.session, "replayed offer")
+            return
+        if len(self.sessions) + len(self._accepting) > MAX_SESSIONS:
             await self._reject(inc.session, "server busy")
             return
         ep, mine = await _candidates(sc, self.mode)
@@ -554,7 +585,8 @@ class Server:
         else:
             await session.engine.terminated.wait()
         session.close()
-        self.sessions.pop(sid, None)
+        if self.sessions.get(sid) is served:
+            del self.sessions[sid]
         if self.signal is not None and self.signal.connected and not served.relay_closed:
             with contextlib.suppress(TunnelError):
                 await self.signal.send(sigproto.Close(session=sid, reason="ended"))

@@ -116,3 +116,43 @@ async def test_relay_only_library_tunnel(env) -> None:  # type: ignore[no-untype
         assert t.path is not None and t.path.kind == "relay"
         writer.close()
     assert relay.stats["relayed_bytes"] > 0
+
+
+async def test_replayed_offer_gets_no_session(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A relay that replays a recorded offer gets a reject, not a second session."""
+    from signal_server import matchmaker
+
+    relay = RelayServer(RelayConfig(host="127.0.0.1", port=0))
+    await relay.start()
+    target = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    port = target.sockets[0].getsockname()[1]
+    original = matchmaker.Matchmaker._send
+
+    def replaying(self, conn_id, msg, *a, **k):  # type: ignore[no-untyped-def]
+        original(self, conn_id, msg, *a, **k)
+        if isinstance(msg, matchmaker.sp.Incoming):  # the same offer again, later session
+            original(self, conn_id, type(msg)(msg.session + 1000, msg.name, msg.offer), *a, **k)
+
+    monkeypatch.setattr(matchmaker.Matchmaker, "_send", replaying)
+    events: list[str] = []
+    task = asyncio.create_task(quictun.serve(
+        "lib", forward=f"127.0.0.1:{port}", signal=relay.url, secret="lib-secret",
+        identity=Identity.generate(), on_event=events.append))
+    try:
+        for _ in range(100):
+            if relay.stats.get("names", 0) >= 1:
+                break
+            await asyncio.sleep(0.05)
+        async with quictun.connect("lib", signal=relay.url, secret="lib-secret",
+                                   identity=Identity.generate(), on_status=lambda s: None) as t:
+            reader, writer = await t.open_connection()
+            writer.write(b"still works\n")
+            assert await reader.readline() == b"still works\n"
+            writer.close()
+        assert any("replayed offer" in e for e in events), events
+    finally:
+        task.cancel()
+        with __import__("contextlib").suppress(asyncio.CancelledError):
+            await task
+        target.close()
+        await relay.stop()
