@@ -16,8 +16,25 @@ everything from a port it has not sent to. The birthday technique (as in HyperDH
   from that slot, the answer passes the easy NAT, and both sides have a working pair.
 
 With N = 256 ports out of 64512 and 100 probes/s, a hit takes 2.5 s on average and the
-chance of none in 15 s is e^-6 (0.25%). Rates are bounded (``birthday_rate`` per side,
-all sockets together); probes only ever go to the peer's signalled public IP.
+chance of none in 15 s is e^-6 (0.25%).
+
+What bounds the harm (the real guarantee): the targets come from the peer's *signalled*
+candidates, and a reflexive candidate is only what a reflector (the relay, not
+authenticated) claimed, so a lying relay can name any address as "the peer's public IP".
+Therefore:
+
+* targets must be globally routable (``ipaddress.ip_address(ip).is_global``): never
+  private, CGNAT (100.64/10), loopback, link-local, benchmarking or documentation space,
+  so the spray cannot be aimed at the internal network behind either peer (a lab whose
+  addresses are not global opts in with ``PathConfig.birthday_any_address``);
+* the easy side probes random ports of *one* IP, the hard side at most two addresses;
+* one attempt per :class:`~quictun.paths.PathManager` (one peer connection), at most
+  ``birthday_rate`` probes per second (all sockets together) for ``birthday_duration``
+  seconds: at most 1500 small signed STUN requests with the defaults, stopped at the
+  first validated path.
+
+A malicious relay can thus still make a peer send that budget to one global IP; it
+cannot make it reach internal addresses, repeat it, or exceed it.
 
 Role decision (:func:`decide_role`), from the signalled candidates:
 
@@ -27,6 +44,8 @@ Role decision (:func:`decide_role`), from the signalled candidates:
 * peer EDM and we not known EDM -> ``easy`` (probe random ports of the peer's IP);
 * peer not EDM, we not known EIM, the shell can open extra sockets, and the peer has a
   public IPv4 candidate -> ``hard`` (open the slots, probe the peer's address from each).
+
+Only global addresses count as the peer's (see above), unless ``any_address``.
 
 Unknown local behaviour errs toward trying: the cost of a useless attempt is bounded.
 """
@@ -38,7 +57,7 @@ from collections.abc import Callable, Iterable
 
 from .pathtypes import Addr, Candidate, PathConfig
 
-__all__ = ["Birthday", "decide_role", "edm_ip"]
+__all__ = ["Birthday", "allowed_target", "decide_role", "edm_ip"]
 
 PORT_LO = 1024  # Linux picks NAT ports in 1024..65535 for unprivileged source ports
 PORT_SPAN = 65536 - PORT_LO
@@ -48,11 +67,20 @@ def _v4(addr: Addr) -> bool:
     return ipaddress.ip_address(addr[0]).version == 4
 
 
-def edm_ip(cands: Iterable[Candidate]) -> str | None:
-    """The IPv4 address on which ``cands`` show two reflexive ports (EDM), or None."""
+def allowed_target(ip: str, any_address: bool = False) -> bool:
+    """Whether ``ip`` may be a birthday target: globally routable, or ``any_address``."""
+    return any_address or ipaddress.ip_address(ip).is_global
+
+
+def edm_ip(cands: Iterable[Candidate], *, any_address: bool = False) -> str | None:
+    """The IPv4 address on which ``cands`` show two reflexive ports (EDM), or None.
+
+    Only global addresses count unless ``any_address`` (pass True to learn about our
+    own NAT, where the answer is not a target).
+    """
     ports: dict[str, set[int]] = {}
     for c in cands:
-        if c.kind == "srflx" and _v4(c.addr):
+        if c.kind == "srflx" and _v4(c.addr) and allowed_target(c.addr[0], any_address):
             ports.setdefault(c.addr[0], set()).add(c.addr[1])
     for ip, seen in ports.items():
         if len(seen) >= 2:
@@ -61,21 +89,28 @@ def edm_ip(cands: Iterable[Candidate]) -> str | None:
 
 
 def decide_role(
-    peer: list[Candidate], local: list[Candidate] | None, *, multi_socket: bool
+    peer: list[Candidate],
+    local: list[Candidate] | None,
+    *,
+    multi_socket: bool,
+    any_address: bool = False,
 ) -> tuple[str | None, list[Addr]]:
     """Return ``(role, targets)``: role ``"easy"``, ``"hard"`` or None (see module doc).
 
     ``targets`` are the peer's public IP (easy: ``[(ip, 0)]``, the port is random) or the
     peer's public IPv4 addresses (hard: at most two, reflexive ones first). The caller
-    passes only candidates that are not on our own LAN.
+    passes only candidates that are not on our own LAN. Every target is a global address
+    unless ``any_address`` (``PathConfig.birthday_any_address``); with no allowed target
+    the role is None.
     """
-    local_edm = None if local is None else edm_ip(local) is not None
-    peer_ip = edm_ip(peer)
+    local_edm = None if local is None else edm_ip(local, any_address=True) is not None
+    peer_ip = edm_ip(peer, any_address=any_address)
     if peer_ip is not None:
         return ("easy", [(peer_ip, 0)]) if local_edm is not True else (None, [])
     if local_edm is False or not multi_socket:
         return None, []
-    public = [c for c in peer if _v4(c.addr) and c.kind in ("srflx", "host")]
+    public = [c for c in peer if _v4(c.addr) and c.kind in ("srflx", "host")
+              and allowed_target(c.addr[0], any_address)]
     srflx = [c.addr for c in public if c.kind == "srflx"]
     if srflx:
         return "hard", srflx[:2]

@@ -15,18 +15,19 @@ Probes are STUN Binding requests signed (MESSAGE-INTEGRITY-SHA256) with ``remote
 the peer answers with a Binding success carrying XOR-MAPPED-ADDRESS, signed with its
 local key (our ``remote_key``). A remote candidate is *validated* when a signed response
 arrives, from the address we sent it to, for a transaction id we issued. Requests signed
-with ``local_key`` are always answered; one from an unknown source adds a ``prflx``
-candidate (peer-reflexive: how a symmetric NAT's per-destination port is learned) and
-starts a *triggered check* (an immediate probe plus a one-second burst).
+with ``local_key`` are answered; one from an unknown source adds a ``prflx`` candidate
+(peer-reflexive: how a symmetric NAT's per-destination port is learned) and starts a
+*triggered check* (an immediate probe plus a one-second burst).
 
-Every candidate has one probe timer (``next_probe``); its interval depends on its role:
+Replays (:class:`quictun.probes.SeenRequests`): a request id seen again from the same
+source and socket is a retransmission (answered, nothing else); from anywhere else it is
+a replay by an on-path observer (dropped unanswered). New prflx candidates and triggered
+checks are also rate-limited (``PRFLX_RATE``, ``TRIGGER_RATE`` per second), so no
+request can make us probe arbitrary addresses fast or evict the real prflx candidates.
 
-* selected direct path: ``heartbeat``; once *suspect* (no evidence for 1.5 heartbeats)
-  ``probe_interval_slow``, so that one lost heartbeat cannot kill a path;
-* in a burst (initial punching, triggered check, re-punch): ``probe_interval`` during the
-  burst's fast phase, then ``probe_interval_slow`` until the burst ends;
-* other validated candidates: ``5 * heartbeat`` (keeps alternates known and mapped);
-* otherwise idle.
+Every candidate has one probe timer (``next_probe``), scheduled by its role: heartbeat
+when selected, fast then slow during a burst, rarely as a validated alternate, else idle
+(:class:`quictun.probes.Cand`).
 
 Selection (see :meth:`PathManager._target`): the best validated candidate is the lowest
 ``(rank, rtt at validation)``. Relay or pathless -> upgrade to it as soon as one exists.
@@ -46,10 +47,9 @@ that normal form. A shell with a dual-stack socket maps IPv4 back to ``::ffff:a.
 
 from __future__ import annotations
 
-import ipaddress
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from . import stun
@@ -70,67 +70,35 @@ from .pathtypes import (
     PathConfig,
     PunchFailed,
     normalize_addr,
+    rank_of,
+)
+from .probes import (
+    ALTERNATE_FACTOR,
+    MAX_TRANSACTIONS,
+    REPEAT,
+    REPLAY,
+    REPLAY_WINDOW,
+    TRANSACTION_LIFETIME,
+    Cand,
+    SeenRequests,
+    TokenBucket,
+    TransactionTable,
+    Txn,
 )
 
 __all__ = [
-    "Addr",
-    "Candidate",
-    "Path",
-    "PathChanged",
-    "PunchFailed",
-    "PathConfig",
-    "PathManager",
-    "normalize_addr",
-    "RANK_LAN",
-    "RANK_IPV6",
-    "RANK_HOST_IPV4",
-    "RANK_REFLEXIVE",
-    "RANK_RELAY",
-    "RELAY_PATH",
+    "Addr", "Candidate", "Path", "PathChanged", "PunchFailed", "PathConfig", "PathManager",
+    "normalize_addr", "RANK_LAN", "RANK_IPV6", "RANK_HOST_IPV4", "RANK_REFLEXIVE",
+    "RANK_RELAY", "RELAY_PATH", "MAX_CANDIDATES", "MAX_PRFLX", "MAX_TRANSACTIONS",
+    "TRANSACTION_LIFETIME", "REPLAY_WINDOW",
 ]
 
-MAX_CANDIDATES = 32  # signalled candidates kept; more are ignored
+MAX_CANDIDATES = 32  # signalled candidates kept; the oldest idle one is evicted
 MAX_PRFLX = 8  # peer-reflexive candidates kept; the oldest unvalidated one is evicted
-MAX_TRANSACTIONS = 1024  # outstanding probe transaction ids; the oldest is evicted
-TRANSACTION_LIFETIME = 5.0  # seconds a probe's response is accepted
-FAST_PHASE = 1.0  # seconds of probe_interval at the start of a punch / triggered burst
+PRFLX_RATE, PRFLX_BURST = 4.0, 4  # new prflx candidates: per second, at once
+TRIGGER_RATE, TRIGGER_BURST = 4.0, 8  # triggered checks: per second, at once
 TRIGGERED_BURST = 2.0  # seconds a triggered check keeps probing a candidate
-ALTERNATE_FACTOR = 5  # validated, unselected candidates are probed every 5 heartbeats
 EARLY_MOVE_EXTRA = 1.0  # s of fast probing unanswered before moving off a silent path early
-SUSPECT_FACTOR = 1.5  # selected path with no evidence for 1.5 heartbeats probes faster
-
-
-@dataclass
-class _Cand:
-    """Mutable per-candidate state (private)."""
-
-    addr: Addr
-    kind: str
-    rank: int
-    prflx_seq: int = 0
-    validated: bool = False
-    validation_rtt: float | None = None
-    rtt: float | None = None
-    local: Addr | None = None
-    last_alive: float | None = None
-    first_unanswered: float | None = None
-    next_probe: float | None = None
-    burst_until: float = float("-inf")
-    fast_until: float = float("-inf")
-    slot: int = 0
-    probes: int = 0
-
-    def path(self) -> Path:
-        return Path("direct", self.addr, self.local, self.rtt, self.rank, self.slot)
-
-
-@dataclass
-class _Txn:
-    addr: Addr
-    sent_at: float
-    slot: int = 0
-    learn: bool = False  # a birthday probe: a signed answer teaches a prflx candidate
-
 
 Datagram = tuple[bytes, Addr, "int | None", int]
 
@@ -178,9 +146,12 @@ class PathManager:
         self._bday: Birthday | None = None
         self._bday_decided = False
 
-        self._cands: dict[Addr, _Cand] = {}
-        self._prflx_counter = 0
-        self._txns: dict[bytes, _Txn] = {}
+        self._cands: dict[Addr, Cand] = {}
+        self._seq = itertools.count(1)
+        self._txns = TransactionTable()
+        self._seen = SeenRequests()
+        self._prflx_bucket = TokenBucket(PRFLX_RATE, PRFLX_BURST)
+        self._trigger_bucket = TokenBucket(TRIGGER_RATE, TRIGGER_BURST)
         self._out: list[Datagram] = []
         self._events: deque[PathChanged | PunchFailed] = deque()
 
@@ -188,24 +159,14 @@ class PathManager:
         self._start_time = 0.0
         self._punch_deadline_done = False
         self._next_repunch: float | None = None
-        self._selected: _Cand | None = None
+        self._selected: Cand | None = None
         self._on_relay = False
 
-        self._stats = {
-            "probes_sent": 0,
-            "responses_received": 0,
-            "requests_received": 0,
-            "responses_sent": 0,
-            "invalid_dropped": 0,
-            "triggered_checks": 0,
-            "prflx_learned": 0,
-            "validations": 0,
-            "paths_died": 0,
-            "switches": 0,
-            "relay_traffic": 0,
-            "birthday_probes": 0,
-            "low_ttl_probes": 0,
-        }
+        self._stats = dict.fromkeys((
+            "probes_sent", "responses_received", "requests_received", "responses_sent",
+            "invalid_dropped", "replays_dropped", "retransmissions", "rate_limited",
+            "triggered_checks", "prflx_learned", "validations", "paths_died", "switches",
+            "relay_traffic", "birthday_probes", "low_ttl_probes"), 0)
         self.birthday_role: str | None = None
         """``"easy"`` / ``"hard"`` once a birthday attempt started (diagnostics)."""
 
@@ -224,20 +185,24 @@ class PathManager:
         """Learn the peer's candidates (from signalling; may be called repeatedly).
 
         After start(), a new or not-yet-validated candidate gets a punch burst right away
-        (so re-sent candidates re-punch). At most 32 signalled candidates are kept.
+        (so re-sent candidates re-punch). At most ``MAX_CANDIDATES`` signalled candidates
+        are kept: beyond that, the one signalled longest ago (re-signalling refreshes) that
+        is neither validated nor selected is forgotten; if there is none, the new one is
+        ignored. So a peer that roams for hours (a new reflexive address after every NAT
+        rebinding) can always go direct again.
         """
         for cand in cands:
             existing = self._cands.get(cand.addr)
             if existing is None:
-                signalled = sum(1 for c in self._cands.values() if c.kind != "prflx")
-                if signalled >= MAX_CANDIDATES:
+                if not self._evict_one(False, MAX_CANDIDATES):
                     continue
                 existing = self._add(cand.addr, cand.kind)
             elif KIND_PREFERENCE[cand.kind] < KIND_PREFERENCE[existing.kind]:
                 existing.kind = cand.kind
-                existing.rank = self._rank(existing.addr, existing.kind)
+                existing.rank = rank_of(existing.addr, existing.kind, self._networks)
+            existing.seq = next(self._seq)
             if self._started and self._mode != "relay" and not existing.validated:
-                self._burst(existing, now, now + self._cfg.punch_timeout, fast=True)
+                existing.burst(now, now + self._cfg.punch_timeout, fast=True)
         self._reselect(now)
 
     def set_local_candidates(self, cands: Iterable[Candidate]) -> None:
@@ -255,7 +220,7 @@ class PathManager:
         if self._mode != "relay":
             for c in self._cands.values():
                 if not c.validated:
-                    self._burst(c, now, now + self._cfg.punch_timeout, fast=True)
+                    c.burst(now, now + self._cfg.punch_timeout, fast=True)
         self._reselect(now)
 
     def receive_stun(self, data: bytes, addr: Addr, now: float, slot: int = 0) -> None:
@@ -265,8 +230,9 @@ class PathManager:
         :meth:`datagrams_to_send_slots`).
 
         Anything invalid is silently dropped (counted in ``stats()["invalid_dropped"]``):
-        malformed, unsigned or wrongly signed, an unknown or expired transaction id, or a
-        response from another address than the one the request went to.
+        malformed, unsigned or wrongly signed, an unknown or expired transaction id, a
+        response from another address than the one the request went to, or a request
+        whose transaction id recently came from another source (a replay).
         """
         if self._mode == "relay":
             return
@@ -313,7 +279,7 @@ class PathManager:
         c = self._selected
         if c is None or self._mode != "auto" or not self._relay_available:
             return False
-        return self._silent(c, now)
+        return c.silent(self._cfg, now)
 
     def set_relay_available(self, available: bool, now: float) -> None:
         """The relay connection was lost (False) or restored (True)."""
@@ -326,18 +292,14 @@ class PathManager:
         return [(data, addr) for data, addr, _ttl, slot in self.datagrams_to_send_slots(now)
                 if slot == 0]
 
-    def datagrams_to_send_ttl(self, now: float) -> list[tuple[bytes, Addr, int | None]]:
-        """Like :meth:`datagrams_to_send`, with an IP TTL hint per datagram: an int is the
-        TTL / hop limit to send that one datagram with (a candidate's first probes, see
-        ``PathConfig.low_ttl``), None the socket default."""
-        return [(data, addr, ttl) for data, addr, ttl, slot in self.datagrams_to_send_slots(now)
-                if slot == 0]
-
     def datagrams_to_send_slots(self, now: float) -> list[Datagram]:
-        """Like :meth:`datagrams_to_send_ttl`, as ``(data, addr, ttl, slot)``: send from
-        socket ``slot`` (0 the main one, k > 0 the shell's extra socket k, opened on first
-        use, any free port). Only a manager created with ``multi_socket=True`` uses slots
-        other than 0; the shell closes the extra sockets not in :meth:`aux_slots`."""
+        """Like :meth:`datagrams_to_send`, as ``(data, addr, ttl, slot)`` for every socket.
+
+        ``ttl`` is an int to send that one datagram with that IP TTL / hop limit (a
+        candidate's first probes, see ``PathConfig.low_ttl``), None for the socket default.
+        ``slot`` is the socket: 0 the main one, k > 0 the shell's extra socket k (opened on
+        first use, any free port). Only a manager created with ``multi_socket=True`` uses
+        slots other than 0; the shell closes the extra sockets not in :meth:`aux_slots`."""
         self._service(now)
         out, self._out = self._out, []
         return out
@@ -355,7 +317,7 @@ class PathManager:
         for c in self._cands.values():
             if c.next_probe is not None:
                 times.append(c.next_probe)
-            expiry = self._expiry(c)
+            expiry = c.expiry(self._cfg, c is self._selected)
             if expiry is not None:
                 times.append(expiry)
         if self._started and self._mode != "relay":
@@ -391,68 +353,69 @@ class PathManager:
 
     # ------------------------------------------------------------------ candidates
 
-    def _rank(self, addr: Addr, kind: str) -> int:
-        ip = ipaddress.ip_address(addr[0])
-        if ip.is_loopback or ip.is_link_local or any(ip in net for net in self._networks):
-            return RANK_LAN
-        if ip.version == 6:
-            return RANK_IPV6
-        if kind == "host":
-            return RANK_HOST_IPV4
-        return RANK_REFLEXIVE
-
-    def _add(self, addr: Addr, kind: str) -> _Cand:
-        c = _Cand(addr=addr, kind=kind, rank=self._rank(addr, kind))
-        if kind == "prflx":
-            self._prflx_counter += 1
-            c.prflx_seq = self._prflx_counter
+    def _add(self, addr: Addr, kind: str) -> Cand:
+        c = Cand(addr, kind, rank_of(addr, kind, self._networks), seq=next(self._seq))
         self._cands[addr] = c
         return c
 
-    def _learn_prflx(self, addr: Addr) -> _Cand | None:
-        prflx = [c for c in self._cands.values() if c.kind == "prflx"]
-        if len(prflx) >= MAX_PRFLX:
-            victims = [c for c in prflx if not c.validated and c is not self._selected]
-            if not victims:
-                return None
-            victim = min(victims, key=lambda c: c.prflx_seq)
-            self._forget_txns(victim.addr)
-            del self._cands[victim.addr]
+    def _evict_one(self, prflx: bool, limit: int) -> bool:
+        """Make room for one more (prflx or signalled) candidate: True if there is room,
+        possibly after forgetting the oldest such candidate that is neither validated nor
+        selected; False if every one of ``limit`` candidates is in use."""
+        same = [c for c in self._cands.values() if (c.kind == "prflx") == prflx]
+        if len(same) < limit:
+            return True
+        victims = [c for c in same if not c.validated and c is not self._selected]
+        if not victims:
+            return False
+        victim = min(victims, key=lambda c: c.seq)
+        self._txns.forget(victim.addr)
+        del self._cands[victim.addr]
+        return True
+
+    def _learn_prflx(self, addr: Addr) -> Cand | None:
+        if not self._evict_one(True, MAX_PRFLX):
+            return None
         self._stats["prflx_learned"] += 1
         return self._add(addr, "prflx")
 
-    def _burst(self, c: _Cand, now: float, until: float, *, fast: bool) -> None:
-        """Probe ``c`` now and keep probing it until ``until``."""
-        c.burst_until = max(c.burst_until, until)
-        if fast:
-            c.fast_until = max(c.fast_until, min(until, now + FAST_PHASE))
-        if c.next_probe is None or c.next_probe > now:
-            c.next_probe = now
-
-    def _forget_txns(self, addr: Addr) -> None:
-        for txid in [t for t, txn in self._txns.items() if txn.addr == addr]:
-            del self._txns[txid]
-
-    def _invalidate(self, c: _Cand) -> None:
+    def _invalidate(self, c: Cand) -> None:
         """Require a fresh validation (a response to a probe sent from now on)."""
         c.validated = False
         c.first_unanswered = None
-        self._forget_txns(c.addr)
+        self._txns.forget(c.addr)
 
     # ------------------------------------------------------------------ STUN input
 
     def _handle_request(
         self, data: bytes, msg: stun.StunMessage, src: Addr, now: float, slot: int
     ) -> None:
+        """A signed request: answer it, maybe learn a prflx candidate and check it.
+
+        Replays (the id came from another source or socket) get nothing; retransmissions
+        (same id, source and socket) get the same answer and nothing more; new prflx
+        candidates and triggered checks spend a token of their rate limit.
+        """
         if not stun.verify_integrity(data, self._local_key):
             self._stats["invalid_dropped"] += 1
+            return
+        seen = self._seen.check(msg.txid, src, slot, now)
+        if seen == REPLAY:
+            self._stats["invalid_dropped"] += 1
+            self._stats["replays_dropped"] += 1
             return
         self._stats["requests_received"] += 1
         answer = stun.binding_success(msg.txid, src, key=self._local_key)
         self._out.append((answer, src, None, slot))
         self._stats["responses_sent"] += 1
+        if seen == REPEAT:
+            self._stats["retransmissions"] += 1
+            return
         c = self._cands.get(src)
         if c is None:
+            if not self._prflx_bucket.take(now):
+                self._stats["rate_limited"] += 1
+                return
             c = self._learn_prflx(src)
             if c is None:
                 return
@@ -461,29 +424,26 @@ class PathManager:
             return
         elif slot and c.slot != slot:
             # A birthday hit: the peer reached our extra socket ``slot``; probe from there.
-            self._forget_txns(c.addr)
+            self._txns.forget(c.addr)
             c.slot = slot
         # Triggered check: the peer reaches us from src, so src may now reach back.
         if c.next_probe is None or c.next_probe > now + self._cfg.probe_interval:
+            if not self._trigger_bucket.take(now):
+                self._stats["rate_limited"] += 1
+                return
             self._stats["triggered_checks"] += 1
-            self._burst(c, now, now + TRIGGERED_BURST, fast=True)
+            c.burst(now, now + TRIGGERED_BURST, fast=True)
         else:
             c.burst_until = max(c.burst_until, now + TRIGGERED_BURST)
 
     def _handle_response(
         self, data: bytes, msg: stun.StunMessage, src: Addr, now: float, slot: int
     ) -> None:
-        self._expire_txns(now)
-        txn = self._txns.get(msg.txid)
-        if (
-            txn is None
-            or txn.addr != src
-            or txn.slot != slot
-            or not stun.verify_integrity(data, self._remote_key)
-        ):
+        txn = self._txns.match(msg.txid, src, slot, now)
+        if txn is None or not stun.verify_integrity(data, self._remote_key):
             self._stats["invalid_dropped"] += 1
             return
-        del self._txns[msg.txid]
+        self._txns.remove(msg.txid)
         c = self._cands.get(src)
         if c is None and txn.learn:  # a birthday probe hit: the peer answered a random port
             c = self._learn_prflx(src)
@@ -515,43 +475,16 @@ class PathManager:
             c.next_probe = now + ALTERNATE_FACTOR * self._cfg.heartbeat  # unless selected
             self._reselect(now)
 
-    def _expire_txns(self, now: float) -> None:
-        while self._txns:
-            txid, txn = next(iter(self._txns.items()))
-            if now - txn.sent_at < TRANSACTION_LIFETIME and len(self._txns) <= MAX_TRANSACTIONS:
-                break
-            del self._txns[txid]
-
     # ------------------------------------------------------------------ timers
-
-    def _expiry(self, c: _Cand) -> float | None:
-        """When a validated candidate counts as dead if nothing arrives, else None."""
-        if not c.validated or c.first_unanswered is None or c.last_alive is None:
-            return None
-        grace = self._cfg.dead_after
-        if c is not self._selected:
-            grace += ALTERNATE_FACTOR * self._cfg.heartbeat
-        return max(c.last_alive + grace, c.first_unanswered + self._cfg.heartbeat)
-
-    def _interval(self, c: _Cand, now: float) -> float | None:
-        cfg = self._cfg
-        if c is self._selected:
-            suspect = c.last_alive is None or now - c.last_alive >= SUSPECT_FACTOR * cfg.heartbeat
-            return cfg.probe_interval_slow if suspect else cfg.heartbeat
-        if c.validated:
-            return ALTERNATE_FACTOR * cfg.heartbeat
-        if now < c.burst_until:
-            return cfg.probe_interval if now < c.fast_until else cfg.probe_interval_slow
-        return None
 
     def _service(self, now: float) -> None:
         """Apply every deadline due at ``now``, then queue due probes."""
         if self._mode == "relay":
             self._check_punch_deadline(now)
             return
-        self._expire_txns(now)
+        self._txns.expire(now)
         for c in list(self._cands.values()):
-            expiry = self._expiry(c)
+            expiry = c.expiry(self._cfg, c is self._selected)
             if expiry is not None and now >= expiry:
                 self._path_died(c, now)
         if self._started:
@@ -565,7 +498,11 @@ class PathManager:
                 self._send_probe(c, now)
 
     def _birthday(self, now: float) -> None:
-        """Start a birthday attempt when due (see :mod:`quictun.birthday`), send its probes."""
+        """Start the birthday attempt when due (see :mod:`quictun.birthday`), send its probes.
+
+        At most one attempt per manager (``_bday_decided`` is never reset), so at most
+        ``birthday_rate * birthday_duration`` birthday probes in its lifetime.
+        """
         cfg = self._cfg
         if not self._bday_decided and now >= self._start_time + cfg.birthday_after:
             self._bday_decided = True
@@ -573,7 +510,8 @@ class PathManager:
                 peer = [Candidate(c.addr, c.kind) for c in self._cands.values()
                         if c.kind != "prflx" and c.rank > RANK_LAN]
                 role, targets = decide_role(peer, self._local_cands,
-                                            multi_socket=self._multi_socket)
+                                            multi_socket=self._multi_socket,
+                                            any_address=cfg.birthday_any_address)
                 if role is not None:
                     self.birthday_role = role
                     self._bday = Birthday(role, targets, now, cfg, self._random_bytes)
@@ -583,16 +521,15 @@ class PathManager:
         ttl = cfg.low_ttl if bday.role == "hard" and cfg.low_ttl_probes > 0 else None
         for slot, addr in bday.due(now):
             txid = self._random_bytes(12)
-            self._txns[txid] = _Txn(addr=addr, sent_at=now, slot=slot, learn=True)
+            self._txns.add(txid, Txn(addr=addr, sent_at=now, slot=slot, learn=True), now)
             self._out.append((stun.binding_request(txid, key=self._remote_key), addr, ttl, slot))
             self._stats["birthday_probes"] += 1
         if bday.next_time() is None:
             self._bday = None  # over: aux_slots() keeps only the slots candidates use
 
-    def _send_probe(self, c: _Cand, now: float) -> None:
+    def _send_probe(self, c: Cand, now: float) -> None:
         txid = self._random_bytes(12)
-        self._txns[txid] = _Txn(addr=c.addr, sent_at=now, slot=c.slot)
-        self._expire_txns(now)
+        self._txns.add(txid, Txn(addr=c.addr, sent_at=now, slot=c.slot), now)
         ttl = None
         if c.kind != "prflx" and not c.validated and c.probes < self._cfg.low_ttl_probes:
             ttl = self._cfg.low_ttl  # opens our NAT, dies before the far one (module doc)
@@ -602,10 +539,10 @@ class PathManager:
         self._stats["probes_sent"] += 1
         if c.validated and c.first_unanswered is None:
             c.first_unanswered = now
-        interval = self._interval(c, now)
+        interval = c.interval(self._cfg, c is self._selected, now)
         c.next_probe = None if interval is None else now + interval
 
-    def _path_died(self, c: _Cand, now: float) -> None:
+    def _path_died(self, c: Cand, now: float) -> None:
         was_selected = c is self._selected
         self._invalidate(c)
         c.next_probe = None
@@ -615,18 +552,18 @@ class PathManager:
         self._selected = None  # _reselect emits the single PathChanged below
         self._repunch(now, previous=c)
 
-    def _repunch_targets(self) -> list[_Cand]:
+    def _repunch_targets(self) -> list[Cand]:
         """Unvalidated candidates that would beat the current path if they worked."""
         cur = self._selected
         limit = cur.rank if cur is not None else RANK_RELAY + 1
         return [c for c in self._cands.values() if not c.validated and c.rank < limit]
 
-    def _repunch(self, now: float, previous: _Cand | None = None) -> None:
+    def _repunch(self, now: float, previous: Cand | None = None) -> None:
         """One re-punch burst; repeats every repunch_interval while on relay or pathless,
         every upgrade_interval while on a direct path that a candidate could beat."""
         until = now + self._cfg.repunch_burst
         for c in self._repunch_targets():
-            self._burst(c, now, until, fast=False)
+            c.burst(now, until, fast=False)
         if previous is not None:
             self._reselect(now, previous_direct=previous)
         self._next_repunch = now + (
@@ -660,13 +597,13 @@ class PathManager:
     def _relay_wanted(self) -> bool:
         return self._mode != "direct" and self._relay_available
 
-    def _best(self) -> _Cand | None:
+    def _best(self) -> Cand | None:
         live = [c for c in self._cands.values() if c.validated]
         if not live:
             return None
         return min(live, key=lambda c: (c.rank, c.validation_rtt or 0.0, c.addr))
 
-    def _target(self, now: float) -> tuple[_Cand | None, bool]:
+    def _target(self, now: float) -> tuple[Cand | None, bool]:
         """Return (direct candidate, use relay) that should be current now."""
         if self._mode == "relay":
             return None, self._relay_available
@@ -675,14 +612,14 @@ class PathManager:
         if cur is not None and cur.validated:
             if best is not None and best.rank < cur.rank:
                 return best, False
-            if self._silent(cur, now, EARLY_MOVE_EXTRA):
+            if cur.silent(self._cfg, now, EARLY_MOVE_EXTRA):
                 # clear evidence: the selected path went quiet (through a heartbeat and the
                 # fast probes after it) while another of no worse rank answered recently,
                 # e.g. the peer's NAT moved it to a new port: move now, not at dead_after.
                 # Never to a worse rank, so loss on a LAN path cannot flap it.
                 alive = [c for c in self._cands.values()
                          if c.validated and c is not cur and c.rank <= cur.rank
-                         and not self._silent(c, now)]
+                         and not c.silent(self._cfg, now)]
                 if alive:
                     return min(alive, key=lambda c: (c.rank, c.validation_rtt or 0.0)), False
             return cur, False
@@ -692,12 +629,7 @@ class PathManager:
             return None, True
         return None, False
 
-    def _silent(self, c: _Cand, now: float, extra: float = 0.0) -> bool:
-        """No evidence from ``c`` for 1.5 heartbeats (the *suspect* threshold) + ``extra``."""
-        return (c.last_alive is None
-                or now - c.last_alive >= SUSPECT_FACTOR * self._cfg.heartbeat + extra)
-
-    def _reselect(self, now: float, previous_direct: _Cand | None = None) -> None:
+    def _reselect(self, now: float, previous_direct: Cand | None = None) -> None:
         """Move ``current`` to the target, emitting one PathChanged if it changed."""
         if not self._started:
             return

@@ -20,6 +20,7 @@ __all__ = [
     "PunchFailed",
     "PathConfig",
     "normalize_addr",
+    "rank_of",
     "CANDIDATE_KINDS",
     "RELAY_PATH",
     "RANK_LAN",
@@ -62,6 +63,20 @@ def normalize_addr(addr: Sequence[Any]) -> Addr:
     if not 0 < port <= 0xFFFF:
         raise ValueError(f"port out of range: {port}")
     return (str(ip), port)
+
+
+def rank_of(addr: Addr, kind: str, local_networks: Sequence[IPNetwork]) -> int:
+    """The rank of a normalised remote address (lower is better, see :attr:`Path.rank`):
+    LAN for loopback, link-local or inside ``local_networks``; then IPv6; then a host
+    IPv4 address; then any reflexive IPv4 address."""
+    ip = ipaddress.ip_address(addr[0])
+    if ip.is_loopback or ip.is_link_local or any(ip in net for net in local_networks):
+        return RANK_LAN
+    if ip.version == 6:
+        return RANK_IPV6
+    if kind == "host":
+        return RANK_HOST_IPV4
+    return RANK_REFLEXIVE
 
 
 @dataclass(frozen=True)
@@ -149,7 +164,7 @@ class PunchFailed:
 
 @dataclass
 class PathConfig:
-    """Timing knobs, all in seconds."""
+    """Timing knobs (in seconds unless stated) and the birthday limits."""
 
     probe_interval: float = 0.05
     """Probe interval during the first second of punching (and of triggered checks)."""
@@ -182,3 +197,8 @@ class PathConfig:
     """Birthday probes per second (each side, all sockets together)."""
     birthday_sockets: int = 256
     """Extra sockets the hard (endpoint-dependent) side asks the shell for."""
+    birthday_any_address: bool = False
+    """Allow birthday targets that are not globally routable (private, CGNAT, loopback,
+    link-local, benchmarking 198.18.0.0/15, documentation ranges). Off by default: the
+    targets come from unauthenticated reflexive candidates, so a lying relay could aim
+    the spray at a victim's internal network. Only for labs and simulations."""

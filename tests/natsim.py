@@ -45,6 +45,7 @@ events with their time.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import ipaddress
@@ -526,7 +527,11 @@ class Sim:
         port: int = 40000,
         key_seed: int = 0,
         multi_socket: bool = True,
+        birthday_any_address: bool = True,
     ) -> Peer:
+        """Add a peer on ``host``. The simulated "public" addresses (203.0.113.0/24,
+        198.19.0.0/16) are not globally routable, so birthday probing is allowed toward
+        any address (``PathConfig.birthday_any_address``) unless told otherwise."""
         keys = (b"key-a-" + bytes([key_seed]), b"key-b-" + bytes([key_seed]))
         index = len(self.peers)
         local_key, remote_key = keys[index], keys[1 - index]
@@ -537,7 +542,8 @@ class Sim:
             local_networks=lan_of(host),
             mode=mode,
             relay_available=self.relay_up,
-            config=config,
+            config=dataclasses.replace(config or PathConfig(),
+                                       birthday_any_address=birthday_any_address),
             random_bytes=rng.randbytes,
             multi_socket=multi_socket,
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from quictun import stun
-from quictun.paths import Candidate, PathManager
+from quictun.paths import Candidate, PathConfig, PathManager
 
 LOCAL_KEY, REMOTE_KEY = b"l" * 32, b"r" * 32
 PEER = ("203.0.113.2", 4000)
@@ -20,7 +20,8 @@ PEER = ("203.0.113.2", 4000)
 def test_answer_on_a_slot_pins_the_path_to_that_slot() -> None:
     rng = random.Random(7)
     pm = PathManager(local_key=LOCAL_KEY, remote_key=REMOTE_KEY, local_networks=[],
-                     random_bytes=rng.randbytes, multi_socket=True)
+                     random_bytes=rng.randbytes, multi_socket=True,
+                     config=PathConfig(birthday_any_address=True))  # 203.0.113/24
     # our own NAT is symmetric (two reflectors saw two ports): we take the hard role
     pm.set_local_candidates([Candidate(("198.51.100.7", 1111), "srflx"),
                              Candidate(("198.51.100.7", 2222), "srflx")])

@@ -1,0 +1,236 @@
+"""Bookkeeping for the path manager's probes (sans-I/O, used by :mod:`quictun.paths`).
+
+Nothing here touches a socket or a clock (the caller passes ``now``).
+
+:class:`Cand` is one remote candidate's state. It has one probe timer (``next_probe``);
+its interval (:meth:`Cand.interval`) depends on its role:
+
+* selected direct path: ``heartbeat``; once *suspect* (no evidence for 1.5 heartbeats)
+  ``probe_interval_slow``, so that one lost heartbeat cannot kill a path;
+* in a burst (initial punching, triggered check, re-punch): ``probe_interval`` during the
+  burst's fast phase, then ``probe_interval_slow`` until the burst ends;
+* other validated candidates: ``5 * heartbeat`` (keeps alternates known and mapped);
+* otherwise idle.
+
+Three small bounded tables:
+
+* :class:`TransactionTable`: the probes we sent and whose signed answer we still accept
+  (one :class:`Txn` per transaction id, for ``TRANSACTION_LIFETIME`` seconds, at most
+  ``MAX_TRANSACTIONS``; the oldest is evicted first).
+* :class:`SeenRequests`: the signed probe requests the peer sent us recently, by
+  transaction id, with the source each one first came from. The real peer draws a fresh
+  random id for every probe, so an id seen again is either a retransmission from the
+  same source (answered again, nothing else) or a *replay* by someone who recorded it,
+  typically with a spoofed source (dropped: see :meth:`SeenRequests.check`).
+* :class:`TokenBucket`: a rate limit (learning peer-reflexive candidates, triggered
+  checks), so that even requests that pass every other check cannot make us probe
+  arbitrary addresses faster than a fixed rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .pathtypes import Addr, Path, PathConfig
+
+__all__ = [
+    "ALTERNATE_FACTOR",
+    "FAST_PHASE",
+    "SUSPECT_FACTOR",
+    "Cand",
+    "MAX_SEEN_REQUESTS",
+    "MAX_TRANSACTIONS",
+    "REPLAY_WINDOW",
+    "TRANSACTION_LIFETIME",
+    "SeenRequests",
+    "TokenBucket",
+    "TransactionTable",
+    "Txn",
+]
+
+MAX_TRANSACTIONS = 1024  # outstanding probe transaction ids; the oldest is evicted
+TRANSACTION_LIFETIME = 5.0  # seconds a probe's response is accepted
+MAX_SEEN_REQUESTS = 1024  # remembered request ids; the oldest is forgotten first
+REPLAY_WINDOW = 30.0  # seconds a request id is remembered (>= TRANSACTION_LIFETIME)
+
+FAST_PHASE = 1.0  # seconds of probe_interval at the start of a punch / triggered burst
+ALTERNATE_FACTOR = 5  # validated, unselected candidates are probed every 5 heartbeats
+SUSPECT_FACTOR = 1.5  # selected path with no evidence for 1.5 heartbeats probes faster
+
+NEW, REPEAT, REPLAY = "new", "repeat", "replay"
+
+
+@dataclass
+class Cand:
+    """Mutable per-candidate state and its probe schedule (see the module docstring)."""
+
+    addr: Addr
+    kind: str
+    rank: int
+    seq: int = 0  # when last signalled (prflx: learned); the lowest is evicted first
+    validated: bool = False
+    validation_rtt: float | None = None
+    rtt: float | None = None
+    local: Addr | None = None
+    last_alive: float | None = None
+    first_unanswered: float | None = None
+    next_probe: float | None = None
+    burst_until: float = float("-inf")
+    fast_until: float = float("-inf")
+    slot: int = 0
+    probes: int = 0
+
+    def path(self) -> Path:
+        """This candidate as a direct :class:`~quictun.pathtypes.Path`."""
+        return Path("direct", self.addr, self.local, self.rtt, self.rank, self.slot)
+
+    def burst(self, now: float, until: float, *, fast: bool) -> None:
+        """Probe now and keep probing until ``until`` (fast for FAST_PHASE if ``fast``)."""
+        self.burst_until = max(self.burst_until, until)
+        if fast:
+            self.fast_until = max(self.fast_until, min(until, now + FAST_PHASE))
+        if self.next_probe is None or self.next_probe > now:
+            self.next_probe = now
+
+    def silent(self, cfg: PathConfig, now: float, extra: float = 0.0) -> bool:
+        """No evidence for 1.5 heartbeats (the *suspect* threshold) + ``extra``."""
+        return (self.last_alive is None
+                or now - self.last_alive >= SUSPECT_FACTOR * cfg.heartbeat + extra)
+
+    def expiry(self, cfg: PathConfig, selected: bool) -> float | None:
+        """When a validated candidate counts as dead if nothing arrives, else None."""
+        if not self.validated or self.first_unanswered is None or self.last_alive is None:
+            return None
+        grace = cfg.dead_after
+        if not selected:
+            grace += ALTERNATE_FACTOR * cfg.heartbeat
+        return max(self.last_alive + grace, self.first_unanswered + cfg.heartbeat)
+
+    def interval(self, cfg: PathConfig, selected: bool, now: float) -> float | None:
+        """The delay to the next probe after one sent at ``now``; None: stop probing."""
+        if selected:
+            return cfg.probe_interval_slow if self.silent(cfg, now) else cfg.heartbeat
+        if self.validated:
+            return ALTERNATE_FACTOR * cfg.heartbeat
+        if now < self.burst_until:
+            return cfg.probe_interval if now < self.fast_until else cfg.probe_interval_slow
+        return None
+
+
+@dataclass
+class Txn:
+    """One outstanding probe: where it went, when, from which socket (slot)."""
+
+    addr: Addr
+    sent_at: float
+    slot: int = 0
+    learn: bool = False  # a birthday probe: a signed answer teaches a prflx candidate
+
+
+class TransactionTable:
+    """Outstanding probe transactions, oldest first (bounded, see the module doc)."""
+
+    def __init__(self) -> None:
+        self._txns: dict[bytes, Txn] = {}
+
+    def __len__(self) -> int:
+        return len(self._txns)
+
+    def add(self, txid: bytes, txn: Txn, now: float) -> None:
+        """Record a probe sent at ``now``; expired and surplus entries are dropped."""
+        self._txns[txid] = txn
+        self.expire(now)
+
+    def match(self, txid: bytes, src: Addr, slot: int, now: float) -> Txn | None:
+        """Return the live transaction ``txid`` if it went to ``src`` from ``slot``, else
+        None. Does not remove it (see :meth:`remove`): the caller still checks the
+        response's signature."""
+        self.expire(now)
+        txn = self._txns.get(txid)
+        if txn is None or txn.addr != src or txn.slot != slot:
+            return None
+        return txn
+
+    def remove(self, txid: bytes) -> None:
+        """Forget one transaction (its answer was accepted: a replay of it is invalid)."""
+        self._txns.pop(txid, None)
+
+    def forget(self, addr: Addr) -> None:
+        """Forget every transaction sent to ``addr`` (its answers are no longer accepted)."""
+        for txid in [t for t, txn in self._txns.items() if txn.addr == addr]:
+            del self._txns[txid]
+
+    def expire(self, now: float) -> None:
+        """Drop transactions older than TRANSACTION_LIFETIME, and the oldest ones beyond
+        MAX_TRANSACTIONS."""
+        while self._txns:
+            txid, txn = next(iter(self._txns.items()))
+            if now - txn.sent_at < TRANSACTION_LIFETIME and len(self._txns) <= MAX_TRANSACTIONS:
+                break
+            del self._txns[txid]
+
+
+class SeenRequests:
+    """Signed request ids seen within REPLAY_WINDOW (at most MAX_SEEN_REQUESTS).
+
+    Only requests whose signature was verified may be recorded (an attacker without the
+    key cannot fill the table). The window is longer than TRANSACTION_LIFETIME so that a
+    recorded probe cannot be re-armed every few seconds; past it (or after eviction from
+    a full table), the rate limits in :mod:`quictun.paths` bound what a replay can do.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[bytes, tuple[Addr, int, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check(self, txid: bytes, src: Addr, slot: int, now: float) -> str:
+        """Classify a verified request and remember it.
+
+        Returns ``"new"`` (first sighting: recorded with ``src`` and ``slot``),
+        ``"repeat"`` (seen before from the same ``src`` on the same ``slot``: a
+        retransmission, answer it but nothing more) or ``"replay"`` (seen before from
+        another source or socket: drop it entirely).
+        """
+        self._expire(now)
+        first = self._seen.get(txid)
+        if first is None:
+            self._seen[txid] = (src, slot, now)
+            while len(self._seen) > MAX_SEEN_REQUESTS:
+                del self._seen[next(iter(self._seen))]
+            return NEW
+        return REPEAT if (first[0], first[1]) == (src, slot) else REPLAY
+
+    def _expire(self, now: float) -> None:
+        while self._seen:
+            txid, (_src, _slot, at) = next(iter(self._seen.items()))
+            if now - at < REPLAY_WINDOW:
+                break
+            del self._seen[txid]
+
+
+class TokenBucket:
+    """At most ``burst`` events at once and ``rate`` per second on average.
+
+    Time comes from the caller; a clock going backwards adds no tokens.
+    """
+
+    def __init__(self, rate: float, burst: int) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("token bucket needs rate > 0 and burst >= 1")
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._last: float | None = None
+
+    def take(self, now: float) -> bool:
+        """Spend one token if there is one (True), else False."""
+        if self._last is not None and now > self._last:
+            self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
+        if self._last is None or now > self._last:
+            self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
