@@ -60,13 +60,15 @@ def main(ctx: click.Context, verbose: int, log_format: str) -> None:
     On the machine to reach:   quictun serve laptop --forward 127.0.0.1:22
     On the other machine:      ssh -o ProxyCommand='quictun connect %h --stdio' user@laptop
 
-    Both need the same relay (QUICTUN_SIGNAL) and secret (QUICTUN_SECRET), or use the
-    ticket that `serve` prints. First time? Run `quictun demo`.
+    Both need the same relay (QUICTUN_SIGNAL) and secret (QUICTUN_SECRET), or run
+    `quictun import -` on the other machine and paste the ticket that `serve` prints.
+    First time? Run `quictun demo`.
 
     \b
     Environment: QUICTUN_SIGNAL (relay URL), QUICTUN_SECRET / QUICTUN_SECRET_FILE (shared
-    secret), QUICTUN_SIGNAL_TOKEN (relay token), QUICTUN_HOME (identity and generated
-    secrets; default ~/.config/quictun), QUICTUN_LOG_FORMAT (text or json).
+    secret), QUICTUN_TICKET (a ticket), QUICTUN_SIGNAL_TOKEN (relay token), QUICTUN_HOME
+    (identity, generated secrets, imported tickets; default ~/.config/quictun),
+    QUICTUN_LOG_FORMAT (text or json).
     """
     ctx.obj = {"verbose": verbose, "log_format": log_format}
     _setup_logging(verbose, log_format)
@@ -112,6 +114,69 @@ def _secret(secret_file: Path | None, secret_arg: str | None) -> str | None:
     return os.environ.get("QUICTUN_SECRET") or None
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _load_identity():  # type: ignore[no-untyped-def]
+    from . import identity
+
+    try:
+        return identity.load_or_create()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the identity in {identity.config_dir()}: "
+                        f"{_one_line(exc)}") from None
+
+
+def _check_name(name: str) -> str:
+    from . import ticket as tk
+
+    try:
+        return tk.check_name(name)
+    except tk.InvalidName as exc:
+        raise UserError(str(exc)) from None
+
+
+def _decode(text: str, where: str = ""):  # type: ignore[no-untyped-def]
+    from . import ticket as tk
+
+    try:
+        return tk.decode(text)
+    except tk.TicketError as exc:
+        raise UserError(f"{where}{exc}") from None
+
+
+def _is_ticket(text: str) -> bool:
+    from . import ticket as tk
+
+    return text.startswith("qt") and tk.looks_like_ticket(text)
+
+
+def _store(t):  # type: ignore[no-untyped-def]
+    """Store ticket ``t`` in the config dir; returns the path. One-line errors."""
+    from . import ticket as tk
+
+    try:
+        return tk.store(t)
+    except tk.InvalidName as exc:
+        raise UserError(f"the ticket's name: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot store the ticket in {exc.filename or tk.ticket_path(t.name)}: "
+                        f"{exc.strerror or _one_line(exc)}") from None
+
+
+def _load_stored(name: str):  # type: ignore[no-untyped-def]
+    from . import ticket as tk
+
+    try:
+        return tk.load_stored(name)
+    except tk.TicketError as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:
+        raise UserError(f"cannot read the stored ticket {exc.filename}: "
+                        f"{exc.strerror or _one_line(exc)}") from None
+
+
 def _run(coro) -> None:  # type: ignore[no-untyped-def]
     import asyncio
 
@@ -139,68 +204,79 @@ def serve(name: str, forward: str, signal: str, secret_file: Path | None,
     Example:
       QUICTUN_SECRET=$(cat ~/.tunnel-secret) quictun serve laptop --forward 127.0.0.1:22
 
-    Without a secret, one is generated (and kept, per name) and a ready-to-paste
-    `quictun connect <ticket>` line is printed.
+    Without a secret, one is generated (and kept, per name) and a ticket is printed on
+    stdout: run `quictun import -` on the other machine and paste it there.
     """
     from . import api, identity, ticket
 
+    _check_name(name)
     mode = _mode(direct_only, relay_only)
     secret = _secret(secret_file, secret_arg)
-    try:
-        ident = identity.load_or_create()
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load the identity in {identity.config_dir()}: {exc}") from None
+    ident = _load_identity()
     try:
         api.parse_hostport(forward)
     except ValueError as exc:
         raise UserError(f"--forward: {exc}") from None
     if secret is None:
-        secret = ticket.stored_secret(name)
+        try:
+            secret = ticket.stored_secret(name)
+        except OSError as exc:
+            raise UserError(f"cannot keep the secret in {identity.config_dir()}: "
+                            f"{exc.strerror or _one_line(exc)}") from None
         t = ticket.Ticket(url=signal, name=name, secret=secret, fingerprint=ident.fingerprint)
-        click.echo("quictun: on the other machine run (add --listen PORT or --stdio):", err=True)
-        click.echo(f"quictun connect {t.encode()}")
+        click.echo(f"quictun: the ticket for {name!r} (it holds the secret: pass it on "
+                   "privately). On the other machine run `quictun import -`, paste it, then "
+                   f"`quictun connect {name} --listen PORT` (or --stdio):", err=True)
+        click.echo(t.encode())
         sys.stdout.flush()
     _run(api.serve(name, forward=forward, signal=signal, secret=secret, mode=mode,
                    token=token, identity=ident))
 
 
 @main.command()
-@click.argument("target", metavar="NAME|TICKET")
+@click.argument("target", metavar="[NAME|TICKET]", required=False)
 @click.option("--listen", metavar="[HOST:]PORT",
               help="Accept local TCP connections here and forward each one.")
 @click.option("--stdio", is_flag=True,
               help="Forward one connection on stdin/stdout (ssh ProxyCommand).")
+@click.option("--ticket-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="File holding a ticket (instead of `quictun import`). The ticket can "
+                   "also come from the QUICTUN_TICKET environment variable.")
 @_common
-def connect(target: str, listen: str | None, stdio: bool, signal: str,
-            secret_file: Path | None, secret_arg: str | None, token: str | None,
-            direct_only: bool, relay_only: bool) -> None:
-    """Connect to the peer serving NAME (or described by TICKET).
+def connect(target: str | None, listen: str | None, stdio: bool, ticket_file: Path | None,
+            signal: str, secret_file: Path | None, secret_arg: str | None,
+            token: str | None, direct_only: bool, relay_only: bool) -> None:
+    """Connect to the peer serving NAME.
+
+    Relay URL, secret and the server's fingerprint come from the ticket stored for NAME
+    by `quictun import` (or --ticket-file, or QUICTUN_TICKET). A secret from
+    QUICTUN_SECRET or --secret-file wins over the ticket's, --signal or QUICTUN_SIGNAL
+    over its relay; the fingerprint is always checked. A ticket given as NAME works too,
+    but other users can read it (secret included) in the process list.
 
     \b
     Examples:
-      quictun connect laptop --listen 2222        # then: ssh -p 2222 user@127.0.0.1
+      quictun import -                              # paste the ticket from `serve`, once
+      quictun connect laptop --listen 2222          # then: ssh -p 2222 user@127.0.0.1
       ssh -o ProxyCommand='quictun connect %h --stdio' user@laptop
-      quictun connect qt1... --listen 8080         # a ticket from `quictun serve`
+      QUICTUN_SECRET=... quictun connect laptop --stdio --signal wss://relay.example.org/
     """
-    from . import ticket as tk
-
     if bool(listen) == bool(stdio):
         raise UserError("give exactly one of --listen [HOST:]PORT or --stdio")
     mode = _mode(direct_only, relay_only)
+    name, t = _connect_ticket(target, ticket_file)
     secret = _secret(secret_file, secret_arg)
-    name, pin = target, None
-    if target.startswith("qt") and tk.looks_like_ticket(target):
-        try:
-            t = tk.decode(target)
-        except tk.TicketError as exc:
-            raise UserError(str(exc)) from None
-        name, pin = t.name, t.fingerprint
+    pin = None
+    if t is not None:
+        pin = t.fingerprint
         secret = secret or t.secret
-        if signal == DEFAULT_SIGNAL and not os.environ.get(ENV_SIGNAL):
+        source = click.get_current_context().get_parameter_source("signal")
+        if source in (None, click.core.ParameterSource.DEFAULT):
             signal = t.url
     if secret is None:
-        raise UserError("no secret: set QUICTUN_SECRET or --secret-file, or paste the "
-                        "ticket that `quictun serve` printed")
+        raise UserError(f"no secret for {name!r}: run `quictun import -` and paste the ticket "
+                        "that `quictun serve` printed, or set QUICTUN_SECRET or --secret-file")
+    ident = _load_identity()
     from .run import run_connect
     from .status import StatusLine
 
@@ -211,11 +287,80 @@ def connect(target: str, listen: str | None, stdio: bool, signal: str,
     async def go() -> None:
         try:
             await run_connect(name, signal=signal, secret=secret, mode=mode, token=token,
-                              listen=listen, stdio=stdio, pin=pin, on_status=status)
+                              listen=listen, stdio=stdio, pin=pin, on_status=status,
+                              identity=ident)
         finally:
             status.close()
 
     _run(go())
+
+
+def _connect_ticket(target: str | None, ticket_file: Path | None):  # type: ignore[no-untyped-def]
+    """(name, ticket or None) for connect: a ticket argument, --ticket-file,
+    QUICTUN_TICKET, else the ticket stored for the name (if any)."""
+    if target is not None and _is_ticket(target):
+        t = _decode(target)
+        click.echo("quictun: warning: a ticket on the command line (secret included) is "
+                   "visible to other users in the process list; store it once with "
+                   f"`quictun import -`, then use `quictun connect {t.name} ...`", err=True)
+        return _check_name(t.name), t
+    t = None
+    if ticket_file is not None:
+        try:
+            text = ticket_file.read_text()
+        except OSError as exc:
+            raise UserError(f"cannot read the ticket file {ticket_file}: "
+                            f"{exc.strerror or _one_line(exc)}") from None
+        t = _decode(text, f"{ticket_file}: ")
+    elif os.environ.get("QUICTUN_TICKET"):
+        t = _decode(os.environ["QUICTUN_TICKET"], "QUICTUN_TICKET: ")
+    if t is not None:
+        if target is not None and target != t.name:
+            raise UserError(f"the ticket is for {t.name!r}, not {target!r}")
+        return _check_name(t.name), t
+    if target is None:
+        raise UserError("give a NAME (with a ticket stored by `quictun import`), or "
+                        "--ticket-file, or QUICTUN_TICKET")
+    return target, _load_stored(_check_name(target))
+
+
+@main.command("import")
+@click.argument("source", metavar="[TICKET|-]", default="-")
+def import_ticket(source: str) -> None:
+    """Store a ticket so that `quictun connect NAME` needs no secret on its command line.
+
+    The ticket (relay URL, name, secret, the server's fingerprint) is kept in the config
+    dir as tickets/NAME, mode 600; importing again replaces it. With `-` (the default)
+    the ticket is read from stdin, so it lands neither in the process list nor in your
+    shell history.
+
+    \b
+    Examples:
+      quictun import              # paste the ticket, then Enter
+      quictun import - < ticket.txt
+      quictun connect laptop --listen 2222
+    """
+    if source == "-":
+        stdin = click.get_text_stream("stdin")
+        if stdin.isatty():
+            click.echo("quictun: paste the ticket, then press Enter:", err=True)
+            text = stdin.readline()
+        else:
+            text = stdin.read()
+        if not text.strip():
+            raise UserError("no ticket on stdin")
+        where = "stdin: "
+    else:
+        text, where = source, ""
+    t = _decode(text, where)
+    path = _store(t)
+    prog = _prog()
+    click.echo(f"quictun: stored the ticket for {t.name!r} (relay {t.url}) in {path}", err=True)
+    click.echo("\n".join([
+        f"{prog} connect {t.name} --listen 2222     # then: ssh -p 2222 USER@127.0.0.1",
+        f"ssh -o ProxyCommand='{prog} connect %h --stdio' USER@{t.name}",
+        f"{prog} ssh-config {t.name} >> ~/.ssh/config     # then: ssh USER@{t.name}",
+    ]))
 
 
 @main.command()
@@ -303,34 +448,40 @@ def _prog() -> str:
 def ssh_config(name: str, signal: str) -> None:
     """Print a ~/.ssh/config block so that `ssh NAME` goes through quictun.
 
+    The block names NAME only, never a secret. Given a ticket, it is imported first (as
+    `quictun import` does), so the ProxyCommand needs nothing else.
+
     \b
     Examples:
+      quictun ssh-config laptop >> ~/.ssh/config    # after `quictun import`
       quictun ssh-config laptop --signal wss://relay.example.org/ >> ~/.ssh/config
       ssh user@laptop
     """
-    from . import sigproto
     from . import ticket as tk
 
     prog = _prog()
-    if name.startswith("qt") and tk.looks_like_ticket(name):
-        try:
-            t = tk.decode(name)
-        except tk.TicketError as exc:
-            raise UserError(str(exc)) from None
+    if _is_ticket(name):
+        t = _decode(name)
+        path = _store(t)
+        click.echo(f"quictun: imported the ticket for {t.name!r} into {path}", err=True)
+        name = t.name
+    else:
+        _check_name(name)
+        t = _load_stored(name)
+    if t is not None:
         lines = [
-            f"# quictun: reach {t.name!r} via {t.url}",
-            "# This block holds a ticket, which includes the secret: keep this file private.",
-            f"Host {t.name}",
-            f"  ProxyCommand {prog} connect {name} --stdio",
+            f"# quictun: reach {name!r} via {t.url}, with the ticket stored in "
+            f"{tk.ticket_path(name)}",
+            f"Host {name}",
+            f"  ProxyCommand {prog} connect %h --stdio",
         ]
     else:
-        if not sigproto.valid_name(name):
-            raise UserError(f"{name!r} is not a valid name (1-64 of A-Z a-z 0-9 . _ -)")
         lines = [
             f"# quictun: reach {name!r} via {signal}",
-            "# The secret comes from QUICTUN_SECRET or QUICTUN_SECRET_FILE in the environment",
-            "# ssh runs in (e.g. `export QUICTUN_SECRET_FILE=~/.config/quictun/laptop.secret`",
-            "# in your shell profile), or add `--secret-file PATH` to the ProxyCommand.",
+            "# The secret comes from `quictun import` (then this --signal can go), or from",
+            "# QUICTUN_SECRET or QUICTUN_SECRET_FILE in the environment ssh runs in (e.g.",
+            "# `export QUICTUN_SECRET_FILE=~/.config/quictun/laptop.secret` in your shell",
+            "# profile), or add `--secret-file PATH` to the ProxyCommand.",
             f"Host {name}",
             f"  ProxyCommand {prog} connect %h --stdio --signal {signal}",
         ]

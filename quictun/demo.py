@@ -2,7 +2,8 @@
 
 Starts ``quictun-signal`` on 127.0.0.1 (in-process), serves the name ``demo`` forwarding
 to a local TCP port (default 127.0.0.1:22, i.e. sshd) with a generated secret, prints
-the commands to use it from another terminal, and runs until Ctrl-C. Needs no root.
+the commands to use it from another terminal (by name: the demo's ticket is stored in
+the config dir, which both sides share), and runs until Ctrl-C. Needs no root.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shlex
 import socket
 from collections.abc import Callable
 
@@ -22,6 +22,10 @@ log = logging.getLogger("quictun")
 NAME = "demo"
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _reachable(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=1):
@@ -30,29 +34,34 @@ def _reachable(host: str, port: int) -> bool:
         return False
 
 
-def instructions(url: str, ticket: str, secret_file: str, forward: tuple[str, int],
+OVERRIDES = ("QUICTUN_SECRET", "QUICTUN_SECRET_FILE", "QUICTUN_TICKET", "QUICTUN_SIGNAL")
+
+
+def instructions(url: str, ticket_file: str, forward: tuple[str, int],
                  prog: str = "quictun") -> str:
-    """The text printed once the demo is up (pure, for tests)."""
+    """The text printed once the demo is up (pure, for tests).
+
+    The commands name ``demo`` only: its ticket (relay, secret, fingerprint) is stored in
+    ``ticket_file``, in the config dir both sides share on this machine."""
     user = os.environ.get("USER") or "$USER"
     host, port = forward
-    tf = shlex.quote(secret_file)
     lines = [
         f"quictun demo: relay {url} is up; serving {NAME!r} -> {host}:{port}",
+        f"(its ticket is stored in {ticket_file}: the commands below need no secret)",
         "",
         "From another terminal on this machine:",
         "",
-        "  # ssh through the tunnel (the ticket carries relay, name and secret):",
-        f"  ssh -o ProxyCommand='{prog} connect {ticket} --stdio' {user}@{NAME}",
-        "",
-        "  # or by name, with the secret from its file:",
-        f"  export QUICTUN_SECRET_FILE={tf}",
-        f"  ssh -o ProxyCommand='{prog} connect {NAME} --stdio --signal {url}' {user}@{NAME}",
+        "  # ssh through the tunnel:",
+        f"  ssh -o ProxyCommand='{prog} connect %h --stdio' {user}@{NAME}",
         "",
         "  # or a local port that forwards through the tunnel:",
-        f"  {prog} connect {ticket} --listen 2222     # then: ssh -p 2222 {user}@127.0.0.1",
-        "",
-        "Press Ctrl-C to stop.",
+        f"  {prog} connect {NAME} --listen 2222     # then: ssh -p 2222 {user}@127.0.0.1",
     ]
+    overrides = [k for k in OVERRIDES if os.environ.get(k)]
+    if overrides:
+        lines += ["", f"  # {', '.join(overrides)} would override the stored ticket: first run",
+                  f"  unset {' '.join(overrides)}"]
+    lines += ["", "Press Ctrl-C to stop."]
     return "\n".join(lines)
 
 
@@ -69,10 +78,14 @@ async def run_demo(forward: str = "127.0.0.1:22", *, port: int = 8765,
         raise TunnelError(f"--forward: {exc}") from None
     try:
         ident = identity.load_or_create()
-        secret = ticket.stored_secret(NAME)
     except (OSError, ValueError) as exc:
-        raise TunnelError(f"cannot load the identity in {identity.config_dir()}: {exc}") \
-            from None
+        raise TunnelError(f"cannot load the identity in {identity.config_dir()}: "
+                          f"{_one_line(exc)}") from None
+    try:
+        secret = ticket.stored_secret(NAME)
+    except OSError as exc:
+        raise TunnelError(f"cannot keep the secret in {identity.config_dir()}: "
+                          f"{exc.strerror or _one_line(exc)}") from None
     relay = RelayServer(RelayConfig(host="127.0.0.1", port=port))
     try:
         await relay.start()
@@ -82,13 +95,18 @@ async def run_demo(forward: str = "127.0.0.1:22", *, port: int = 8765,
     try:
         url = relay.url
         t = ticket.Ticket(url=url, name=NAME, secret=secret, fingerprint=ident.fingerprint)
+        try:
+            path = ticket.store(t)  # so that `quictun connect demo` finds relay, secret, pin
+        except OSError as exc:
+            raise TunnelError(f"cannot store the demo's ticket in {identity.config_dir()}: "
+                              f"{exc.strerror or _one_line(exc)}") from None
         task = asyncio.ensure_future(api.serve(NAME, forward=forward, signal=url,
                                                secret=secret, identity=ident))
         # serve logs "serving ..." once registered; give it a moment, fail fast if it dies
         done, _ = await asyncio.wait({task}, timeout=0.5)
         if done:
             task.result()
-        echo(instructions(url, t.encode(), str(ticket.secret_path(NAME)), target, prog))
+        echo(instructions(url, str(path), target, prog))
         if not _reachable(*target):
             log.warning("nothing is listening on %s:%d yet: start sshd there, or use "
                         "--forward HOST:PORT", *target)

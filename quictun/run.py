@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from .api import Tunnel, open_tunnel, parse_hostport
 from .errors import TunnelError
 from .forward import WriteSide
+from .identity import Identity
 from .status import log_stats_every, stats_line
 
 log = logging.getLogger("quictun")
@@ -25,6 +26,7 @@ async def run_connect(
     name: str, *, signal: str, secret: str, mode: str, token: str | None,
     listen: str | None, stdio: bool, pin: str | None = None,
     on_status: Callable[[str], None] | None = None, stats_interval: float = 60.0,
+    identity: Identity | None = None,
 ) -> None:
     """Open a tunnel, then serve ``listen`` or stdio until done. Raises TunnelError."""
     if listen is not None:
@@ -34,7 +36,7 @@ async def run_connect(
             raise TunnelError(f"--listen: {exc}") from None
     def opener() -> Awaitable[Tunnel]:
         return open_tunnel(name, signal=signal, secret=secret, mode=mode, token=token,
-                           on_status=on_status or _status, pin=pin)
+                           on_status=on_status or _status, pin=pin, identity=identity)
 
     tunnel = await opener()
     if stdio:

@@ -65,12 +65,34 @@ def decode(text: str) -> Ticket:
     return t
 
 
+class InvalidName(ValueError):
+    """A name that cannot be a tunnel name (or a file name in the config dir)."""
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid tunnel name, else raise :class:`InvalidName`.
+
+    Valid: :func:`quictun.sigproto.valid_name` and not only dots (``.`` and ``..`` would
+    name directories, not files, under the config dir)."""
+    from .sigproto import valid_name
+
+    if not valid_name(name) or not name.strip("."):
+        raise InvalidName(f"{name!r} is not a valid name (1-64 of A-Z a-z 0-9 . _ -, "
+                          "not only dots)")
+    return name
+
+
 def stored_secret(name: str) -> str:
     """The generated secret for ``name``: created once, then kept in the config dir
-    (``$QUICTUN_HOME/secrets/NAME``, mode 600) so that restarts print the same ticket."""
+    (``$QUICTUN_HOME/secrets/NAME``, mode 600) so that restarts print the same ticket.
+
+    Raises:
+        InvalidName: ``name`` is not a valid name (checked before any file is touched).
+        OSError: the config dir cannot be read or written.
+    """
     import secrets as _secrets
 
-    from .identity import _write
+    from .identity import write_private
 
     path = secret_path(name)
     if path.exists():
@@ -79,7 +101,7 @@ def stored_secret(name: str) -> str:
             return value
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     value = _secrets.token_urlsafe(32)
-    _write(path, value.encode())
+    write_private(path, value.encode())
     return value
 
 
@@ -87,4 +109,48 @@ def secret_path(name: str) -> Path:
     """Where :func:`stored_secret` keeps the secret for ``name``."""
     from .identity import config_dir
 
-    return config_dir() / "secrets" / name
+    return config_dir() / "secrets" / check_name(name)
+
+
+def ticket_path(name: str) -> Path:
+    """Where :func:`store` keeps the imported ticket for ``name``."""
+    from .identity import config_dir
+
+    return config_dir() / "tickets" / check_name(name)
+
+
+def store(t: Ticket) -> Path:
+    """Keep ``t`` (secret included) as ``$QUICTUN_HOME/tickets/NAME``, mode 600, replacing
+    any ticket stored for that name. Returns the path.
+
+    Raises:
+        InvalidName: the ticket's name is not a valid name.
+        OSError: the config dir cannot be written.
+    """
+    from .identity import write_private
+
+    path = ticket_path(t.name)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_private(path, (t.encode() + "\n").encode())
+    return path
+
+
+def load_stored(name: str) -> Ticket | None:
+    """The ticket stored for ``name`` by :func:`store`, or None if there is none.
+
+    Raises:
+        InvalidName: ``name`` is not a valid name.
+        TicketError: the stored file is damaged or is for another name.
+        OSError: the file exists but cannot be read.
+    """
+    path = ticket_path(name)
+    if not path.is_file():
+        return None
+    try:
+        t = decode(path.read_text())
+    except TicketError as exc:
+        raise TicketError(f"the stored ticket {path}: {exc}") from None
+    if t.name != name:
+        raise TicketError(f"the stored ticket {path} is for {t.name!r}, not {name!r} "
+                          "(import it again)")
+    return t

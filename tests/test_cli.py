@@ -35,6 +35,14 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
     root.setLevel(level)
 
 
+def runner() -> CliRunner:
+    """A runner with separate stdout/stderr (the default from click 8.2 on)."""
+    try:
+        return CliRunner(mix_stderr=False)  # type: ignore[call-arg]  # click < 8.2
+    except TypeError:
+        return CliRunner()
+
+
 def run(*args: str, env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(main, list(args), env=env)
 
@@ -62,6 +70,12 @@ def test_command_help_shows_env_and_example(cmd: str) -> None:
     assert r.exit_code == 0, r.output
     assert "env var:" in r.output
     assert "Example" in r.output
+
+
+def test_import_help() -> None:
+    assert "import" in run("--help").output
+    r = run("import", "--help")
+    assert r.exit_code == 0 and "Example" in r.output and "stdin" in r.output
 
 
 def test_version() -> None:
@@ -139,11 +153,147 @@ def test_ssh_config() -> None:
     one_line_error(run("ssh-config", "bad name"), "not a valid name")
 
 
-def test_ssh_config_from_ticket() -> None:
-    t = tk.Ticket(url="ws://127.0.0.1:1/", name="box", secret="s", fingerprint="ab" * 32)
-    r = run("ssh-config", t.encode())
-    assert r.exit_code == 0, r.output
-    assert "Host box\n" in r.output and f"connect {t.encode()} --stdio" in r.output
+def test_ssh_config_from_ticket_imports_it(tmp_path: Path) -> None:
+    t = tk.Ticket(url="ws://127.0.0.1:1/", name="box", secret="s3cret", fingerprint="ab" * 32)
+    r = runner().invoke(main, ["ssh-config", t.encode()])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "imported the ticket for 'box'" in r.stderr
+    assert "Host box\n" in r.stdout
+    assert re.search(r"  ProxyCommand .*quictun connect %h --stdio\n", r.stdout)
+    assert "qt1" not in r.stdout and "s3cret" not in r.stdout and "--signal" not in r.stdout
+    assert tk.load_stored("box") == t
+    # later, by name: the stored ticket is found, the block stays name-only
+    r = run("ssh-config", "box")
+    assert r.exit_code == 0 and "connect %h --stdio\n" in r.output and "--signal" not in r.output
+
+
+# -- tickets: import, stored tickets, warnings -----------------------------------------
+T = tk.Ticket(url="ws://127.0.0.1:1/", name="box", secret="s3cret", fingerprint="ab" * 32)
+
+
+def _no_secret_in_output(r: Result) -> None:
+    assert "s3cret" not in r.stdout and "qt1" not in r.stdout
+
+
+def test_import_from_argv(tmp_path: Path) -> None:
+    r = runner().invoke(main, ["import", T.encode()])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "stored the ticket for 'box'" in r.stderr
+    assert re.search(r"quictun connect box --listen 2222", r.stdout)
+    assert "ProxyCommand='" in r.stdout and "connect %h --stdio' USER@box" in r.stdout
+    _no_secret_in_output(r)
+    path = tmp_path / "home" / "tickets" / "box"
+    assert tk.decode(path.read_text()) == T
+    assert path.stat().st_mode & 0o077 == 0
+    assert path.parent.stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("args", [["import", "-"], ["import"]])
+def test_import_from_stdin(tmp_path: Path, args: list[str]) -> None:
+    r = runner().invoke(main, args, input=f"\n  {T.encode()}\n")
+    assert r.exit_code == 0, r.output + r.stderr
+    _no_secret_in_output(r)
+    assert tk.load_stored("box") == T
+    # importing again replaces the ticket
+    t2 = tk.Ticket(url="ws://127.0.0.1:2/", name="box", secret="other", fingerprint="cd" * 32)
+    r = runner().invoke(main, args, input=t2.encode())
+    assert r.exit_code == 0 and tk.load_stored("box") == t2
+
+
+def test_import_errors(tmp_path: Path) -> None:
+    one_line_error(CliRunner().invoke(main, ["import", "-"], input=""), "no ticket on stdin")
+    one_line_error(run("import", T.encode()[:-9]), "damaged")
+    one_line_error(CliRunner().invoke(main, ["import"], input="hello\n"),
+                   "stdin: this is not a quictun ticket")
+    for bad in ("..", ".", "../x", "a/b"):
+        evil = tk.Ticket(url="ws://x/", name=bad, secret="s", fingerprint="ab")
+        one_line_error(run("import", evil.encode()), "not a valid name")
+    assert not (tmp_path / "home").exists()
+    # the config dir cannot be written: one line, no traceback
+    (tmp_path / "file").write_text("")
+    one_line_error(run("import", T.encode(), env={"QUICTUN_HOME": str(tmp_path / "file")}),
+                   "cannot store the ticket in .*: Not a directory")
+
+
+def test_connect_uses_stored_ticket() -> None:
+    """No secret, no --signal: relay URL and secret come from the stored ticket."""
+    url = f"ws://127.0.0.1:{free_port()}/"
+    t = tk.Ticket(url=url, name="box", secret="s3cret", fingerprint="ab" * 32)
+    tk.store(t)
+    r = run("connect", "box", "--stdio")
+    assert "warning" not in r.output
+    one_line_error(r, f"cannot reach the relay at {re.escape(url)}")
+    # --signal on the command line wins over the ticket's relay
+    other = f"ws://127.0.0.1:{free_port()}/"
+    one_line_error(run("connect", "box", "--stdio", "--signal", other),
+                   f"cannot reach the relay at {re.escape(other)}")
+
+
+def test_connect_ticket_in_argv_warns() -> None:
+    url = f"ws://127.0.0.1:{free_port()}/"
+    t = tk.Ticket(url=url, name="box", secret="s3cret", fingerprint="ab" * 32)
+    r = runner().invoke(main, ["connect", t.encode(), "--stdio"])
+    warnings = [ln for ln in r.stderr.splitlines() if "warning" in ln]
+    assert len(warnings) == 1, r.stderr
+    assert "process list" in warnings[0] and "quictun import" in warnings[0]
+    assert re.search(r"cannot reach the relay at " + re.escape(url), r.stderr)
+    assert "Traceback" not in r.stderr
+
+
+def test_connect_ticket_file_and_env(tmp_path: Path) -> None:
+    url = f"ws://127.0.0.1:{free_port()}/"
+    t = tk.Ticket(url=url, name="box", secret="s3cret", fingerprint="ab" * 32)
+    f = tmp_path / "t.txt"
+    f.write_text(t.encode() + "\n")
+    for args, env in ((["--ticket-file", str(f)], None),
+                      (["box", "--ticket-file", str(f)], None),
+                      ([], {"QUICTUN_TICKET": t.encode()})):
+        r = run("connect", *args, "--stdio", env=env)
+        assert "warning" not in r.output
+        one_line_error(r, f"cannot reach the relay at {re.escape(url)}")
+    one_line_error(run("connect", "other", "--ticket-file", str(f), "--stdio"),
+                   "the ticket is for 'box', not 'other'")
+    one_line_error(run("connect", "--ticket-file", str(tmp_path / "nope"), "--stdio"),
+                   "cannot read the ticket file")
+    one_line_error(run("connect", "--stdio"), "give a NAME")
+    one_line_error(run("connect", "--stdio", env={"QUICTUN_TICKET": "junk"}),
+                   "QUICTUN_TICKET: this is not a quictun ticket")
+
+
+def test_stored_ticket_damaged_is_one_line(tmp_path: Path) -> None:
+    d = tmp_path / "home" / "tickets"
+    d.mkdir(parents=True)
+    (d / "box").write_text("qt1garbage")
+    one_line_error(run("connect", "box", "--stdio"), "stored ticket .*box")
+
+
+@pytest.mark.parametrize("name", ["..", ".", "...", "a/b"])
+def test_dot_names_are_refused(name: str, tmp_path: Path) -> None:
+    one_line_error(run("serve", name, "--forward", "127.0.0.1:22"), "not a valid name")
+    one_line_error(run("connect", name, "--stdio"), "not a valid name")
+    one_line_error(run("ssh-config", name), "not a valid name")
+    assert not (tmp_path / "home").exists()
+
+
+def test_serve_config_dir_unwritable(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    one_line_error(run("serve", "box", "--forward", "127.0.0.1:22",
+                       env={"QUICTUN_HOME": str(tmp_path / "file")}),
+                   "cannot load the identity")
+
+
+@pytest.mark.parametrize("content", [b"garbage", b"-----BEGIN PRIVATE KEY-----\nAAAA\n"
+                                     b"-----END PRIVATE KEY-----\n", b""])
+def test_corrupt_identity_is_one_line(tmp_path: Path, content: bytes) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    key = home / "identity.key"
+    key.write_bytes(content)
+    key.chmod(0o600)
+    env = {"QUICTUN_SECRET": "x", "QUICTUN_SIGNAL": f"ws://127.0.0.1:{free_port()}/"}
+    one_line_error(run("connect", "box", "--stdio", env=env), "cannot load the identity")
+    one_line_error(run("serve", "box", "--forward", "127.0.0.1:22", env=env),
+                   "cannot load the identity")
 
 
 # -- status ----------------------------------------------------------------------------
@@ -194,9 +344,10 @@ def _serve_ticket(tmp_path: Path, url: str, port: int, log: str) -> tuple[Proc, 
              stdout=subprocess.PIPE)
     assert p.p.stdout is not None
     line = p.p.stdout.readline().decode()
-    m = re.fullmatch(r"quictun connect (qt1[a-z2-7]+)\n", line)
+    m = re.fullmatch(r"(qt1[a-z2-7]+)\n", line)
     assert m, line + p.text()
     p.wait_for(r"serving 'box'")
+    assert "quictun import -" in p.text()
     return p, m.group(1)
 
 
@@ -217,8 +368,43 @@ def test_ticket_flow_no_secret_no_signal(relay, echo_server, tmp_path: Path) -> 
         assert r.returncode == 0, r.stderr.decode()
         assert r.stdout == payload
         assert b"path=" in r.stderr
+        assert b"warning: a ticket on the command line" in r.stderr
     finally:
         p2.stop()
+
+
+def test_import_then_connect_by_name(relay, echo_server, tmp_path: Path) -> None:
+    """`quictun import -` once, then `quictun connect box --stdio`: no secret, no --signal,
+    no ticket in argv, and the server's fingerprint is still pinned."""
+    _relay, url = relay
+    p, t = _serve_ticket(tmp_path, url, echo_server.port, "serve.log")
+    try:
+        env = base_env(tmp_path / "cli", secret=None)
+        r = subprocess.run(QT + ["import", "-"], input=t.encode() + b"\n",
+                           capture_output=True, env=env, timeout=30)
+        assert r.returncode == 0, r.stderr.decode()
+        assert b"connect box --listen 2222" in r.stdout and b"qt1" not in r.stdout
+        payload = os.urandom(100_000)
+        r = subprocess.run(QT + ["connect", "box", "--stdio"], input=payload,
+                           capture_output=True, env=env, timeout=60)
+        assert r.returncode == 0, r.stderr.decode()
+        assert r.stdout == payload
+        assert b"warning" not in r.stderr
+        # a stored ticket with another fingerprint: the pin is enforced (also with an
+        # explicit secret from the environment)
+        d = tk.decode(t)
+        tk_bad = tk.Ticket(url=d.url, name="box", secret=d.secret, fingerprint="ab" * 32)
+        env2 = base_env(tmp_path / "cli2", secret=d.secret)
+        r = subprocess.run(QT + ["import", "-"], input=tk_bad.encode().encode(),
+                           capture_output=True, env=env2, timeout=30)
+        assert r.returncode == 0, r.stderr.decode()
+        r = subprocess.run(QT + ["connect", "box", "--stdio"], input=b"x",
+                           capture_output=True, env=env2, timeout=60)
+        assert r.returncode == 1 and r.stdout == b""
+        errors = [ln for ln in r.stderr.decode().splitlines() if "error:" in ln]
+        assert len(errors) == 1 and "Traceback" not in r.stderr.decode(), r.stderr.decode()
+    finally:
+        p.stop()
 
 
 def test_connect_json_logs(relay, echo_server, tmp_path: Path) -> None:
@@ -227,9 +413,10 @@ def test_connect_json_logs(relay, echo_server, tmp_path: Path) -> None:
     _relay, url = relay
     p, t = _serve_ticket(tmp_path, url, echo_server.port, "serve.log")
     try:
-        r = subprocess.run(QT + ["--log-format", "json", "connect", t, "--stdio"],
-                           input=b"ping", capture_output=True,
-                           env=base_env(tmp_path / "cli", secret=None), timeout=60)
+        env = base_env(tmp_path / "cli", secret=None)
+        env["QUICTUN_TICKET"] = t
+        r = subprocess.run(QT + ["--log-format", "json", "connect", "--stdio"],
+                           input=b"ping", capture_output=True, env=env, timeout=60)
         assert r.returncode == 0, r.stderr.decode()
         assert r.stdout == b"ping"
         msgs = [json.loads(ln)["msg"] for ln in r.stderr.decode().splitlines()]
@@ -240,10 +427,13 @@ def test_connect_json_logs(relay, echo_server, tmp_path: Path) -> None:
 
 
 def test_demo_end_to_end(echo_server, tmp_path: Path) -> None:
+    """The printed commands work as pasted, in another terminal of the same user."""
+    import shlex
+
     port = free_port()
+    env = base_env(tmp_path / "demo", secret=None)
     d = Proc(QT + ["demo", "--port", str(port), "--forward", f"127.0.0.1:{echo_server.port}"],
-             env=base_env(tmp_path / "demo", secret=None), log=tmp_path / "demo.log",
-             stdout=subprocess.PIPE)
+             env=env, log=tmp_path / "demo.log", stdout=subprocess.PIPE)
     try:
         assert d.p.stdout is not None
         lines = []
@@ -252,14 +442,44 @@ def test_demo_end_to_end(echo_server, tmp_path: Path) -> None:
             assert line, d.text()
             lines.append(line)
         text = "".join(lines)
-        assert f"--signal ws://127.0.0.1:{port}/' " in text and "@demo" in text
-        ticket = re.search(r"connect (qt1[a-z2-7]+) --stdio", text)
-        assert ticket, text
+        assert "qt1" not in text and "--signal" not in text
+        proxy = re.search(r"ssh -o ProxyCommand='([^']+)' \S+@demo\n", text)
+        listen = re.search(r"^  (.+ connect demo --listen 2222)  ", text, re.M)
+        assert proxy and listen, text
         d.wait_for(r"serving 'demo'")
-        r = subprocess.run(QT + ["connect", ticket.group(1), "--stdio"], input=b"hello demo",
-                           capture_output=True, env=base_env(tmp_path / "cli", secret=None),
-                           timeout=60)
+        # what ssh runs: %h is the host, `demo`
+        argv = shlex.split(proxy.group(1).replace("%h", "demo"))
+        assert argv[-3:] == ["connect", "demo", "--stdio"]
+        r = subprocess.run(argv, input=b"hello demo", capture_output=True, env=env, timeout=60)
         assert r.returncode == 0, r.stderr.decode()
         assert r.stdout == b"hello demo"
+        assert b"warning" not in r.stderr
+        # the --listen line, on a free port
+        lport = free_port()
+        argv = shlex.split(listen.group(1).replace("2222", str(lport)))
+        c = Proc(argv, env=env, log=tmp_path / "listen.log")
+        try:
+            c.wait_for(r"listening on")
+            import socket
+
+            with socket.create_connection(("127.0.0.1", lport), timeout=10) as sock:
+                sock.sendall(b"via listen")
+                sock.shutdown(socket.SHUT_WR)
+                got = b""
+                while chunk := sock.recv(65536):
+                    got += chunk
+            assert got == b"via listen"
+        finally:
+            c.stop()
     finally:
         d.stop()
+
+
+def test_demo_instructions_mention_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    from quictun.demo import instructions
+
+    text = instructions("ws://127.0.0.1:8765/", "/x/tickets/demo", ("127.0.0.1", 22))
+    assert "unset" not in text and "connect %h --stdio' " in text
+    monkeypatch.setenv("QUICTUN_SECRET", "x")
+    text = instructions("ws://127.0.0.1:8765/", "/x/tickets/demo", ("127.0.0.1", 22))
+    assert "unset QUICTUN_SECRET" in text

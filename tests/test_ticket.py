@@ -60,3 +60,42 @@ def test_stored_secret_persists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     path = tk.secret_path("box")
     assert path == tmp_path / "secrets" / "box"
     assert path.stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("name", ["..", ".", "...", "", "a/b", "x" * 65, "a b"])
+def test_bad_names_refused_before_the_filesystem(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUICTUN_HOME", str(tmp_path / "home"))
+    with pytest.raises(tk.InvalidName, match="not a valid name"):
+        tk.check_name(name)
+    with pytest.raises(tk.InvalidName):
+        tk.stored_secret(name)
+    with pytest.raises(tk.InvalidName):
+        tk.store(tk.Ticket(url="ws://x/", name=name, secret="s", fingerprint="ab"))
+    with pytest.raises(tk.InvalidName):
+        tk.load_stored(name)
+    assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.parametrize("name", ["a", "a.b", ".hidden", "x" * 64, "A-9_."])
+def test_good_names(name: str) -> None:
+    assert tk.check_name(name) == name
+
+
+def test_store_and_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUICTUN_HOME", str(tmp_path))
+    assert tk.load_stored("laptop") is None
+    path = tk.store(T)
+    assert path == tk.ticket_path("laptop") == tmp_path / "tickets" / "laptop"
+    assert path.stat().st_mode & 0o077 == 0
+    assert tk.load_stored("laptop") == T
+    other = tk.Ticket(url="ws://x/", name="laptop", secret="new", fingerprint="cd" * 32)
+    tk.store(other)
+    assert tk.load_stored("laptop") == other
+    # a file that holds another name's ticket (copied by hand) is refused
+    (tmp_path / "tickets" / "desk").write_text(T.encode())
+    with pytest.raises(tk.TicketError, match="is for 'laptop', not 'desk'"):
+        tk.load_stored("desk")
+    (tmp_path / "tickets" / "bad").write_text("junk")
+    with pytest.raises(tk.TicketError, match="stored ticket .*bad.*not a quictun ticket"):
+        tk.load_stored("bad")
