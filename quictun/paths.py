@@ -252,7 +252,9 @@ class PathManager:
     def note_direct_traffic(self, addr: Addr, now: float) -> None:
         """An authenticated QUIC packet came from ``addr``: that path is alive.
 
-        Ignored unless ``addr`` is a validated candidate.
+        Ignored unless ``addr`` is a validated candidate. Queues no datagram and emits
+        no event, so the shell need not drain outputs after it (hot path: called per
+        received datagram); the timer may only move later, and an early fire re-arms.
         """
         c = self._cands.get(addr)  # fast path: the shell already hands plain (ip, port)
         if c is None:
