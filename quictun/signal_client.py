@@ -20,6 +20,7 @@ from .errors import TunnelError, printable
 log = logging.getLogger("quictun.signal")
 
 RELAY_QUEUE = 512
+RELAY_BATCH_BYTES = 16 * 1024  # at most this much per WebSocket message (relay max 64 KiB)
 
 
 class SignalClient:
@@ -43,7 +44,7 @@ class SignalClient:
         self._waiters: list[tuple[Callable[[sigproto.Message], bool], asyncio.Future]] = []
         self._reader: asyncio.Task | None = None
         self._writer: asyncio.Task | None = None
-        self._out: asyncio.Queue[bytes] = asyncio.Queue(RELAY_QUEUE)
+        self._out: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(RELAY_QUEUE)
         self.relayed_out = 0
         self.relayed_in = 0
         self.connected = False
@@ -140,7 +141,7 @@ class SignalClient:
         if not self.connected:
             return
         try:
-            self._out.put_nowait(sigproto.encode_relay(session, payload))
+            self._out.put_nowait((session, payload))
         except asyncio.QueueFull:
             pass
 
@@ -160,9 +161,24 @@ class SignalClient:
         ws = self._ws
         try:
             while True:
-                frame = await self._out.get()
-                self.relayed_out += len(frame) - 5
-                await ws.send(frame)
+                # everything queued during one loop turn goes out as one WebSocket message
+                # per session (kind 0x02): far fewer messages than packets
+                first = await self._out.get()
+                batch = [first]
+                size = len(first[1])
+                while not self._out.empty() and size < RELAY_BATCH_BYTES:
+                    item = self._out.get_nowait()
+                    batch.append(item)
+                    size += len(item[1])
+                by_session: dict[int, list[bytes]] = {}
+                for sid, packet in batch:
+                    by_session.setdefault(sid, []).append(packet)
+                    self.relayed_out += len(packet)
+                for sid, packets in by_session.items():
+                    if len(packets) == 1:
+                        await ws.send(sigproto.encode_relay(sid, packets[0]))
+                    else:
+                        await ws.send(sigproto.encode_relay_batch(sid, packets))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -174,14 +190,15 @@ class SignalClient:
             async for raw in self._ws:
                 if isinstance(raw, bytes):
                     try:
-                        session, payload = sigproto.decode_relay(raw)
+                        session, packets = sigproto.relay_packets(raw)
                     except sigproto.ProtocolError:
                         continue
-                    self.relayed_in += len(payload)
-                    try:
-                        self.on_relay(session, payload)
-                    except Exception:  # a bug above us must not cut the relay link
-                        log.exception("error handling a relayed packet")
+                    for payload in packets:
+                        self.relayed_in += len(payload)
+                        try:
+                            self.on_relay(session, payload)
+                        except Exception:  # a bug above us must not cut the relay link
+                            log.exception("error handling a relayed packet")
                     continue
                 try:
                     msg = sigproto.decode(raw)

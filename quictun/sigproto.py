@@ -64,6 +64,7 @@ MAX_MESSAGE_SIZE = 16 * 1024
 #: Largest accepted offer/answer object, in bytes of compact JSON (``too-large``).
 MAX_BLOB_SIZE = 8 * 1024
 RELAY_KIND = 0x01
+RELAY_BATCH_KIND = 0x02
 MAX_SESSION = 0xFFFFFFFF
 
 # Error codes.
@@ -500,15 +501,53 @@ def encode_relay(session: int, payload: bytes) -> bytes:
     return _RELAY_HEADER.pack(RELAY_KIND, session) + bytes(payload)
 
 
+def encode_relay_batch(session: int, datagrams: list[bytes]) -> bytes:
+    """Frame several packets for one session: kind 0x02, session id, then each packet
+    prefixed by its 2-byte big-endian length. One WebSocket message for many packets
+    cuts the per-message cost of the relay path."""
+    if not 0 <= session <= MAX_SESSION:
+        raise ProtocolError(E_BAD_MESSAGE, "session id out of range")
+    parts = [_RELAY_HEADER.pack(RELAY_BATCH_KIND, session)]
+    for d in datagrams:
+        if len(d) > 0xFFFF:
+            raise ProtocolError(E_TOO_LARGE, "packet over 65535 bytes")
+        parts.append(len(d).to_bytes(2, "big"))
+        parts.append(d)
+    return b"".join(parts)
+
+
 def decode_relay(data: bytes) -> tuple[int, bytes]:
-    """Parse a binary relay frame into ``(session, payload)``.
+    """Parse a binary relay frame into ``(session, payload)`` (the relay's view: it
+    forwards the frame unchanged and needs only the session).
 
     Raises:
-        ProtocolError: ``bad-message`` if shorter than 5 bytes or the kind is not 0x01.
+        ProtocolError: ``bad-message`` if shorter than 5 bytes or the kind is neither
+            0x01 (one packet) nor 0x02 (a batch).
     """
     if len(data) < _RELAY_HEADER.size:
         raise ProtocolError(E_BAD_MESSAGE, "binary frame shorter than 5 bytes")
     kind, session = _RELAY_HEADER.unpack_from(data)
-    if kind != RELAY_KIND:
+    if kind not in (RELAY_KIND, RELAY_BATCH_KIND):
         raise ProtocolError(E_BAD_MESSAGE, f"unknown binary frame kind 0x{kind:02x}")
     return session, bytes(data[_RELAY_HEADER.size :])
+
+
+def relay_packets(data: bytes) -> tuple[int, list[bytes]]:
+    """Parse a binary relay frame into ``(session, packets)`` (the peers' view).
+
+    Raises:
+        ProtocolError: as :func:`decode_relay`, or a batch whose lengths do not add up.
+    """
+    session, payload = decode_relay(data)
+    if data[0] == RELAY_KIND:
+        return session, [payload]
+    out, i, n = [], 0, len(payload)
+    while i < n:
+        if i + 2 > n:
+            raise ProtocolError(E_BAD_MESSAGE, "truncated relay batch")
+        size = int.from_bytes(payload[i : i + 2], "big")
+        if i + 2 + size > n:
+            raise ProtocolError(E_BAD_MESSAGE, "truncated relay batch")
+        out.append(payload[i + 2 : i + 2 + size])
+        i += 2 + size
+    return session, out

@@ -597,7 +597,8 @@ class Matchmaker:
 
     def _take_tokens(self, session: _Session, conn_id: int, size: int, now: float) -> bool:
         rate = float(self.config.relay_rate or 0.0)
-        burst = self.config.relay_burst or max(rate, 4096.0)
+        # a burst of at least one maximal frame, or a batched frame could never pass
+        burst = self.config.relay_burst or max(rate, 65536.0)
         bucket = session.buckets.get(conn_id)
         if bucket is None:
             bucket = session.buckets[conn_id] = _Bucket(burst, now)

@@ -123,12 +123,24 @@ def test_relay_frames() -> None:
     assert frame == b"\x01\x01\x02\x03\x04\xc0quic"
     assert sp.decode_relay(frame) == (0x01020304, b"\xc0quic")
     assert sp.decode_relay(sp.encode_relay(0, b"")) == (0, b"")
-    for bad in (b"", b"\x01\x00\x00\x00", b"\x02\x00\x00\x00\x01x"):
+    for bad in (b"", b"\x01\x00\x00\x00", b"\x03\x00\x00\x00\x01x"):
         with pytest.raises(sp.ProtocolError) as info:
             sp.decode_relay(bad)
         assert info.value.code == "bad-message"
     with pytest.raises(sp.ProtocolError):
         sp.encode_relay(2**32, b"")
+
+
+def test_relay_batches() -> None:
+    packets = [b"\xc0one", b"", b"\x40" * 1350]
+    frame = sp.encode_relay_batch(7, packets)
+    assert frame[0] == 0x02
+    assert sp.decode_relay(frame)[0] == 7  # the relay only needs the session
+    assert sp.relay_packets(frame) == (7, packets)
+    assert sp.relay_packets(sp.encode_relay(9, b"\xc0x")) == (9, [b"\xc0x"])
+    for bad in (frame[:-1], frame[:6]):
+        with pytest.raises(sp.ProtocolError):
+            sp.relay_packets(bad)
 
 
 def test_error_codes_are_the_documented_set() -> None:
