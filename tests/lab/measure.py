@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from .netlab import Lab, LabProcess, SiteSpec, lab_available, sweep_stale_namespaces
+from .service import SERVICE
 
 REPO = Path(__file__).resolve().parents[2]
 MB = 1024 * 1024
@@ -68,42 +69,6 @@ PATH_LINE = re.compile(r"path=(direct|relay|none)(?:\s+local=(\S+)\s+remote=(\S+
 #   DOWN n         -> send random.Random(n).randbytes(n)
 #   PACE n rate    -> the same bytes, paced at `rate` bytes/s in 16 KiB chunks
 #   ECHO           -> echo lines until EOF
-SERVICE = r"""
-import random, socket, sys, threading, time
-def handle(c):
-    try:
-        f = c.makefile("rb")
-        head = f.readline().split()
-        if head[0] == b"DOWN":
-            n = int(head[1])
-            c.sendall(random.Random(n).randbytes(n))
-        elif head[0] == b"PACE":
-            n, rate = int(head[1]), float(head[2])
-            data = memoryview(random.Random(n).randbytes(n))
-            start, sent = time.monotonic(), 0
-            while sent < n:
-                c.sendall(data[sent:sent + 16384]); sent = min(n, sent + 16384)
-                delay = start + sent / rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-        elif head[0] == b"ECHO":
-            while line := f.readline():
-                c.sendall(line)
-        c.shutdown(socket.SHUT_WR)
-        while c.recv(65536):
-            pass
-    except OSError as exc:
-        print("service error", exc, flush=True)
-    finally:
-        c.close()
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", int(sys.argv[1]))); srv.listen(16)
-print("service listening", flush=True)
-while True:
-    c, _ = srv.accept()
-    threading.Thread(target=handle, args=(c,), daemon=True).start()
-"""
 
 # Client in host B through `connect --listen`: one JSON line. mode "down": time the
 # download; mode "pace": also the arrival times (CLOCK_MONOTONIC, shared by all namespaces).

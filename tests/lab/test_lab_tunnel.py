@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from .netlab import Lab, LabProcess, SiteSpec
+from .service import SERVICE
 
 REPO = Path(__file__).resolve().parents[2]
 MB = 1024 * 1024
@@ -74,49 +75,7 @@ needs_fallback = pytest.mark.skipif(_relay_fallback_missing() is not None,
 needs_conntrack = pytest.mark.skipif(shutil.which("conntrack") is None,
                                      reason="`conntrack` tool not installed")
 
-# The forwarded service in host A. Per connection, a header line:
-#   UP n     -> read n bytes, answer "<sha256> <count>"
-#   DOWN n   -> send n bytes of random.Random(n).randbytes(n)
-#   ECHO     -> echo lines until EOF
-#   BYE      -> send "bye\n" and close at once (the service hangs up first)
-SERVICE = r"""
-import hashlib, random, socket, sys, threading
-def handle(c):
-    try:
-        f = c.makefile("rb")
-        head = f.readline().split()
-        if head[0] == b"UP":
-            n = left = int(head[1]); h = hashlib.sha256()
-            while left:
-                data = f.read1(min(left, 65536))
-                if not data:
-                    break
-                h.update(data); left -= len(data)
-            c.sendall(f"{h.hexdigest()} {n - left}\n".encode())
-        elif head[0] == b"DOWN":
-            c.sendall(random.Random(int(head[1])).randbytes(int(head[1])))
-        elif head[0] == b"ECHO":
-            while line := f.readline():
-                c.sendall(line)
-        elif head[0] == b"BYE":
-            c.sendall(b"bye\n")
-            c.close()
-            return
-        c.shutdown(socket.SHUT_WR)
-        while c.recv(65536):
-            pass
-    except OSError as exc:
-        print("service error", exc, flush=True)
-    finally:
-        c.close()
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", int(sys.argv[1]))); srv.listen(16)
-print("service listening", flush=True)
-while True:
-    c, _ = srv.accept()
-    threading.Thread(target=handle, args=(c,), daemon=True).start()
-"""
+# The forwarded service in host A is tests/lab/service.py's SERVICE (UP/DOWN/PACE/ECHO/BYE).
 
 # Client side, in host B, through `quictun connect --listen`: prints "UP ok"/"DOWN ok".
 CLIENT = r"""
