@@ -127,3 +127,22 @@ def test_firewall_to_symmetric_goes_direct_by_birthday(lab_factory: LabFactory,
     print(f"\nfirewall<->symmetric: direct after {time.monotonic() - t0:.1f} s: {m.group(0)}")
     t.transfer(down=SIZE)
     assert_direct(lab, SIZE, family=4)
+
+
+def test_direct_only_between_symmetric_nats_fails_with_one_clear_line(
+        lab_factory: LabFactory, tunnel_factory: TunnelFactory) -> None:
+    """Two symmetric NATs cannot punch; --direct-only must say so and exit non-zero."""
+    lab = lab_factory(SiteSpec("symmetric", ipv6=False), SiteSpec("symmetric", ipv6=False))
+    t = tunnel_factory(lab)
+    t.start_relay()
+    t.start_service()
+    t.serve()
+    r = lab.run(lab.host_b_ns,
+                [str(t.quictun), "connect", "labsvc", "--stdio", "--direct-only",
+                 "--signal", t.signal],
+                env=t.env("b"), input="x", timeout=60)
+    lines = [line for line in r.stderr.splitlines() if "error" in line]
+    assert r.returncode == 1, r.stderr
+    assert len(lines) == 1 and "punching failed" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert lab.relay_tcp_bytes() < 200_000  # nothing but signalling went through the relay
