@@ -134,7 +134,7 @@ def load_or_create(directory: Path | None = None) -> Identity:
             ):
                 return Identity(key, cert)
         ident = Identity(key, _self_signed(key))
-        _write(cert_path, ident.certificate.public_bytes(serialization.Encoding.PEM))
+        write_private(cert_path, ident.certificate.public_bytes(serialization.Encoding.PEM))
         return ident
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     ident = Identity.generate()
@@ -143,8 +143,8 @@ def load_or_create(directory: Path | None = None) -> Identity:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write(key_path, pem)
-    _write(cert_path, ident.certificate.public_bytes(serialization.Encoding.PEM))
+    write_private(key_path, pem)
+    write_private(cert_path, ident.certificate.public_bytes(serialization.Encoding.PEM))
     return ident
 
 
@@ -157,5 +157,3 @@ def write_private(path: Path, data: bytes) -> None:
         f.write(data)
     os.replace(tmp, path)
 
-
-_write = write_private  # kept for older callers

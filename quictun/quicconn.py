@@ -428,9 +428,7 @@ class QuicEngine:
     def _send_keepalive(self) -> None:
         if self._closed:
             return
-        self._ping_uid += 1
-        self.quic.send_ping(self._ping_uid)
-        self.schedule_flush()
+        self.ping()
         self._keepalive_handle = self._loop.call_later(self._keepalive, self._send_keepalive)
 
     def _process_events(self) -> None:

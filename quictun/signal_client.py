@@ -130,12 +130,6 @@ class SignalClient:
             if entry in self._waiters:
                 self._waiters.remove(entry)
 
-    def wait_for(self, match: Callable[[sigproto.Message], bool]) -> asyncio.Future:
-        """A future for the next message matching ``match`` (no request sent)."""
-        fut: asyncio.Future[sigproto.Message] = asyncio.get_running_loop().create_future()
-        self._waiters.append((match, fut))
-        return fut
-
     def send_relay(self, session: int, payload: bytes) -> None:
         """Queue a QUIC packet for the relay; dropped if the queue is full."""
         if not self.connected:
