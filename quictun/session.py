@@ -233,11 +233,14 @@ class PeerSession:
             elif isinstance(ev, PunchFailed):
                 self._on_failed(ev.reason)
         dup = pm.uncertain(now)
-        if dup and not self._dup and self.engine is not None:
-            self.engine.ping()  # the direct path went quiet: probe QUIC over the relay too
         rising = dup and not self._dup
+        if dup != self._dup:
+            log.info("direct path %s", "quiet: also sending over the relay" if dup
+                     else "answers again: direct only")
         self._dup = dup
         if rising:
+            if self.engine is not None:
+                self.engine.ping()  # the direct path went quiet: probe QUIC over the relay
             self._refresh_soon()  # our NAT may have moved us: tell the peer where we are
         at = pm.get_timer()
         if at != self._timer_at and not self.closed:

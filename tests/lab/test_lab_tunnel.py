@@ -180,8 +180,25 @@ class Tunnel:
         self.connect(*extra)
 
     def wait_path(self, kind: str, timeout: float = 20.0) -> re.Match[str]:
+        """Wait until both ends have reported ``path=kind`` once; return connect's line.
+
+        Each end selects its path on its own evidence, so the serving end may still send
+        over the relay for a moment after the connecting end went direct; a byte count
+        taken right after connect's line alone would catch that moment."""
         assert self.connect_proc is not None
-        return self.connect_proc.wait_for_line(rf"path={kind}\b", timeout=timeout)
+        m = self.connect_proc.wait_for_line(rf"path={kind}\b", timeout=timeout)
+        if self.serve_proc is not None:
+            self.serve_proc.wait_for_line(rf"path={kind}\b", timeout=timeout)
+        return m
+
+    def wait_serve_direct(self, timeout: float = 30.0) -> None:
+        """Wait until the serving end's latest path line says direct (after a change that
+        connect has already reported, e.g. a rebinding)."""
+        assert self.serve_proc is not None
+        deadline = time.monotonic() + timeout
+        while self.last_path(self.serve_proc) != "direct":
+            assert time.monotonic() < deadline, self.serve_proc.tail()
+            time.sleep(0.05)
 
     def last_path(self, proc: LabProcess | None = None) -> str:
         proc = proc or self.connect_proc
@@ -531,6 +548,7 @@ def test_nat_rebinding_recovers_direct_path(lab_factory: LabFactory,
     t.transfer(down=MB)  # traffic makes the peers notice the change
     m = t.connect_proc.wait_for_line(r"path=direct", timeout=30, skip=directs)
     assert re.search(rf"{lab.router_a_wan_ip4}:2\d{{4}}", m.string), m.string
+    t.wait_serve_direct()
     before = lab.direct_udp_bytes()
     t.transfer(down=SIZE)
     assert lab.direct_udp_bytes() - before >= SIZE
