@@ -37,6 +37,12 @@ VIRTUAL_PEER = ("198.51.100.1", 1)  # never sent to: a label for "the peer", wha
 STREAM_WINDOW = 2 * 1024 * 1024
 CONNECTION_WINDOW = 8 * 1024 * 1024
 KEEPALIVE_INTERVAL = 15.0
+PEER_MAX_ACK_DELAY = 0.005
+"""The peer's ACK delay assumed in the probe timeout (aioquic engine). aioquic acks 1 ms
+after an ack-eliciting packet but advertises ``max_ack_delay`` 25 ms, so each tail loss
+idled the sender for 25 ms more than needed; the peer is always quictun (ALPN), 5 ms
+leaves room for a busy event loop. Measured in the lab with 10% random loss: 0.86 ->
+1.45 MB/s (1 ms: 1.78, 2 ms: 1.58); loopback throughput unchanged within its noise."""
 
 _MAX_STREAM_DATA_CAPACITY = 1 + 8 + 8
 _MAX_DATA_CAPACITY = 1 + 8
@@ -90,6 +96,12 @@ class _AioquicFlowControl(_FlowControl):
         if self._close_at != before:  # type: ignore[attr-defined]
             # aioquic re-arms its idle timer only for a packet it decrypted
             self.authenticated_packets += 1
+
+    def _parse_transport_parameters(self, data: bytes,
+                                    from_session_ticket: bool = False) -> None:
+        super()._parse_transport_parameters(data, from_session_ticket)  # type: ignore[misc]
+        loss = self._loss  # type: ignore[attr-defined]
+        loss.max_ack_delay = min(loss.max_ack_delay, PEER_MAX_ACK_DELAY)
 
     def unacked(self, stream_id: int) -> int:
         """Bytes written to the stream and not yet acknowledged by the peer."""

@@ -11,7 +11,12 @@ import pytest
 from quictun import engines
 from quictun.engines import Engine
 from quictun.identity import Identity
-from quictun.quicconn import CONNECTION_WINDOW, STREAM_WINDOW, connection_class
+from quictun.quicconn import (
+    CONNECTION_WINDOW,
+    PEER_MAX_ACK_DELAY,
+    STREAM_WINDOW,
+    connection_class,
+)
 
 CLIENT, SERVER = ("1.2.3.4", 1), ("5.6.7.8", 2)
 
@@ -144,3 +149,15 @@ def test_forgotten_stream_releases_connection_credit(engine: Engine) -> None:
     assert server._pending_total == 1000
     server.forget_stream(sid)
     assert server._pending_total == 0
+
+
+def test_probe_timeout_assumes_a_quictun_peer_acks_quickly() -> None:
+    """aioquic advertises max_ack_delay 25 ms but acks after 1 ms; the sender's PTO uses
+    PEER_MAX_ACK_DELAY instead (tail losses cost 5 ms of idling, not 25 ms)."""
+    aioquic = engines.get("aioquic")
+    client, server = make_pair(aioquic, aioquic)
+    for conn in (client, server):
+        assert conn._loss.max_ack_delay == 0.025  # before the peer's transport parameters
+    exchange(client, server, 0.0)
+    assert client._loss.max_ack_delay == server._loss.max_ack_delay == PEER_MAX_ACK_DELAY
+    assert client._loss.get_probe_timeout() < 0.025
