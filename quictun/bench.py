@@ -13,7 +13,7 @@ Measures, in one run (see docs/benchmark.md for the method and results):
 
 ``--lever NAME=VALUE`` (repeatable) runs the quictun processes through a small wrapper
 that patches them first (``uvloop=1``, ``datagram=1452``, ``cc=cubic``,
-``window_mb=8``, ``send_high_kb=4096``); ``--only tunnel`` restricts a run to items 2-3.
+``window_mb=8``, ``send_high_kb=4096``, ``ack_delay_ms=25``); ``--only tunnel`` restricts a run to items 2-3.
 ``--profile DIR`` writes cProfile data of the tunnel processes to DIR.
 """
 
@@ -418,7 +418,7 @@ def table(out: dict[str, Any]) -> str:
 @click.option("--size-mb", type=int, default=None, help="Throughput payload (default 50, quick 5).")
 @click.option("--lever", "levers", multiple=True, metavar="NAME=VALUE",
               help="Patch quictun processes: uvloop=1, datagram=N, cc=cubic, window_mb=N, "
-                   "send_high_kb=N.")
+                   "send_high_kb=N, ack_delay_ms=N.")
 @click.option("--only", type=click.Choice(["engine", "tunnel"]), default=None,
               help="Run only the engine ceiling, or only the tunnel throughputs.")
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False, path_type=Path),

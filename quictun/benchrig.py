@@ -40,6 +40,8 @@ if "window_mb" in patch:
     w = int(float(patch["window_mb"]) * 1024 * 1024)
     qc.STREAM_WINDOW = api.STREAM_WINDOW = w
     qc.CONNECTION_WINDOW = api.CONNECTION_WINDOW = 4 * w
+if "ack_delay_ms" in patch:
+    qc.PEER_MAX_ACK_DELAY = float(patch["ack_delay_ms"]) / 1000
 if "send_high_kb" in patch:
     fw.SEND_HIGH = int(patch["send_high_kb"]) * 1024
     fw.SEND_LOW = fw.SEND_HIGH // 4
