@@ -13,7 +13,8 @@ Measures, in one run (see docs/benchmark.md for the method and results):
 
 ``--lever NAME=VALUE`` (repeatable) runs the quictun processes through a small wrapper
 that patches them first (``uvloop=1``, ``datagram=1452``, ``cc=cubic``,
-``window_mb=8``, ``send_high_kb=4096``, ``ack_delay_ms=25``); ``--only tunnel`` restricts a run to items 2-3.
+``window_mb=8``, ``send_high_kb=4096``, ``ack_delay_ms=25``); ``--only tunnel``
+restricts a run to items 2-3.
 ``--profile DIR`` writes cProfile data of the tunnel processes to DIR.
 """
 
