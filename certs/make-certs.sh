@@ -23,4 +23,4 @@ chmod 644 "$OUT/relay.crt"
 
 echo "wrote $OUT/relay.crt and $OUT/relay.key"
 echo "run:   quictun-signal --cert $OUT/relay.crt --key $OUT/relay.key"
-echo "trust: point clients at $OUT/relay.crt as their CA file (it is self-signed)"
+echo "trust: export QUICTUN_SIGNAL_CA=$OUT/relay.crt on every quictun client (it is self-signed)"

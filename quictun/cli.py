@@ -68,7 +68,8 @@ def main(ctx: click.Context, verbose: int, log_format: str) -> None:
     Environment: QUICTUN_SIGNAL (relay URL), QUICTUN_SECRET / QUICTUN_SECRET_FILE (shared
     secret), QUICTUN_TICKET (a ticket), QUICTUN_SIGNAL_TOKEN (relay token), QUICTUN_HOME
     (identity, generated secrets, imported tickets; default ~/.config/quictun),
-    QUICTUN_LOG_FORMAT (text or json).
+    QUICTUN_SIGNAL_CA (CA file for a wss:// relay with its own certificate),
+    QUICTUN_ENGINE (QUIC engine: aioquic, qh3 or auto), QUICTUN_LOG_FORMAT (text or json).
     """
     ctx.obj = {"verbose": verbose, "log_format": log_format}
     _setup_logging(verbose, log_format)
@@ -146,6 +147,36 @@ def _decode(text: str, where: str = ""):  # type: ignore[no-untyped-def]
         raise UserError(f"{where}{exc}") from None
 
 
+def _check_signal(url: str) -> str:
+    """``url`` if it is a well-formed relay URL, else a one-line UserError."""
+    from .errors import TunnelError
+    from .signal_client import parse_relay_url
+
+    try:
+        parse_relay_url(url)
+    except TunnelError as exc:
+        raise UserError(f"--signal / QUICTUN_SIGNAL: {exc}") from None
+    return url
+
+
+def _warn_if_local_relay(url: str) -> None:
+    """A ticket naming a loopback or unspecified relay cannot work on another machine."""
+    import ipaddress
+
+    from .signal_client import parse_relay_url
+
+    host = parse_relay_url(url)[1]
+    try:
+        ip = ipaddress.ip_address(host)
+        local = ip.is_loopback or ip.is_unspecified
+    except ValueError:
+        local = host.lower() == "localhost"
+    if local:
+        click.echo(f"quictun: warning: the ticket names the relay {url}, which only this "
+                   "machine can reach; for another machine pass --signal (or set "
+                   "QUICTUN_SIGNAL) with an address it can reach", err=True)
+
+
 def _is_ticket(text: str) -> bool:
     from . import ticket as tk
 
@@ -206,10 +237,19 @@ def serve(name: str, forward: str, signal: str, secret_file: Path | None,
 
     Without a secret, one is generated (and kept, per name) and a ticket is printed on
     stdout: run `quictun import -` on the other machine and paste it there.
+
+    \b
+    Environment:
+      QUICTUN_SIGNAL, QUICTUN_SIGNAL_TOKEN, QUICTUN_SECRET_FILE  (see the options)
+      QUICTUN_SECRET     the shared secret (instead of a generated one)
+      QUICTUN_HOME       identity, generated secrets (default ~/.config/quictun)
+      QUICTUN_SIGNAL_CA  CA file to trust for a wss:// relay (e.g. certs/relay.crt)
+      QUICTUN_ENGINE     QUIC engine: aioquic (default), qh3, auto
     """
     from . import api, identity, ticket
 
     _check_name(name)
+    _check_signal(signal)
     mode = _mode(direct_only, relay_only)
     secret = _secret(secret_file, secret_arg)
     ident = _load_identity()
@@ -229,6 +269,7 @@ def serve(name: str, forward: str, signal: str, secret_file: Path | None,
                    f"`quictun connect {name} --listen PORT` (or --stdio):", err=True)
         click.echo(t.encode())
         sys.stdout.flush()
+        _warn_if_local_relay(signal)
     _run(api.serve(name, forward=forward, signal=signal, secret=secret, mode=mode,
                    token=token, identity=ident))
 
@@ -260,6 +301,15 @@ def connect(target: str | None, listen: str | None, stdio: bool, ticket_file: Pa
       quictun connect laptop --listen 2222          # then: ssh -p 2222 user@127.0.0.1
       ssh -o ProxyCommand='quictun connect %h --stdio' user@laptop
       QUICTUN_SECRET=... quictun connect laptop --stdio --signal wss://relay.example.org/
+
+    \b
+    Environment:
+      QUICTUN_SIGNAL, QUICTUN_SIGNAL_TOKEN, QUICTUN_SECRET_FILE  (see the options)
+      QUICTUN_SECRET     the shared secret (wins over the ticket's)
+      QUICTUN_TICKET     a ticket (instead of a stored one)
+      QUICTUN_HOME       identity, imported tickets (default ~/.config/quictun)
+      QUICTUN_SIGNAL_CA  CA file to trust for a wss:// relay (e.g. certs/relay.crt)
+      QUICTUN_ENGINE     QUIC engine: aioquic (default), qh3, auto
     """
     if bool(listen) == bool(stdio):
         raise UserError("give exactly one of --listen [HOST:]PORT or --stdio")
@@ -295,14 +345,18 @@ def connect(target: str | None, listen: str | None, stdio: bool, ticket_file: Pa
     _run(go())
 
 
+def _warn_argv_ticket(name: str) -> None:
+    click.echo("quictun: warning: a ticket on the command line (secret included) is "
+               "visible to other users in the process list; store it with "
+               f"`quictun import -` (reads stdin), then use the name {name!r}", err=True)
+
+
 def _connect_ticket(target: str | None, ticket_file: Path | None):  # type: ignore[no-untyped-def]
     """(name, ticket or None) for connect: a ticket argument, --ticket-file,
     QUICTUN_TICKET, else the ticket stored for the name (if any)."""
     if target is not None and _is_ticket(target):
         t = _decode(target)
-        click.echo("quictun: warning: a ticket on the command line (secret included) is "
-                   "visible to other users in the process list; store it once with "
-                   f"`quictun import -`, then use `quictun connect {t.name} ...`", err=True)
+        _warn_argv_ticket(t.name)
         return _check_name(t.name), t
     t = None
     if ticket_file is not None:
@@ -339,6 +393,10 @@ def import_ticket(source: str) -> None:
       quictun import              # paste the ticket, then Enter
       quictun import - < ticket.txt
       quictun connect laptop --listen 2222
+
+    \b
+    Environment:
+      QUICTUN_HOME       where tickets/NAME is stored (default ~/.config/quictun)
     """
     if source == "-":
         stdin = click.get_text_stream("stdin")
@@ -353,6 +411,8 @@ def import_ticket(source: str) -> None:
     else:
         text, where = source, ""
     t = _decode(text, where)
+    if source != "-":
+        _warn_argv_ticket(t.name)
     path = _store(t)
     prog = _prog()
     click.echo(f"quictun: stored the ticket for {t.name!r} (relay {t.url}) in {path}", err=True)
@@ -381,6 +441,11 @@ def demo(forward: str, port: int) -> None:
     Examples:
       quictun demo
       quictun demo --forward 127.0.0.1:8000 --port 9876
+
+    \b
+    Environment:
+      QUICTUN_DEMO_FORWARD, QUICTUN_DEMO_PORT  (see the options)
+      QUICTUN_HOME       identity, the demo's secret and ticket (default ~/.config/quictun)
     """
     import logging
 
@@ -414,6 +479,11 @@ def netcheck(signal: str, token: str | None, as_json: bool) -> None:
     Examples:
       quictun netcheck --signal wss://relay.example.org/
       quictun netcheck --json | jq .verdict
+
+    \b
+    Environment:
+      QUICTUN_SIGNAL, QUICTUN_SIGNAL_TOKEN  (see the options)
+      QUICTUN_SIGNAL_CA  CA file to trust for a wss:// relay (e.g. certs/relay.crt)
     """
     from . import netcheck as nc
 
@@ -456,12 +526,18 @@ def ssh_config(name: str, signal: str) -> None:
       quictun ssh-config laptop >> ~/.ssh/config    # after `quictun import`
       quictun ssh-config laptop --signal wss://relay.example.org/ >> ~/.ssh/config
       ssh user@laptop
+
+    \b
+    Environment:
+      QUICTUN_SIGNAL     (see the option)
+      QUICTUN_HOME       where the ticket for NAME is looked up (default ~/.config/quictun)
     """
     from . import ticket as tk
 
     prog = _prog()
     if _is_ticket(name):
         t = _decode(name)
+        _warn_argv_ticket(t.name)
         path = _store(t)
         click.echo(f"quictun: imported the ticket for {t.name!r} into {path}", err=True)
         name = t.name

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -23,19 +24,40 @@ RELAY_QUEUE = 512
 RELAY_BATCH_BYTES = 16 * 1024  # at most this much per WebSocket message (relay max 64 KiB)
 
 
-class SignalClient:
-    """A connection to ``quictun-signal``. Use :meth:`open`, then :meth:`close`."""
+CA_ENV = "QUICTUN_SIGNAL_CA"
+"""Environment variable: a PEM file of CA certificates to trust for a ``wss://`` relay
+(e.g. the ``relay.crt`` of ``certs/make-certs.sh``) instead of the system's."""
 
-    def __init__(self, url: str, *, token: str | None = None) -> None:
-        self.url = url
+
+def parse_relay_url(url: str) -> tuple[str, str, int]:
+    """``(scheme, host, port)`` of a relay URL; :class:`TunnelError` (one line) if it is
+    not ``ws://HOST[:PORT]/`` or ``wss://HOST[:PORT]/`` with a port in 1..65535."""
+    hint = "expected ws://HOST:PORT/ or wss://HOST:PORT/"
+    try:
         parts = urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise TunnelError(
-                f"bad relay URL {url!r}: expected ws://HOST:PORT/ or wss://HOST:PORT/"
-            )
-        self.host = parts.hostname
-        self.port = parts.port or (443 if parts.scheme == "wss" else 80)
+        port = parts.port
+    except ValueError as exc:  # e.g. port 99999, an unclosed [IPv6 bracket
+        raise TunnelError(f"bad relay URL {printable(url)!r} ({exc}): {hint}") from None
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise TunnelError(f"bad relay URL {printable(url)!r}: {hint}")
+    if port == 0:
+        raise TunnelError(f"bad relay URL {printable(url)!r} (port 0): {hint}")
+    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "wss" else 80)
+
+
+class SignalClient:
+    """A connection to ``quictun-signal``. Use :meth:`open`, then :meth:`close`.
+
+    ``url`` is checked at once (:class:`TunnelError` if malformed). For ``wss://`` the
+    relay's certificate is verified against ``cafile``, else the file named by
+    ``$QUICTUN_SIGNAL_CA``, else the system's CA store."""
+
+    def __init__(self, url: str, *, token: str | None = None,
+                 cafile: str | None = None) -> None:
+        self.url = url
+        _scheme, self.host, self.port = parse_relay_url(url)
         self.token = token
+        self.cafile = cafile
         self.welcome: sigproto.Welcome | None = None
         self.on_message: Callable[[sigproto.Message], None] = lambda m: None
         self.on_relay: Callable[[int, bytes], None] = lambda s, p: None
@@ -56,7 +78,13 @@ class SignalClient:
 
         ctx = None
         if self.url.startswith("wss:"):
-            ctx = ssl.create_default_context()
+            cafile = self.cafile or os.environ.get(CA_ENV) or None
+            try:
+                ctx = ssl.create_default_context(cafile=cafile)
+            except (OSError, ssl.SSLError) as exc:
+                raise TunnelError(
+                    f"cannot load the relay CA file {cafile!r} ({exc}); check {CA_ENV}"
+                ) from None
         try:
             self._ws = await asyncio.wait_for(
                 connect(
@@ -75,6 +103,12 @@ class SignalClient:
             raise TunnelError(
                 f"the relay at {self.url} refused the connection "
                 f"(HTTP {exc.response.status_code}); is this a quictun-signal URL?"
+            ) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise TunnelError(
+                f"the relay at {self.url} has a certificate this machine does not trust "
+                f"({exc.verify_message}); for a relay with its own CA or a self-signed "
+                f"certificate, set {CA_ENV}=/path/to/its.crt"
             ) from None
         except (OSError, TimeoutError, WebSocketException) as exc:
             reason = str(exc) or type(exc).__name__

@@ -62,6 +62,13 @@ def decode(text: str) -> Ticket:
         raise TicketError("this ticket is damaged (copy it again, whole)") from None
     if not all(isinstance(v, str) for v in (t.url, t.name, t.secret, t.fingerprint)):
         raise TicketError("this ticket is damaged (copy it again, whole)")
+    from .errors import TunnelError
+    from .signal_client import parse_relay_url
+
+    try:
+        parse_relay_url(t.url)
+    except TunnelError as exc:
+        raise TicketError(f"this ticket carries a {exc}") from None
     return t
 
 

@@ -64,12 +64,31 @@ def test_group_help() -> None:
     assert "QUICTUN_SECRET" in r.output and "QUICTUN_LOG_FORMAT" in r.output
 
 
-@pytest.mark.parametrize("cmd", COMMANDS)
+# every environment variable each command reads (directly or through the library)
+HELP_ENV = {
+    "serve": ["QUICTUN_SIGNAL", "QUICTUN_SIGNAL_TOKEN", "QUICTUN_SECRET", "QUICTUN_SECRET_FILE",
+              "QUICTUN_HOME", "QUICTUN_SIGNAL_CA", "QUICTUN_ENGINE"],
+    "connect": ["QUICTUN_SIGNAL", "QUICTUN_SIGNAL_TOKEN", "QUICTUN_SECRET",
+                "QUICTUN_SECRET_FILE", "QUICTUN_TICKET", "QUICTUN_HOME", "QUICTUN_SIGNAL_CA",
+                "QUICTUN_ENGINE"],
+    "import": ["QUICTUN_HOME"],
+    "demo": ["QUICTUN_DEMO_FORWARD", "QUICTUN_DEMO_PORT", "QUICTUN_HOME"],
+    "netcheck": ["QUICTUN_SIGNAL", "QUICTUN_SIGNAL_TOKEN", "QUICTUN_SIGNAL_CA"],
+    "ssh-config": ["QUICTUN_SIGNAL", "QUICTUN_HOME"],
+}
+
+
+@pytest.mark.parametrize("cmd", sorted(HELP_ENV))
 def test_command_help_shows_env_and_example(cmd: str) -> None:
     r = run(cmd, "--help")
     assert r.exit_code == 0, r.output
-    assert "env var:" in r.output
+    missing = [v for v in HELP_ENV[cmd] if not re.search(rf"\b{v}\b", r.output)]
+    assert not missing, f"{cmd} --help does not name {missing}"
     assert "Example" in r.output
+
+
+def test_help_covers_every_command() -> None:
+    assert set(HELP_ENV) == set(main.commands)
 
 
 def test_import_help() -> None:
@@ -117,6 +136,36 @@ def test_bad_ticket() -> None:
     one_line_error(run("connect", good[:-9], "--stdio"), "damaged")
     one_line_error(run("connect", "qt7" + good[3:], "--stdio"), "format version 7")
     one_line_error(run("ssh-config", good[:-9]), "damaged")
+
+
+BAD_URLS = ["ws://127.0.0.1:99999/", "ws://[::1/", "http://127.0.0.1:8765/", "ws:///"]
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_bad_relay_url_is_one_line(url: str) -> None:
+    env = {"QUICTUN_SECRET": "x"}
+    one_line_error(run("connect", "box", "--stdio", "--signal", url, env=env), "bad relay URL")
+    one_line_error(run("netcheck", "--signal", url), "bad relay URL")
+    r = run("serve", "box", "--forward", "127.0.0.1:22", "--signal", url)
+    one_line_error(r, "bad relay URL")
+    assert "qt1" not in r.output  # no ticket naming a relay that cannot work
+
+
+def test_ticket_with_bad_relay_url_is_one_line() -> None:
+    bad = tk.Ticket(url="ws://h:99999/", name="box", secret="s", fingerprint="ab" * 32)
+    one_line_error(run("connect", "--stdio", env={"QUICTUN_TICKET": bad.encode()}),
+                   "QUICTUN_TICKET: this ticket carries a bad relay URL")
+    one_line_error(run("import", bad.encode()), "bad relay URL")
+
+
+def test_serve_warns_when_the_ticket_names_a_local_relay() -> None:
+    r = runner().invoke(main, ["serve", "box", "--forward", "127.0.0.1:22",
+                               "--signal", f"ws://127.0.0.1:{free_port()}/"])
+    assert r.exit_code == 1
+    assert r.stdout.startswith("qt1")
+    assert "warning: the ticket names the relay ws://127.0.0.1:" in r.stderr
+    assert "only this machine can reach" in r.stderr
+    assert "cannot reach the relay" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_unreadable_secret_file(tmp_path: Path) -> None:
@@ -179,6 +228,7 @@ def test_import_from_argv(tmp_path: Path) -> None:
     r = runner().invoke(main, ["import", T.encode()])
     assert r.exit_code == 0, r.output + r.stderr
     assert "stored the ticket for 'box'" in r.stderr
+    assert "warning: a ticket on the command line" in r.stderr
     assert re.search(r"quictun connect box --listen 2222", r.stdout)
     assert "ProxyCommand='" in r.stdout and "connect %h --stdio' USER@box" in r.stdout
     _no_secret_in_output(r)
