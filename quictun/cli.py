@@ -13,11 +13,28 @@ ENV_SIGNAL = "QUICTUN_SIGNAL"
 DEFAULT_SIGNAL = "ws://127.0.0.1:8765/"
 
 
+_JSON_LOGS = [False]  # set by --log-format json: errors and warnings as JSON lines too
+
+
+def _say(level: str, message: str) -> None:
+    """One ``quictun: LEVEL: message`` line on stderr, or a JSON log line in json mode."""
+    if _JSON_LOGS[0]:
+        import logging
+
+        logging.getLogger("quictun").log(logging.getLevelName(level.upper()), "%s", message)
+    else:
+        click.echo(f"quictun: {level}: {message}", err=True)
+
+
+def _warn(message: str) -> None:
+    _say("warning", message)
+
+
 class UserError(click.ClickException):
     """One line on stderr, exit status 1, no traceback."""
 
     def show(self, file: object = None) -> None:
-        click.echo(f"quictun: error: {self.format_message()}", err=True)
+        _say("error", self.format_message())
 
 
 def _setup_logging(verbose: int, fmt: str) -> None:
@@ -38,6 +55,7 @@ def _setup_logging(verbose: int, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+    _JSON_LOGS[0] = fmt == "json"
     if verbose < 2:
         for noisy in ("websockets", "quic", "asyncio"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -109,8 +127,8 @@ def _secret(secret_file: Path | None, secret_arg: str | None) -> str | None:
             raise UserError(f"the secret file {secret_file} is empty")
         return text
     if secret_arg:
-        click.echo("quictun: warning: --secret is visible to other users in the process "
-                   "list; prefer QUICTUN_SECRET or --secret-file", err=True)
+        _warn("--secret is visible to other users in the process list; prefer "
+              "QUICTUN_SECRET or --secret-file")
         return secret_arg
     return os.environ.get("QUICTUN_SECRET") or None
 
@@ -172,9 +190,9 @@ def _warn_if_local_relay(url: str) -> None:
     except ValueError:
         local = host.lower() == "localhost"
     if local:
-        click.echo(f"quictun: warning: the ticket names the relay {url}, which only this "
-                   "machine can reach; for another machine pass --signal (or set "
-                   "QUICTUN_SIGNAL) with an address it can reach", err=True)
+        _warn(f"the ticket names the relay {url}, which only this machine can reach; for "
+              "another machine pass --signal (or set QUICTUN_SIGNAL) with an address it "
+              "can reach")
 
 
 def _is_ticket(text: str) -> bool:
@@ -346,9 +364,9 @@ def connect(target: str | None, listen: str | None, stdio: bool, ticket_file: Pa
 
 
 def _warn_argv_ticket(name: str) -> None:
-    click.echo("quictun: warning: a ticket on the command line (secret included) is "
-               "visible to other users in the process list; store it with "
-               f"`quictun import -` (reads stdin), then use the name {name!r}", err=True)
+    _warn("a ticket on the command line (secret included) is visible to other users in "
+          f"the process list; store it with `quictun import -` (reads stdin), then use the "
+          f"name {name!r}")
 
 
 def _connect_ticket(target: str | None, ticket_file: Path | None):  # type: ignore[no-untyped-def]

@@ -168,6 +168,18 @@ def test_serve_warns_when_the_ticket_names_a_local_relay() -> None:
     assert "cannot reach the relay" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_json_log_format_covers_errors_and_warnings() -> None:
+    import json
+
+    r = runner().invoke(main, ["--log-format", "json", "connect", "box", "--stdio",
+                               "--secret", "x", "--signal", "ws://h:99999/"])
+    assert r.exit_code == 1
+    records = [json.loads(ln) for ln in r.stderr.splitlines()]  # every line is JSON
+    loud = [(x["level"], x["msg"]) for x in records if x["level"] != "info"]
+    assert [lv for lv, _ in loud] == ["warning", "error"], loud
+    assert "--secret is visible" in loud[0][1] and "bad relay URL" in loud[1][1]
+
+
 def test_unreadable_secret_file(tmp_path: Path) -> None:
     one_line_error(run("connect", "box", "--stdio", "--secret-file",
                        str(tmp_path / "missing")), "cannot read the secret file")
