@@ -34,18 +34,36 @@ async def run_connect(
             host, port = parse_hostport(listen, allow_zero=True)
         except ValueError as exc:
             raise TunnelError(f"--listen: {exc}") from None
+
     def opener() -> Awaitable[Tunnel]:
         return open_tunnel(name, signal=signal, secret=secret, mode=mode, token=token,
                            on_status=on_status or _status, pin=pin, identity=identity)
 
-    tunnel = await opener()
     if stdio:
+        tunnel = await opener()
         try:
             await _stdio(tunnel)
         finally:
             await tunnel.close()
         return
-    await _listen(tunnel, opener, name, host, port, stats_interval)
+    # bind first: a busy or forbidden port is reported before any tunnel is built
+    current: list[Tunnel | None] = [None]
+
+    def factory() -> asyncio.Protocol:
+        t = current[0]
+        return _Refuse() if t is None or t.closed else t.bridge()
+
+    try:
+        server = await asyncio.get_running_loop().create_server(factory, host, port)
+    except OSError as exc:
+        raise TunnelError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    try:
+        current[0] = await opener()
+        await _listen(server, current, opener, name, stats_interval)
+    finally:
+        server.close()
+        if current[0] is not None:
+            await current[0].close()
 
 
 class _Refuse(asyncio.Protocol):
@@ -56,55 +74,40 @@ class _Refuse(asyncio.Protocol):
 
 
 async def _listen(
-    tunnel: Tunnel, opener: Callable[[], Awaitable[Tunnel]], name: str, host: str,
-    port: int, stats_interval: float,
+    server: asyncio.Server, current: list[Tunnel | None],
+    opener: Callable[[], Awaitable[Tunnel]], name: str, stats_interval: float,
 ) -> None:
-    """Serve a local listener; when the tunnel dies, keep listening and re-establish it.
+    """Serve the bound listener ``server`` with the tunnel in ``current[0]`` (up); when
+    the tunnel dies, keep listening and re-establish it.
 
     Connections that arrive while the tunnel is down are closed at once. Errors another
-    attempt cannot fix (wrong secret, an impostor) end the command.
+    attempt cannot fix (wrong secret, an impostor) end the command. The caller closes
+    ``server`` and ``current[0]``.
     """
-    loop = asyncio.get_running_loop()
-    current: list[Tunnel | None] = [tunnel]
-
-    def factory() -> asyncio.Protocol:
-        t = current[0]
-        return _Refuse() if t is None or t.closed else t.bridge()
-
-    try:
-        server = await loop.create_server(factory, host, port)
-    except OSError as exc:
-        await tunnel.close()
-        raise TunnelError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     bound = server.sockets[0].getsockname()
     log.info("listening on %s:%d", bound[0], bound[1])
-    try:
-        while True:
-            t = current[0]
-            assert t is not None
-            stats = asyncio.ensure_future(log_stats_every(t, stats_interval))
+    while True:
+        t = current[0]
+        assert t is not None
+        stats = asyncio.ensure_future(log_stats_every(t, stats_interval))
+        try:
+            reason = await t.wait_closed()
+        finally:
+            stats.cancel()
+            log.info("%s", stats_line(t))
+            current[0] = None
+            await t.close()
+        log.warning("the tunnel to %r closed (%s); reconnecting", name, reason)
+        delay = 1.0
+        while current[0] is None:
+            await asyncio.sleep(delay)
             try:
-                reason = await t.wait_closed()
-            finally:
-                stats.cancel()
-                log.info("%s", stats_line(t))
-                current[0] = None
-                await t.close()
-            log.warning("the tunnel to %r closed (%s); reconnecting", name, reason)
-            delay = 1.0
-            while current[0] is None:
-                await asyncio.sleep(delay)
-                try:
-                    current[0] = await opener()
-                except TunnelError as exc:
-                    if exc.permanent:
-                        raise
-                    delay = min(delay * 2, 30.0)
-                    log.warning("reconnect failed: %s; retrying in %.0f s", exc, delay)
-    finally:
-        server.close()
-        if current[0] is not None:
-            await current[0].close()
+                current[0] = await opener()
+            except TunnelError as exc:
+                if exc.permanent:
+                    raise
+                delay = min(delay * 2, 30.0)
+                log.warning("reconnect failed: %s; retrying in %.0f s", exc, delay)
 
 
 async def _stdio(tunnel) -> None:  # type: ignore[no-untyped-def]

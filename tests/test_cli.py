@@ -180,6 +180,18 @@ def test_json_log_format_covers_errors_and_warnings() -> None:
     assert "--secret is visible" in loud[0][1] and "bad relay URL" in loud[1][1]
 
 
+def test_listen_on_a_busy_port_fails_before_contacting_the_relay() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = run("connect", "box", "--listen", f"127.0.0.1:{port}",
+                "--signal", f"ws://127.0.0.1:{free_port()}/", env={"QUICTUN_SECRET": "x"})
+    one_line_error(r, f"cannot listen on 127.0.0.1:{port}")  # not 'cannot reach the relay'
+
+
 def test_unreadable_secret_file(tmp_path: Path) -> None:
     one_line_error(run("connect", "box", "--stdio", "--secret-file",
                        str(tmp_path / "missing")), "cannot read the secret file")
