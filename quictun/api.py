@@ -249,7 +249,8 @@ async def _handshake(
             ) from None
         raise
     if isinstance(reply, sigproto.Rejected):
-        if "secret" in reply.reason or "auth" in reply.reason:
+        # only the machine-readable code makes it permanent; the reason is free text
+        if reply.code == sigproto.REJECT_AUTH:
             raise AuthError(
                 f"{name!r} refused the connection: wrong secret "
                 "(check QUICTUN_SECRET / --secret-file, or use the ticket)"

@@ -88,7 +88,14 @@ class Server:
                             f"the name {self.name!r} is held by another identity on this "
                             "relay; choose another name"
                         ) from None
-                    raise TunnelError("the relay refused our token (check --token)") from None
+                    if not self.token:
+                        raise TunnelError(
+                            "this relay requires a token to register a name (set "
+                            "QUICTUN_SIGNAL_TOKEN or pass --token)"
+                        ) from None
+                    raise TunnelError(
+                        "the relay refused our token (check QUICTUN_SIGNAL_TOKEN / --token)"
+                    ) from None
                 if first:
                     raise
                 self.emit(f"relay: {exc}; retrying in {delay:.0f} s")
@@ -141,10 +148,12 @@ class Server:
         elif isinstance(m, sigproto.Error):
             log.debug("relay error: %s %s", m.code, m.message)
 
-    async def _reject(self, sid: int, reason: str) -> None:
+    async def _reject(self, sid: int, reason: str, code: str) -> None:
+        """Refuse session ``sid``: ``reason`` for humans, ``code`` (a
+        ``sigproto.REJECT_*`` constant) for the connector's program to act on."""
         if self.signal is not None:
             with contextlib.suppress(TunnelError):
-                await self.signal.send(sigproto.Reject(session=sid, reason=reason))
+                await self.signal.send(sigproto.Reject(session=sid, reason=reason, code=code))
 
     async def _accept(self, inc: sigproto.Incoming) -> None:
         """Answer one offer; never raises (a failure rejects that client only)."""
@@ -155,7 +164,7 @@ class Server:
             await self._accept_offer(inc)
         except Exception as exc:  # e.g. out of sockets: this client fails, serving goes on
             log.error("could not accept session %d: %s", inc.session, exc)
-            await self._reject(inc.session, "server error")
+            await self._reject(inc.session, "server error", sigproto.REJECT_SERVER_ERROR)
         finally:
             self._accepting.discard(inc.session)
 
@@ -178,25 +187,26 @@ class Server:
         pub, nonce, cands = offer.get("pub"), offer.get("nonce"), offer.get("cands")
         if not (isinstance(pub, str) and isinstance(nonce, str) and isinstance(cands, list)
                 and all(isinstance(c, str) for c in cands)):
-            await self._reject(inc.session, "malformed offer")
+            await self._reject(inc.session, "malformed offer", sigproto.REJECT_MALFORMED)
             return
         if not auth.check(auth.offer_mac(self.root, nonce, pub, cands), offer.get("mac")):
             self.emit(f"refused a client: wrong secret (session {inc.session})")
-            await self._reject(inc.session, "authentication failed: wrong secret")
+            await self._reject(inc.session, "authentication failed: wrong secret",
+                               sigproto.REJECT_AUTH)
             return
         try:
             client_pub = bytes.fromhex(pub)
             if len(client_pub) != 32:
                 raise ValueError
         except ValueError:
-            await self._reject(inc.session, "malformed offer")
+            await self._reject(inc.session, "malformed offer", sigproto.REJECT_MALFORMED)
             return
         if not self._fresh_nonce(nonce):
             self.emit(f"refused a replayed offer (session {inc.session})")
-            await self._reject(inc.session, "replayed offer")
+            await self._reject(inc.session, "replayed offer", sigproto.REJECT_REPLAY)
             return
         if len(self.sessions) + len(self._accepting) > MAX_SESSIONS:
-            await self._reject(inc.session, "server busy")
+            await self._reject(inc.session, "server busy", sigproto.REJECT_BUSY)
             return
         ep, mine = await _candidates(sc, self.mode)
         snonce = os.urandom(16).hex()

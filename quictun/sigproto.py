@@ -9,7 +9,8 @@ text (or UTF-8 bytes) back into a message and raises :class:`ProtocolError` for
 anything it cannot accept: invalid JSON or UTF-8, a non-object, a missing ``t`` or
 unknown type, a missing or wrongly typed field, a string over its limit, a name that
 fails :func:`valid_name`, an offer/answer over :data:`MAX_BLOB_SIZE` bytes of JSON.
-Unknown *extra* fields are ignored (forward compatibility).
+Unknown *extra* fields are ignored (forward compatibility); the optional fields
+(``error.session``, ``reject.code``, ``rejected.code``) decode as None when absent.
 
 Binary WebSocket frames carry relayed QUIC packets: :func:`encode_relay` /
 :func:`decode_relay` (kind byte 0x01, 4-byte big-endian session id, payload).
@@ -54,6 +55,12 @@ __all__ = [
     "Closed",
     "Pong",
     "Error",
+    "REJECT_AUTH",
+    "REJECT_REPLAY",
+    "REJECT_MALFORMED",
+    "REJECT_BUSY",
+    "REJECT_SERVER_ERROR",
+    "REJECT_CODES",
     "CLIENT_MESSAGES",
     "SERVER_MESSAGES",
 ]
@@ -99,6 +106,21 @@ ERROR_CODES = frozenset(
         E_TOO_MANY_CONNECTIONS,
         E_SERVER_ERROR,
     }
+)
+
+# Reject codes (``reject.code`` / ``rejected.code``): why an owner refused a session.
+#: The offer's MAC does not verify: the connector's secret is wrong. Permanent.
+REJECT_AUTH = "auth"
+#: The offer's nonce was seen before: a replayed (recorded and resent) offer.
+REJECT_REPLAY = "replay"
+#: The offer is not the shape the owner expects (fields missing or mistyped).
+REJECT_MALFORMED = "malformed"
+#: The owner has too many sessions; trying later may work.
+REJECT_BUSY = "busy"
+#: The owner failed while accepting (e.g. out of sockets); trying later may work.
+REJECT_SERVER_ERROR = "server-error"
+REJECT_CODES = frozenset(
+    {REJECT_AUTH, REJECT_REPLAY, REJECT_MALFORMED, REJECT_BUSY, REJECT_SERVER_ERROR}
 )
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -263,12 +285,22 @@ class Answer(_Base):
 
 @dataclass(frozen=True)
 class Reject(_Base):
-    """Owner refuses an incoming session."""
+    """Owner refuses an incoming session.
+
+    ``reason`` is free text for humans; ``code`` (optional, one of the ``REJECT_*``
+    constants or another short string) is what programs act on. The relay passes both
+    through to the connector in :class:`Rejected`.
+    """
 
     T: ClassVar[str] = "reject"
     session: int
     reason: str
-    CHECKS: ClassVar[dict[str, Any]] = {"session": _SESSION, "reason": _str(_SHORT)}
+    code: str | None = None
+    CHECKS: ClassVar[dict[str, Any]] = {
+        "session": _SESSION,
+        "reason": _str(_SHORT),
+        "code": _str(_SHORT, optional=True),
+    }
 
 
 @dataclass(frozen=True)
@@ -341,12 +373,18 @@ class Go(_Base):
 
 @dataclass(frozen=True)
 class Rejected(_Base):
-    """To the connector: the owner rejected ``session``."""
+    """To the connector: the owner rejected ``session``; ``reason`` and ``code`` are the
+    owner's :class:`Reject` fields, unchanged (``code`` None when the owner sent none)."""
 
     T: ClassVar[str] = "rejected"
     session: int
     reason: str
-    CHECKS: ClassVar[dict[str, Any]] = {"session": _SESSION, "reason": _str(_SHORT)}
+    code: str | None = None
+    CHECKS: ClassVar[dict[str, Any]] = {
+        "session": _SESSION,
+        "reason": _str(_SHORT),
+        "code": _str(_SHORT, optional=True),
+    }
 
 
 @dataclass(frozen=True)
@@ -424,7 +462,11 @@ SERVER_MESSAGES: tuple[type[_Base], ...] = (
     Error,
 )
 _TYPES: dict[str, type[_Base]] = {cls.T: cls for cls in CLIENT_MESSAGES + SERVER_MESSAGES}
-_OPTIONAL = {(Error, "session")}
+#: Fields that may be absent on the wire (decoded as None).
+_OPTIONAL = {(Error, "session"), (Reject, "code"), (Rejected, "code")}
+#: Optional fields left out of the JSON when None, so that messages without them are
+#: byte-for-byte what older peers sent (``error.session`` is always written, as before).
+_OMIT_NONE = {(Reject, "code"), (Rejected, "code")}
 
 
 def _reject_constant(name: str) -> Any:
@@ -475,7 +517,8 @@ def decode(text: str | bytes) -> Message:
 
 
 def encode(msg: Message) -> str:
-    """Encode a message as compact JSON text (``"t"`` first).
+    """Encode a message as compact JSON text (``"t"`` first). A ``reject``/``rejected``
+    ``code`` of None is left out (the key is absent), which older peers also accept.
 
     Raises:
         ProtocolError: the message's fields fail the same checks :func:`decode` applies,
@@ -484,6 +527,8 @@ def encode(msg: Message) -> str:
     out: dict[str, Any] = {"t": msg.T}
     for f in fields(msg):
         value = getattr(msg, f.name)
+        if value is None and (type(msg), f.name) in _OMIT_NONE:
+            continue
         out[f.name] = msg.CHECKS[f.name](value, f.name)
     text = json.dumps(out, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     if len(text.encode("utf-8")) > MAX_MESSAGE_SIZE:

@@ -14,7 +14,8 @@ Example:
   quictun-signal --port 443 --cert fullchain.pem --key privkey.pem \\
       --token-file /etc/quictun/token --relay-rate 1000000
 
-Clients then use --signal wss://relay.example.org/ (and the same token).
+Clients then use --signal wss://relay.example.org/; `quictun serve` also needs the
+same token (QUICTUN_SIGNAL_TOKEN or --token), `quictun connect` does not.
 Health check: GET /healthz answers 200 "OK".
 """
 
@@ -54,7 +55,8 @@ Health check: GET /healthz answers 200 "OK".
     "--token",
     envvar="QUICTUN_SIGNAL_TOKEN",
     show_envvar=True,
-    help="Shared secret clients must present in hello. Prefer --token-file.",
+    help="Shared secret a client must present to register a name (serve); clients "
+    "that only connect need none. A wrong token is refused. Prefer --token-file.",
 )
 @click.option(
     "--token-file",

@@ -18,16 +18,22 @@ already forgotten the connection; later input for it is ignored.
 
 Rules (see ``docs/protocol.md``):
 
-1. A connection must send ``hello`` (version 1, the right token if one is configured)
-   within ``hello_timeout`` seconds and before anything else, or it is told why and
-   disconnected.
+1. A connection must send ``hello`` (version 1) within ``hello_timeout`` seconds and
+   before anything else, or it is told why and disconnected.
+   A configured relay token restricts who may *register* a name: a ``hello`` without a
+   token (null or "") is welcomed, but each ``register`` on that connection gets
+   ``error unauthorized``; a ``hello`` with a wrong token gets ``unauthorized`` and is
+   disconnected (constant-time comparison). Connecting to a registered name needs no
+   token (pasted tickets carry none); relayed packets still flow only within sessions
+   that a registered, hence token-holding, owner answered (rule 4).
 2. Names are owned: the registry keeps sha256(owner) per name. While a name is live or
    in its grace period after its holder dropped, only the same owner may claim it; the
    same owner always may, taking it over from a stale live connection.
 3. ``connect`` creates a session (u32 counter) and sends ``incoming`` to the holder;
    ``answer`` sends ``answer`` to the connector and ``go`` to the holder back to back;
-   ``reject`` sends ``rejected``; no reply within ``connect_timeout`` gives the connector
-   ``error timeout``. ``close`` or a dropped member sends ``closed`` to the other side.
+   ``reject`` sends ``rejected`` (``reason`` and the optional ``code`` passed through
+   unchanged); no reply within ``connect_timeout`` gives the connector ``error timeout``.
+   ``close`` or a dropped member sends ``closed`` to the other side.
 4. Binary relay frames are forwarded unchanged between the two members of an answered
    session, subject to ``relay_enabled`` and a per-session, per-direction token bucket.
 5. Client mistakes produce ``error`` replies and one log line each, never exceptions;
@@ -58,9 +64,16 @@ __all__ = [
     "Matchmaker",
     "CLOSE_POLICY",
     "CLOSE_PROTOCOL",
+    "NEED_TOKEN_MESSAGE",
 ]
 
 logger = logging.getLogger("quictun.signal")
+
+#: The ``error unauthorized`` message for a ``register`` without the relay token.
+NEED_TOKEN_MESSAGE = (
+    "this relay requires a token to register a name "
+    "(set QUICTUN_SIGNAL_TOKEN or pass --token)"
+)
 
 #: WebSocket close codes used in :class:`Disconnect`.
 CLOSE_POLICY = 1008
@@ -119,6 +132,8 @@ class _Conn:
     id: int
     addr: str
     hello: bool = False
+    #: may ``register`` (no relay token is configured, or hello carried the right one)
+    may_register: bool = False
     names: set[str] = field(default_factory=set)
     sessions: set[int] = field(default_factory=set)
     errors: int = 0
@@ -390,11 +405,20 @@ class Matchmaker:
             )
             return
         token = self.config.token
-        if token is not None:
-            given = (msg.token or "").encode("utf-8")
-            if not hmac.compare_digest(given, token.encode("utf-8")):
-                self._fatal(conn, sp.E_UNAUTHORIZED, "bad or missing token", CLOSE_POLICY, now)
+        if token is None:
+            conn.may_register = True
+        elif msg.token:  # a token was given: it must be right (constant-time compare)
+            if not hmac.compare_digest(msg.token.encode("utf-8"), token.encode("utf-8")):
+                self._fatal(
+                    conn,
+                    sp.E_UNAUTHORIZED,
+                    "wrong relay token (check QUICTUN_SIGNAL_TOKEN / --token)",
+                    CLOSE_POLICY,
+                    now,
+                )
                 return
+            conn.may_register = True
+        # else: no token given; welcome it, but it may only connect, not register
         conn.hello = True
         self._send(
             conn.id,
@@ -407,6 +431,9 @@ class Matchmaker:
         )
 
     def _handle_register(self, conn: _Conn, msg: sp.Register, now: float) -> None:
+        if not conn.may_register:
+            self._client_error(conn, sp.E_UNAUTHORIZED, NEED_TOKEN_MESSAGE, now)
+            return
         owner_hash = hashlib.sha256(msg.owner.lower().encode("ascii")).digest()
         record = self.registry.get(msg.name)
         if record is not None and not hmac.compare_digest(record.owner_hash, owner_hash):
@@ -512,7 +539,7 @@ class Matchmaker:
         session = self._owned_session(conn, msg.session, "reject", now)
         if session is None:
             return
-        self._send(session.connector, sp.Rejected(session.id, msg.reason))
+        self._send(session.connector, sp.Rejected(session.id, msg.reason, msg.code))
         self._end_session(session)
 
     def _handle_close(self, conn: _Conn, msg: sp.Close, now: float) -> None:

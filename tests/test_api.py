@@ -8,10 +8,13 @@ import os
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import connect as ws_connect
 
 import quictun
-from quictun.errors import TunnelError
+from quictun import sigproto
+from quictun.errors import AuthError, TunnelError
 from quictun.identity import Identity
+from quictun.serving import Server
 from signal_server.server import RelayConfig, RelayServer
 
 
@@ -67,12 +70,110 @@ async def test_many_connections_over_one_tunnel(env) -> None:  # type: ignore[no
         assert tunnel.path is not None
 
 
-async def test_wrong_secret_raises_a_clear_error(env) -> None:  # type: ignore[no-untyped-def]
+async def test_wrong_secret_raises_a_clear_error(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     relay, _ = env
-    with pytest.raises(TunnelError, match="wrong secret"):
+    sent: list[tuple[str, str]] = []
+    original = Server._reject
+
+    async def spy(self, sid, reason, code):  # type: ignore[no-untyped-def]
+        sent.append((reason, code))
+        await original(self, sid, reason, code)
+
+    monkeypatch.setattr(Server, "_reject", spy)
+    with pytest.raises(AuthError, match="wrong secret") as exc:
         async with quictun.connect("lib", signal=relay.url, secret="nope",
                                    identity=Identity.generate(), on_status=lambda s: None):
             pass
+    assert exc.value.permanent  # connect --listen stops retrying
+    assert [code for _, code in sent] == [sigproto.REJECT_AUTH]
+
+
+async def _rejecting_owner(url: str, name: str, reason: str, code: str | None,
+                           ready: asyncio.Event) -> None:
+    """A bare owner on the relay that rejects every offer with ``reason``/``code``."""
+    async with ws_connect(url, proxy=None) as ws:
+        await ws.send(sigproto.encode(sigproto.Hello(v=1, token=None, agent="test")))
+        assert isinstance(sigproto.decode(await ws.recv()), sigproto.Welcome)
+        await ws.send(sigproto.encode(sigproto.Register(name=name, owner="ef" * 32)))
+        assert sigproto.decode(await ws.recv()) == sigproto.Registered(name)
+        ready.set()
+        async for frame in ws:
+            msg = sigproto.decode(frame)
+            if isinstance(msg, sigproto.Incoming):
+                await ws.send(sigproto.encode(
+                    sigproto.Reject(session=msg.session, reason=reason, code=code)))
+
+
+@pytest.mark.parametrize(
+    ("reason", "code", "permanent"),
+    [
+        ("authentication backend unavailable", "busy", False),  # "auth" in text only
+        ("authentication failed: wrong secret", None, False),  # an old server: no code
+        ("secret auth", "replay", False),
+        ("whatever", "auth", True),  # the code decides, not the text
+    ],
+)
+async def test_reject_code_decides_auth_error(reason: str, code: str | None,
+                                              permanent: bool) -> None:
+    relay = RelayServer(RelayConfig(host="127.0.0.1", port=0))
+    await relay.start()
+    ready = asyncio.Event()
+    owner = asyncio.create_task(_rejecting_owner(relay.url, "rej", reason, code, ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        with pytest.raises(TunnelError) as exc:
+            async with quictun.connect("rej", signal=relay.url, secret="s",
+                                       identity=Identity.generate(), on_status=lambda s: None):
+                pass
+        assert isinstance(exc.value, AuthError) is permanent, exc.value
+        assert exc.value.permanent is permanent
+        if not permanent:
+            assert reason in str(exc.value)  # the printable reason, as before
+    finally:
+        owner.cancel()
+        with __import__("contextlib").suppress(asyncio.CancelledError):
+            await owner
+        await relay.stop()
+
+
+async def test_token_relay_serve_needs_token_connect_does_not(tmp_path: Path) -> None:
+    """A token-protected relay: serve without the token is told what to set; serve with
+    it works, and a connector without the token (a pasted ticket) reaches it."""
+    relay = RelayServer(RelayConfig(host="127.0.0.1", port=0, token="relay-t0ken"))
+    await relay.start()
+    target = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    port = target.sockets[0].getsockname()[1]
+    task = None
+    try:
+        with pytest.raises(TunnelError, match="requires a token.*QUICTUN_SIGNAL_TOKEN"):
+            await asyncio.wait_for(quictun.serve(
+                "tok", forward=f"127.0.0.1:{port}", signal=relay.url, secret="s",
+                identity=Identity.generate(), on_event=lambda s: None), 20)
+        with pytest.raises(TunnelError, match="refused our token"):
+            await asyncio.wait_for(quictun.serve(
+                "tok", forward=f"127.0.0.1:{port}", signal=relay.url, secret="s",
+                token="wrong", identity=Identity.generate(), on_event=lambda s: None), 20)
+        task = asyncio.create_task(quictun.serve(
+            "tok", forward=f"127.0.0.1:{port}", signal=relay.url, secret="s",
+            token="relay-t0ken", identity=Identity.generate(), on_event=lambda s: None))
+        for _ in range(200):
+            if relay.stats.get("names", 0) >= 1 or task.done():
+                break
+            await asyncio.sleep(0.05)
+        assert relay.stats["names"] == 1
+        async with quictun.connect("tok", signal=relay.url, secret="s",
+                                   identity=Identity.generate(), on_status=lambda s: None) as t:
+            reader, writer = await t.open_connection()
+            writer.write(b"no token here\n")
+            assert await reader.readline() == b"no token here\n"
+            writer.close()
+    finally:
+        if task is not None:
+            task.cancel()
+            with __import__("contextlib").suppress(asyncio.CancelledError):
+                await task
+        target.close()
+        await relay.stop()
 
 
 async def test_pinned_fingerprint_mismatch_is_refused(env) -> None:  # type: ignore[no-untyped-def]

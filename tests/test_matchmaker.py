@@ -139,17 +139,112 @@ def test_binary_before_hello() -> None:
     assert 1 in h.disconnected
 
 
-def test_token() -> None:
+def test_wrong_token_is_refused_at_hello() -> None:
     h = Harness(token="s3cret")
     h.open(1, hello=False)
     h.send(1, sp.Hello(v=1, token="wrong", agent="x"))
-    h.expect_error(1, "unauthorized")
+    err = h.expect_error(1, "unauthorized")
+    assert "token" in err.message
     assert h.disconnected[1].code == 1008
-    h.open(2, hello=False)
-    h.send(2, sp.Hello(v=1, token=None, agent="x"))
-    h.expect_error(2, "unauthorized")
-    h.open(3, token="s3cret")  # asserts welcome
-    assert 3 not in h.disconnected
+    h.open(2, token="s3cret")  # asserts welcome
+    h.register(2, "srv")
+    assert 2 not in h.disconnected
+
+
+@pytest.mark.parametrize("token", [None, ""])
+def test_tokenless_hello_is_welcomed_but_may_not_register(token: str | None) -> None:
+    h = Harness(token="s3cret")
+    h.open(1, token=token)  # asserts welcome
+    h.send(1, sp.Register(name="srv", owner=OWNER_A))
+    err = h.expect_error(1, "unauthorized")
+    assert "QUICTUN_SIGNAL_TOKEN" in err.message and "--token" in err.message
+    assert 1 not in h.disconnected
+    assert h.mm.stats["names"] == 0
+    # The connection stays usable, and the name was not claimed.
+    h.open(2, token=token)
+    h.send(2, sp.Connect(name="srv", offer={}))
+    h.expect_error(2, "no-such-name")
+    h.send(1, sp.Ping(7))
+    assert h.pop(1) == sp.Pong(7)
+
+
+def test_tokenless_registers_count_as_errors() -> None:
+    h = Harness(token="s3cret", max_errors=3)
+    h.open(1)
+    for _ in range(3):
+        h.send(1, sp.Register(name="srv", owner=OWNER_A))
+        h.expect_error(1, "unauthorized")
+    assert h.disconnected[1].code == 1008
+
+
+def test_tokenless_connector_pairs_with_token_holder() -> None:
+    h = Harness(token="s3cret")
+    h.open(1, token="s3cret")
+    h.open(2)  # no token: what a pasted ticket gives
+    h.register(1, "srv")
+    h.send(2, sp.Connect(name="srv", offer={"o": 1}))
+    incoming = h.pop(1)
+    assert isinstance(incoming, sp.Incoming) and incoming.offer == {"o": 1}
+    sid = incoming.session
+    h.send(1, sp.Answer(session=sid, answer={"a": 2}))
+    assert h.pop(2) == sp.Answer(sid, {"a": 2})
+    assert h.pop(1) == sp.Go(sid)
+    frame = sp.encode_relay(sid, b"\xc0up")
+    h.send_bin(2, frame)
+    assert h.pop(1) == frame
+    back = sp.encode_relay(sid, b"\x40down")
+    h.send_bin(1, back)
+    assert h.pop(2) == back
+
+
+def test_tokenless_clients_cannot_relay_on_their_own() -> None:
+    """Without a token-holding owner's answer there is no session to relay in: not
+    between two token-less clients, not into someone else's session, not before the
+    answer, not after a reject."""
+    h = Harness(token="s3cret")
+    h.open(1, token="s3cret")
+    h.open(2)
+    h.open(3)
+    h.register(1, "srv")
+    # Two token-less clients: nothing to connect to, made-up session ids are dropped.
+    h.send(3, sp.Register(name="mine", owner=OWNER_B))
+    h.expect_error(3, "unauthorized")
+    h.send(2, sp.Connect(name="mine", offer={}))
+    h.expect_error(2, "no-such-name")
+    for sid in (0, 1, 2, 99):
+        h.send_bin(2, sp.encode_relay(sid, b"to-3"))
+        assert h.expect_error(2, "no-such-session").session == sid
+    assert h.pop_all(3) == [] and h.pop_all(1) == []
+    # Pending (unanswered) session: nothing forwarded to the owner.
+    h.send(2, sp.Connect(name="srv", offer={}))
+    pending = h.pop(1).session  # type: ignore[union-attr]
+    h.send_bin(2, sp.encode_relay(pending, b"early"))
+    h.expect_error(2, "no-such-session")
+    assert h.pop_all(1) == []
+    # Rejected: the session is gone.
+    h.send(1, sp.Reject(session=pending, reason="no", code="auth"))
+    assert h.pop(2) == sp.Rejected(pending, "no", "auth")
+    h.send_bin(2, sp.encode_relay(pending, b"late"))
+    assert h.pop_all(1) == []
+    h.pop_all(2)
+    # A session answered for client 2 does not carry client 3's frames.
+    h.send(2, sp.Connect(name="srv", offer={}))
+    sid = h.pop(1).session  # type: ignore[union-attr]
+    h.send(1, sp.Answer(session=sid, answer={}))
+    h.pop_all(1)
+    h.pop_all(2)
+    h.send_bin(3, sp.encode_relay(sid, b"intruder"))
+    h.expect_error(3, "no-such-session")
+    assert h.pop_all(1) == [] and h.pop_all(2) == []
+    assert h.mm.stats["relayed_bytes"] == 0
+
+
+def test_any_token_is_fine_when_the_relay_has_none() -> None:
+    h = Harness()
+    h.open(1, token="whatever")
+    h.register(1, "srv")
+    h.open(2, token=None)
+    h.register(2, "other", OWNER_B)
 
 
 def test_second_hello_is_bad_message() -> None:
@@ -288,8 +383,21 @@ def test_reject() -> None:
     h.send(2, sp.Connect(name="srv", offer={}))
     sid = h.pop(1).session  # type: ignore[union-attr]
     h.send(1, sp.Reject(session=sid, reason="not you"))
-    assert h.pop(2) == sp.Rejected(sid, "not you")
+    rejected = h.pop(2)
+    assert rejected == sp.Rejected(sid, "not you") and rejected.code is None  # type: ignore[union-attr]
     assert h.mm.stats["sessions"] == 0
+
+
+@pytest.mark.parametrize("code", ["auth", "replay", "busy", "something-new"])
+def test_reject_code_is_passed_through(code: str) -> None:
+    h = Harness()
+    h.open(1)
+    h.open(2)
+    h.register(1, "srv")
+    h.send(2, sp.Connect(name="srv", offer={}))
+    sid = h.pop(1).session  # type: ignore[union-attr]
+    h.send(1, sp.Reject(session=sid, reason="authentication? no", code=code))
+    assert h.pop(2) == sp.Rejected(sid, "authentication? no", code)
 
 
 def test_connect_timeout() -> None:

@@ -73,10 +73,12 @@ async def expect_closed(ws: ClientConnection) -> int | None:
     return ws.close_code
 
 
-async def check_pair_works(server: RelayServer) -> None:
+async def check_pair_works(
+    server: RelayServer, owner_token: str | None = None, connector_token: str | None = None
+) -> None:
     """A well-behaved owner and connector can meet and relay through the server."""
-    owner = await open_client(server)
-    connector = await open_client(server)
+    owner = await open_client(server, token=owner_token)
+    connector = await open_client(server, token=connector_token)
     name = "ok-" + os.urandom(4).hex()
     try:
         await owner.send(sp.encode(sp.Register(name=name, owner=OWNER)))
@@ -247,12 +249,42 @@ async def test_token_and_hello_timeout() -> None:
     async with RelayServer(config) as server:
         ws = await open_client(server, hello=False)
         await ws.send(sp.encode(sp.Hello(v=1, token="nope", agent="t")))
-        await expect_error(ws, "unauthorized")
+        err = await expect_error(ws, "unauthorized")
+        assert "token" in err.message
         assert await expect_closed(ws) == 1008
         ws = await open_client(server, hello=False)
         await expect_error(ws, "timeout")  # silent client
         assert await expect_closed(ws) == 1008
-        await open_client(server, token="t0ken")
+        await check_pair_works(server, owner_token="t0ken", connector_token="t0ken")
+
+
+async def test_token_restricts_register_not_connect(caplog: pytest.LogCaptureFixture) -> None:
+    """With a token-protected relay, a client without the token (a pasted ticket) can
+    reach a name a token holder registered, but cannot register one itself."""
+    caplog.set_level(logging.INFO)
+    config = RelayConfig(host="127.0.0.1", port=0, token="t0ken")
+    async with RelayServer(config) as server:
+        # The token-less connector pairs with the token-holding owner, relay included.
+        await check_pair_works(server, owner_token="t0ken", connector_token=None)
+        # A token-less register is refused, the connection stays, the name stays free.
+        squatter = await open_client(server)
+        await squatter.send(sp.encode(sp.Register(name="squat", owner=OWNER)))
+        err = await expect_error(squatter, "unauthorized")
+        assert "QUICTUN_SIGNAL_TOKEN" in err.message
+        await squatter.send(sp.encode(sp.Connect(name="squat", offer={})))
+        await expect_error(squatter, "no-such-name")
+        # ... and the relay keeps serving others while it is connected.
+        await check_pair_works(server, owner_token="t0ken", connector_token=None)
+        await squatter.send(sp.encode(sp.Ping(5)))
+        assert await recv(squatter) == sp.Pong(5)
+        await squatter.close()
+        # A wrong token is still refused at hello.
+        ws = await open_client(server, hello=False)
+        await ws.send(sp.encode(sp.Hello(v=1, token="t0ken-not", agent="t")))
+        await expect_error(ws, "unauthorized")
+        assert await expect_closed(ws) == 1008
+        assert server.stats["relayed_bytes"] > 0
+    assert not [r for r in caplog.records if r.exc_info]
 
 
 async def test_no_relay() -> None:

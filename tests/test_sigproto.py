@@ -18,6 +18,7 @@ ALL = [
     sp.Connect(name="n_1", offer={"cands": ["1.2.3.4:5"], "fp": "ab", "n": [1, {"x": None}]}),
     sp.Answer(session=4294967295, answer={}),
     sp.Reject(session=1, reason="busy"),
+    sp.Reject(session=1, reason="server busy", code="busy"),
     sp.Close(session=2, reason="bye"),
     sp.Ping(id=0),
     sp.Welcome(v=1, stun=[3478, 40000], relay=True, addr="[::1]:5"),
@@ -25,6 +26,7 @@ ALL = [
     sp.Incoming(session=7, name="n", offer={"a": "ü"}),
     sp.Go(session=7),
     sp.Rejected(session=7, reason=""),
+    sp.Rejected(session=7, reason="authentication failed: wrong secret", code="auth"),
     sp.Closed(session=7, reason="peer disconnected"),
     sp.Pong(id=2**53 - 1),
     sp.Error(code="bad-message", message="nope", session=None),
@@ -38,6 +40,30 @@ def test_round_trip(msg: sp.Message) -> None:
     assert json.loads(text)["t"] == msg.T
     assert sp.decode(text) == msg
     assert sp.decode(text.encode()) == msg
+
+
+@pytest.mark.parametrize("cls", [sp.Reject, sp.Rejected])
+def test_reject_code_is_optional_and_backward_compatible(cls: type) -> None:
+    def wire(**extra: object) -> str:
+        obj = {"t": cls.T, "session": 3, "reason": "nope", **extra}
+        return json.dumps(obj, separators=(",", ":"))
+
+    # Without a code: decoded as None, and encoded exactly as before the field existed.
+    assert sp.decode(wire()) == cls(3, "nope") and sp.decode(wire()).code is None
+    assert sp.encode(cls(3, "nope")) == wire()
+    assert sp.decode(wire(code=None)).code is None
+    # With a code: round trip (a decoder that predates it ignores the extra key).
+    assert sp.encode(cls(3, "nope", sp.REJECT_AUTH)) == wire(code="auth")
+    assert sp.decode(wire(code="auth")) == cls(3, "nope", "auth")
+    with pytest.raises(sp.ProtocolError, match="'code' must be a string"):
+        sp.decode(wire(code=1))
+    with pytest.raises(sp.ProtocolError) as exc:
+        sp.decode(wire(code="c" * 300))
+    assert exc.value.code == "too-large"
+
+
+def test_reject_codes() -> None:
+    assert sp.REJECT_CODES == {"auth", "replay", "malformed", "busy", "server-error"}
 
 
 def test_error_session_optional_and_extra_fields_ignored() -> None:
