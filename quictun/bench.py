@@ -207,6 +207,38 @@ def tunnel_throughput(rig: Rig, nbytes: int, relay_only: bool,
     return res, conn, port
 
 
+# --------------------------------------------------------------------------- 2b. lab
+LAB_CASES = {"fw-v4": "direct", "cone-udpblk": "relayed"}  # tests/lab/measure.py names
+
+
+def lab_throughput() -> dict[str, Any]:
+    """Tunnel throughput between network namespaces behind emulated routers, by running
+    ``python3 -m tests.lab.measure`` (a subprocess: the package does not import tests).
+
+    Needs root, ``nft`` and a source checkout (``tests/lab`` next to the package); else
+    ``{"skipped": reason}``. Per case: path reached, MB/s of a 10 MB download, SHA-256.
+    """
+    repo = Path(__file__).resolve().parent.parent
+    if os.geteuid() != 0 or shutil.which("nft") is None:
+        return {"skipped": "needs root and nft (the network lab)"}
+    if not (repo / "tests" / "lab" / "measure.py").exists():
+        return {"skipped": "needs a source checkout with tests/lab"}
+    with tempfile.TemporaryDirectory(prefix="quictun-bench-lab-") as d:
+        out = Path(d) / "lab.json"
+        r = subprocess.run([PY, "-m", "tests.lab.measure", "--cases", ",".join(LAB_CASES),
+                            "--json", str(out)], cwd=repo, capture_output=True, text=True,
+                           timeout=600)
+        if r.returncode != 0 or not out.exists():
+            return {"error": (r.stderr or r.stdout)[-1000:]}
+        cases = json.loads(out.read_text())["cases"]
+    res: dict[str, Any] = {}
+    for c in cases:
+        res[LAB_CASES.get(c["name"], c["name"])] = {
+            "case": c["title"], "path": c.get("final_path"), "mb_s": c.get("mbps"),
+            "sha256_ok": c.get("throughput_sha_ok")}
+    return res
+
+
 # --------------------------------------------------------------------------- 7. relay
 def relay_load(peers: int, pairings: int) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -311,6 +343,9 @@ def run(quick: bool, size_mb: int | None, patch: dict[str, str], only: str | Non
             log(f"tunnel relayed: {relayed}")
             if only == "tunnel":
                 return out
+            if not quick:
+                out["lab"] = lab_throughput()
+                log(f"lab: {out['lab']}")
             ttfb = [rig.ttfb("direct") for _ in range(3 if quick else 5)]
             out["ttfb"] = {"samples_s": [round(t, 3) for t in ttfb],
                            "median_s": round(statistics.median(ttfb), 3)}
@@ -380,6 +415,13 @@ def table(out: dict[str, Any]) -> str:
             add(label, f"{v['mb_s']} MB/s ({v['bytes'] // 1_000_000} MB in {v['seconds']} s, "
                 f"cpu connect {v['connect_cpu_s']} s / serve {v['serve_cpu_s']} s), "
                 f"sha256 {'ok' if v['sha256_ok'] else 'FAIL'}")
+    for key, v in out.get("lab", {}).items():
+        if isinstance(v, dict) and "mb_s" in v:
+            add(f"lab tunnel {key} ({v['case']}, namespaces + nftables)",
+                f"{v['mb_s']} MB/s over path={v['path']}, 10 MB, "
+                f"sha256 {'ok' if v['sha256_ok'] else 'FAIL'}")
+        else:
+            add("lab tunnel", f"{key}: {v}")
     if "ttfb" in out:
         add("TTFB, fresh connect --stdio (median)",
             f"{out['ttfb']['median_s']} s (samples {out['ttfb']['samples_s']})")
