@@ -61,11 +61,18 @@ StatusCallback = Callable[[str], None]
 def parse_hostport(
     text: str, default_host: str = "127.0.0.1", *, allow_zero: bool = False
 ) -> tuple[str, int]:
-    """Parse ``HOST:PORT``, ``[V6]:PORT`` or ``PORT``. Raises ValueError with a clear text."""
+    """Parse ``HOST:PORT``, ``[V6]:PORT`` or ``PORT``. Raises ValueError with a clear text
+    (also for an IPv6 address without brackets, which would be ambiguous)."""
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = default_host, text
-    host = host.strip("[]") or default_host
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ValueError(f"{text!r} is not HOST:PORT or [IPV6]:PORT")
+        host = host[1:-1]
+    elif ":" in host or "]" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:22")
+    host = host or default_host
     try:
         p = int(port)
     except ValueError:

@@ -257,3 +257,22 @@ async def test_replayed_offer_gets_no_session(tmp_path, monkeypatch) -> None:  #
             await task
         target.close()
         await relay.stop()
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("127.0.0.1:22", ("127.0.0.1", 22)), ("[::1]:22", ("::1", 22)), ("22", ("127.0.0.1", 22)),
+    ("example.org:8080", ("example.org", 8080)),
+])
+def test_parse_hostport(text: str, want: tuple[str, int]) -> None:
+    from quictun.api import parse_hostport
+
+    assert parse_hostport(text) == want
+
+
+@pytest.mark.parametrize("text", ["::1", "::1:22", "[::1]", "[]:22", "[::1:22", "x:y",
+                                  "host:0", "host:65536"])
+def test_parse_hostport_refuses(text: str) -> None:
+    from quictun.api import parse_hostport
+
+    with pytest.raises(ValueError):
+        parse_hostport(text)

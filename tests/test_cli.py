@@ -124,6 +124,8 @@ def test_serve_bad_forward() -> None:
                    "--forward: 'nope' is not HOST:PORT")
     one_line_error(run("serve", "box", "--forward", "127.0.0.1:70000",
                        env={"QUICTUN_SECRET": "x"}), "out of range")
+    one_line_error(run("serve", "box", "--forward", "::1", env={"QUICTUN_SECRET": "x"}),
+                   r"IPv6 address in brackets, e\.g\. \[::1\]:22")
 
 
 def test_demo_bad_forward() -> None:
