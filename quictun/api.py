@@ -385,12 +385,13 @@ async def serve(
     identity: Identity | None = None,
     on_event: StatusCallback | None = None,
     path_config: PathConfig | None = None,
+    on_registered: Callable[[], None] | None = None,
 ) -> None:
     """Make ``forward`` (``HOST:PORT``) reachable as ``name`` until cancelled.
 
-    Re-registers after the relay restarts or the network blips. Raises
-    :class:`TunnelError` if the first registration fails (relay unreachable, name
-    taken by another identity, bad token).
+    Re-registers after the relay restarts or the network blips; ``on_registered`` is
+    called after each successful registration. Raises :class:`TunnelError` if the first
+    registration fails (relay unreachable, name taken by another identity, bad token).
     """
     if not sigproto.valid_name(name):
         raise TunnelError(f"{name!r} is not a valid name (1-64 of A-Z a-z 0-9 . _ -)")
@@ -404,5 +405,5 @@ async def serve(
 
     server = Server(name, target, signal=signal, secret=secret, mode=mode, token=token,
                     identity=identity or load_or_create(), on_event=on_event,
-                    path_config=path_config)
+                    path_config=path_config, on_registered=on_registered)
     await server.run()

@@ -275,6 +275,7 @@ def serve(name: str, forward: str, signal: str, secret_file: Path | None,
         api.parse_hostport(forward)
     except ValueError as exc:
         raise UserError(f"--forward: {exc}") from None
+    on_registered = None
     if secret is None:
         try:
             secret = ticket.stored_secret(name)
@@ -282,14 +283,22 @@ def serve(name: str, forward: str, signal: str, secret_file: Path | None,
             raise UserError(f"cannot keep the secret in {identity.config_dir()}: "
                             f"{exc.strerror or _one_line(exc)}") from None
         t = ticket.Ticket(url=signal, name=name, secret=secret, fingerprint=ident.fingerprint)
-        click.echo(f"quictun: the ticket for {name!r} (it holds the secret: pass it on "
-                   "privately). On the other machine run `quictun import -`, paste it, then "
-                   f"`quictun connect {name} --listen PORT` (or --stdio):", err=True)
-        click.echo(t.encode())
-        sys.stdout.flush()
-        _warn_if_local_relay(signal)
+        printed: list[bool] = []
+
+        def on_registered() -> None:
+            """Print the ticket once the name is registered (so it is known to work)."""
+            if printed:
+                return
+            printed.append(True)
+            click.echo(f"quictun: the ticket for {name!r} (it holds the secret: pass it on "
+                       "privately). On the other machine run `quictun import -`, paste it, "
+                       f"then `quictun connect {name} --listen PORT` (or --stdio):", err=True)
+            click.echo(t.encode())
+            sys.stdout.flush()
+            _warn_if_local_relay(signal)
+
     _run(api.serve(name, forward=forward, signal=signal, secret=secret, mode=mode,
-                   token=token, identity=ident))
+                   token=token, identity=ident, on_registered=on_registered))
 
 
 @main.command()

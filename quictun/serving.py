@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import auth, sigproto
@@ -52,8 +53,10 @@ class Server:
         self, name: str, target: tuple[str, int], *, signal: str, secret: str | bytes,
         mode: str, token: str | None, identity: Identity,
         on_event: StatusCallback | None, path_config: PathConfig | None,
+        on_registered: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
+        self.on_registered = on_registered
         self.target = target
         self.url = signal
         self.mode = mode
@@ -115,6 +118,8 @@ class Server:
                 self.registered.set()
                 self.emit(f"serving {self.name!r} -> {self.target[0]}:{self.target[1]} "
                           f"via {self.url}")
+                if self.on_registered is not None:
+                    self.on_registered()
                 try:
                     await lost
                 finally:
