@@ -49,11 +49,19 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from quictun import sigproto as sp
 
+from .mmtypes import (
+    Bucket,
+    ConnRecord,
+    Disconnect,
+    MatchmakerConfig,
+    Output,
+    Send,
+    SessionRecord,
+)
 from .registry import InMemoryRegistry, Registry
 
 __all__ = [
@@ -80,82 +88,6 @@ CLOSE_POLICY = 1008
 CLOSE_PROTOCOL = 1002
 
 
-@dataclass(frozen=True)
-class Send:
-    """Write one frame to a connection."""
-
-    conn_id: int
-    #: text (str) for a JSON message, bytes for a relayed binary frame
-    data: str | bytes
-
-
-@dataclass(frozen=True)
-class Disconnect:
-    """Close a connection; the matchmaker has already dropped its state."""
-
-    conn_id: int
-    #: WebSocket close code (1008 policy, 1002 protocol error)
-    code: int
-    #: short close reason, at most 120 bytes
-    reason: str
-
-
-Output = Send | Disconnect
-
-
-@dataclass
-class MatchmakerConfig:
-    """Tunables of the matchmaker (times in seconds, rates in bytes per second)."""
-
-    token: str | None = None
-    relay_enabled: bool = True
-    relay_rate: float | None = None
-    relay_burst: float | None = None
-    hello_timeout: float = 10.0
-    connect_timeout: float = 15.0
-    name_grace: float = 60.0
-    max_errors: int = 10
-    max_names_per_conn: int = 32
-    max_pending_per_conn: int = 32
-    max_sessions_per_conn: int = 256
-    stun_ports: tuple[int, ...] = ()
-
-
-@dataclass
-class _Bucket:
-    tokens: float
-    last: float
-
-
-@dataclass
-class _Conn:
-    id: int
-    addr: str
-    hello: bool = False
-    #: may ``register`` (no relay token is configured, or hello carried the right one)
-    may_register: bool = False
-    names: set[str] = field(default_factory=set)
-    sessions: set[int] = field(default_factory=set)
-    errors: int = 0
-    relay_warned: bool = False
-    last_bad_relay: int | None = None
-
-
-@dataclass
-class _Session:
-    id: int
-    connector: int
-    owner: int
-    name: str
-    deadline: float
-    answered: bool = False
-    relayed_bytes: int = 0
-    buckets: dict[int, _Bucket] = field(default_factory=dict)
-
-    def other(self, conn_id: int) -> int:
-        return self.owner if conn_id == self.connector else self.connector
-
-
 _T_HELLO, _T_SESSION, _T_PURGE = "hello", "session", "purge"
 
 
@@ -167,8 +99,8 @@ class Matchmaker:
     ) -> None:
         self.config = config or MatchmakerConfig()
         self.registry: Registry = registry if registry is not None else InMemoryRegistry()
-        self._conns: dict[int, _Conn] = {}
-        self._sessions: dict[int, _Session] = {}
+        self._conns: dict[int, ConnRecord] = {}
+        self._sessions: dict[int, SessionRecord] = {}
         self._next_session = 1
         self._timers: list[tuple[float, int, str, Any]] = []
         self._seq = itertools.count()
@@ -176,7 +108,7 @@ class Matchmaker:
         self.relayed_bytes = 0
         self.dropped_bytes = 0
         self.sessions_total = 0
-        self._handlers: dict[type, Callable[[_Conn, Any, float], None]] = {
+        self._handlers: dict[type, Callable[[ConnRecord, Any, float], None]] = {
             sp.Register: self._handle_register,
             sp.Unregister: self._handle_unregister,
             sp.Connect: self._handle_connect,
@@ -196,7 +128,7 @@ class Matchmaker:
         """
         if conn_id in self._conns:
             raise ValueError(f"connection {conn_id} already open")
-        self._conns[conn_id] = _Conn(conn_id, peer_addr)
+        self._conns[conn_id] = ConnRecord(conn_id, peer_addr)
         self._push_timer(now + self.config.hello_timeout, _T_HELLO, conn_id)
 
     def receive_text(self, conn_id: int, text: str | bytes, now: float) -> None:
@@ -309,7 +241,7 @@ class Matchmaker:
 
     def _client_error(
         self,
-        conn: _Conn,
+        conn: ConnRecord,
         code: str,
         message: str,
         now: float,
@@ -326,23 +258,24 @@ class Matchmaker:
                 logger.info("conn %d (%s): too many errors, disconnecting", conn.id, conn.addr)
                 self._disconnect(conn, CLOSE_POLICY, "too many errors", now)
 
-    def _fatal(self, conn: _Conn, code: str, message: str, close_code: int, now: float) -> None:
+    def _fatal(self, conn: ConnRecord, code: str, message: str, close_code: int,
+               now: float) -> None:
         logger.info("conn %d (%s): %s: %s", conn.id, conn.addr, code, message)
         self._send(conn.id, sp.Error(code, message))
         self._disconnect(conn, close_code, message, now)
 
-    def _disconnect(self, conn: _Conn, code: int, reason: str, now: float) -> None:
+    def _disconnect(self, conn: ConnRecord, code: int, reason: str, now: float) -> None:
         self._out.append(Disconnect(conn.id, code, reason.encode()[:120].decode("utf-8", "ignore")))
         self.close(conn.id, now)
 
-    def _end_session(self, session: _Session) -> None:
+    def _end_session(self, session: SessionRecord) -> None:
         self._sessions.pop(session.id, None)
         for member in (session.connector, session.owner):
             conn = self._conns.get(member)
             if conn is not None:
                 conn.sessions.discard(session.id)
 
-    def _expire_session(self, session: _Session) -> None:
+    def _expire_session(self, session: SessionRecord) -> None:
         logger.info("session %d (%s): not answered in time", session.id, session.name)
         self._send(
             session.connector,
@@ -365,7 +298,7 @@ class Matchmaker:
 
     # --- text frames ------------------------------------------------------------------
 
-    def _receive_text(self, conn: _Conn, text: str | bytes, now: float) -> None:
+    def _receive_text(self, conn: ConnRecord, text: str | bytes, now: float) -> None:
         try:
             msg = sp.decode(text)
         except sp.ProtocolError as exc:
@@ -394,7 +327,7 @@ class Matchmaker:
             return
         handler(conn, msg, now)
 
-    def _handle_hello(self, conn: _Conn, msg: sp.Hello, now: float) -> None:
+    def _handle_hello(self, conn: ConnRecord, msg: sp.Hello, now: float) -> None:
         if msg.v != sp.PROTOCOL_VERSION:
             self._fatal(
                 conn,
@@ -430,7 +363,7 @@ class Matchmaker:
             ),
         )
 
-    def _handle_register(self, conn: _Conn, msg: sp.Register, now: float) -> None:
+    def _handle_register(self, conn: ConnRecord, msg: sp.Register, now: float) -> None:
         if not conn.may_register:
             self._client_error(conn, sp.E_UNAUTHORIZED, NEED_TOKEN_MESSAGE, now)
             return
@@ -466,7 +399,7 @@ class Matchmaker:
         conn.names.add(msg.name)
         self._send(conn.id, sp.Registered(msg.name))
 
-    def _handle_unregister(self, conn: _Conn, msg: sp.Unregister, now: float) -> None:
+    def _handle_unregister(self, conn: ConnRecord, msg: sp.Unregister, now: float) -> None:
         if msg.name not in conn.names:
             self._client_error(
                 conn, sp.E_NOT_REGISTERED, f"name {msg.name!r} is not registered here", now
@@ -477,7 +410,7 @@ class Matchmaker:
         if record is not None and record.conn_id == conn.id:
             self.registry.release(msg.name, None)
 
-    def _handle_connect(self, conn: _Conn, msg: sp.Connect, now: float) -> None:
+    def _handle_connect(self, conn: ConnRecord, msg: sp.Connect, now: float) -> None:
         record = self.registry.get(msg.name)
         owner = (
             None if record is None or record.conn_id is None else self._conns.get(record.conn_id)
@@ -501,7 +434,7 @@ class Matchmaker:
             return
         sid = self._allocate_session_id()
         deadline = now + self.config.connect_timeout
-        session = _Session(sid, conn.id, owner.id, msg.name, deadline)
+        session = SessionRecord(sid, conn.id, owner.id, msg.name, deadline)
         self._sessions[sid] = session
         self.sessions_total += 1
         conn.sessions.add(sid)
@@ -509,7 +442,8 @@ class Matchmaker:
         self._push_timer(deadline, _T_SESSION, sid)
         self._send(owner.id, sp.Incoming(sid, msg.name, msg.offer))
 
-    def _owned_session(self, conn: _Conn, sid: int, verb: str, now: float) -> _Session | None:
+    def _owned_session(self, conn: ConnRecord, sid: int, verb: str,
+                       now: float) -> SessionRecord | None:
         session = self._sessions.get(sid)
         if session is None or session.owner != conn.id:
             self._client_error(
@@ -527,7 +461,7 @@ class Matchmaker:
             return None
         return session
 
-    def _handle_answer(self, conn: _Conn, msg: sp.Answer, now: float) -> None:
+    def _handle_answer(self, conn: ConnRecord, msg: sp.Answer, now: float) -> None:
         session = self._owned_session(conn, msg.session, "answer", now)
         if session is None:
             return
@@ -535,14 +469,14 @@ class Matchmaker:
         self._send(session.connector, sp.Answer(session.id, msg.answer))
         self._send(session.owner, sp.Go(session.id))
 
-    def _handle_reject(self, conn: _Conn, msg: sp.Reject, now: float) -> None:
+    def _handle_reject(self, conn: ConnRecord, msg: sp.Reject, now: float) -> None:
         session = self._owned_session(conn, msg.session, "reject", now)
         if session is None:
             return
         self._send(session.connector, sp.Rejected(session.id, msg.reason, msg.code))
         self._end_session(session)
 
-    def _handle_close(self, conn: _Conn, msg: sp.Close, now: float) -> None:
+    def _handle_close(self, conn: ConnRecord, msg: sp.Close, now: float) -> None:
         session = self._sessions.get(msg.session)
         if session is None or conn.id not in (session.owner, session.connector):
             self._client_error(
@@ -558,12 +492,12 @@ class Matchmaker:
             self._send(other, sp.Closed(session.id, msg.reason))
         self._end_session(session)
 
-    def _handle_ping(self, conn: _Conn, msg: sp.Ping, now: float) -> None:
+    def _handle_ping(self, conn: ConnRecord, msg: sp.Ping, now: float) -> None:
         self._send(conn.id, sp.Pong(msg.id))
 
     # --- binary frames ----------------------------------------------------------------
 
-    def _receive_binary(self, conn: _Conn, data: bytes, now: float) -> None:
+    def _receive_binary(self, conn: ConnRecord, data: bytes, now: float) -> None:
         if not conn.hello:
             self._fatal(
                 conn,
@@ -607,7 +541,7 @@ class Matchmaker:
         self.relayed_bytes += len(payload)
         self._out.append(Send(session.other(conn.id), bytes(data)))
 
-    def _drop_relay(self, conn: _Conn, sid: int, size: int, why: str, now: float) -> None:
+    def _drop_relay(self, conn: ConnRecord, sid: int, size: int, why: str, now: float) -> None:
         """Drop a relay frame; reply once per run of frames for the same bad session
         (packets in flight after a close are normal, so these do not count as errors)."""
         self.dropped_bytes += size
@@ -622,13 +556,13 @@ class Matchmaker:
                 count=False,
             )
 
-    def _take_tokens(self, session: _Session, conn_id: int, size: int, now: float) -> bool:
+    def _take_tokens(self, session: SessionRecord, conn_id: int, size: int, now: float) -> bool:
         rate = float(self.config.relay_rate or 0.0)
         # a burst of at least one maximal frame, or a batched frame could never pass
         burst = self.config.relay_burst or max(rate, 65536.0)
         bucket = session.buckets.get(conn_id)
         if bucket is None:
-            bucket = session.buckets[conn_id] = _Bucket(burst, now)
+            bucket = session.buckets[conn_id] = Bucket(burst, now)
         bucket.tokens = min(burst, bucket.tokens + max(0.0, now - bucket.last) * rate)
         bucket.last = now
         if bucket.tokens < size:
