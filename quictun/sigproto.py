@@ -283,6 +283,14 @@ class Answer(_Base):
     CHECKS: ClassVar[dict[str, Any]] = {"session": _SESSION, "answer": _blob}
 
 
+# ``reject`` (owner -> relay) and ``rejected`` (relay -> connector) carry the same fields
+_REJECT_CHECKS: dict[str, Any] = {
+    "session": _SESSION,
+    "reason": _str(_SHORT),
+    "code": _str(_SHORT, optional=True),
+}
+
+
 @dataclass(frozen=True)
 class Reject(_Base):
     """Owner refuses an incoming session.
@@ -296,11 +304,7 @@ class Reject(_Base):
     session: int
     reason: str
     code: str | None = None
-    CHECKS: ClassVar[dict[str, Any]] = {
-        "session": _SESSION,
-        "reason": _str(_SHORT),
-        "code": _str(_SHORT, optional=True),
-    }
+    CHECKS: ClassVar[dict[str, Any]] = _REJECT_CHECKS
 
 
 @dataclass(frozen=True)
@@ -380,11 +384,7 @@ class Rejected(_Base):
     session: int
     reason: str
     code: str | None = None
-    CHECKS: ClassVar[dict[str, Any]] = {
-        "session": _SESSION,
-        "reason": _str(_SHORT),
-        "code": _str(_SHORT, optional=True),
-    }
+    CHECKS: ClassVar[dict[str, Any]] = _REJECT_CHECKS
 
 
 @dataclass(frozen=True)
