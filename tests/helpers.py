@@ -20,10 +20,11 @@ class Proc:
     """A subprocess whose stderr is captured to a file and searchable."""
 
     def __init__(self, argv: list[str], *, env: dict[str, str], log: Path,
-                 stdin: int | None = subprocess.DEVNULL, stdout: int | None = None) -> None:
+                 stdin: int | None = subprocess.DEVNULL, stdout: int | None = None,
+                 cwd: Path | None = None) -> None:
         self.log = log
         self._f = open(log, "wb")
-        self.p = subprocess.Popen(argv, env=env, stdin=stdin,
+        self.p = subprocess.Popen(argv, env=env, stdin=stdin, cwd=cwd,
                                   stdout=stdout if stdout is not None else self._f,
                                   stderr=self._f, start_new_session=True)
 
