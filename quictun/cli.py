@@ -93,6 +93,19 @@ def main(ctx: click.Context, verbose: int, log_format: str) -> None:
     _setup_logging(verbose, log_format)
 
 
+def _more_verbose(ctx: click.Context, _param: click.Parameter, count: int) -> None:
+    """``-v`` after the subcommand counts like ``-v`` before it."""
+    if count:
+        obj = ctx.find_root().obj
+        obj["verbose"] += count
+        _setup_logging(obj["verbose"], obj["log_format"])
+
+
+verbose_option = click.option("-v", "--verbose", count=True, expose_value=False,
+                              is_eager=True, callback=_more_verbose,
+                              help="More detail (-vv for debugging).")
+
+
 def _common(f):  # type: ignore[no-untyped-def]
     f = click.option("--signal", "signal", envvar=ENV_SIGNAL, show_envvar=True,
                      default=DEFAULT_SIGNAL, show_default=True, help=SIGNAL_HELP)(f)
@@ -240,6 +253,7 @@ def _run(coro) -> None:  # type: ignore[no-untyped-def]
 
 
 @main.command()
+@verbose_option
 @click.argument("name")
 @click.option("--forward", required=True, metavar="HOST:PORT",
               help="The local TCP service to make reachable, e.g. 127.0.0.1:22.")
@@ -302,6 +316,7 @@ def serve(name: str, forward: str, signal: str, secret_file: Path | None,
 
 
 @main.command()
+@verbose_option
 @click.argument("target", metavar="[NAME|TICKET]", required=False)
 @click.option("--listen", metavar="[HOST:]PORT",
               help="Accept local TCP connections here and forward each one.")
@@ -406,6 +421,7 @@ def _connect_ticket(target: str | None, ticket_file: Path | None):  # type: igno
 
 
 @main.command("import")
+@verbose_option
 @click.argument("source", metavar="[TICKET|-]", default="-")
 def import_ticket(source: str) -> None:
     """Store a ticket so that `quictun connect NAME` needs no secret on its command line.
@@ -426,7 +442,7 @@ def import_ticket(source: str) -> None:
       QUICTUN_HOME       where tickets/NAME is stored (default ~/.config/quictun)
     """
     if source == "-":
-        stdin = click.get_text_stream("stdin")
+        stdin = sys.stdin
         if stdin.isatty():
             click.echo("quictun: paste the ticket, then press Enter:", err=True)
             text = stdin.readline()
@@ -451,6 +467,7 @@ def import_ticket(source: str) -> None:
 
 
 @main.command()
+@verbose_option
 @click.option("--forward", default="127.0.0.1:22", show_default=True, metavar="HOST:PORT",
               envvar="QUICTUN_DEMO_FORWARD", show_envvar=True,
               help="The local TCP service the demo makes reachable.")
@@ -490,6 +507,7 @@ def demo(forward: str, port: int) -> None:
 
 
 @main.command()
+@verbose_option
 @click.option("--signal", "signal", envvar=ENV_SIGNAL, show_envvar=True,
               default=DEFAULT_SIGNAL, show_default=True, help=SIGNAL_HELP)
 @click.option("--token", envvar="QUICTUN_SIGNAL_TOKEN", show_envvar=True,
@@ -524,6 +542,10 @@ def netcheck(signal: str, token: str | None, as_json: bool) -> None:
     try:
         rep = asyncio.run(go())
     except TunnelError as exc:
+        if as_json:  # `| jq` still gets an object: {"error": ..., "relay_url": ...}
+            import json
+
+            click.echo(json.dumps({"error": str(exc), "relay_url": signal}, indent=2))
         raise UserError(str(exc)) from None
     except KeyboardInterrupt:
         sys.exit(130)
@@ -531,14 +553,19 @@ def netcheck(signal: str, token: str | None, as_json: bool) -> None:
 
 
 def _prog() -> str:
-    """How to run quictun from a shell: ``quictun`` if on PATH, else this Python."""
+    """How another shell runs this very quictun (another terminal, ssh's ProxyCommand):
+    the absolute path of this installation's ``quictun`` script, so that it works where
+    its virtual environment is not active; else ``PYTHON -m quictun`` with this Python."""
     import shlex
-    import shutil
 
-    return "quictun" if shutil.which("quictun") else f"{shlex.quote(sys.executable)} -m quictun"
+    script = Path(sys.executable).parent / "quictun"
+    if script.is_file() and os.access(script, os.X_OK):
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m quictun"
 
 
 @main.command("ssh-config")
+@verbose_option
 @click.argument("name", metavar="NAME|TICKET")
 @click.option("--signal", "signal", envvar=ENV_SIGNAL, show_envvar=True,
               default=DEFAULT_SIGNAL, show_default=True, help=SIGNAL_HELP)
@@ -571,6 +598,14 @@ def ssh_config(name: str, signal: str) -> None:
     else:
         _check_name(name)
         t = _load_stored(name)
+    source = click.get_current_context().get_parameter_source("signal")
+    if t is None and source in (None, click.core.ParameterSource.DEFAULT):
+        stored = tk.stored_names()
+        known = f" (stored: {', '.join(stored)})" if stored else ""
+        raise UserError(f"no ticket is stored for {name!r}{known}: run `quictun import -` "
+                        "and paste the ticket that `quictun serve` printed, or pass --signal "
+                        "URL for a block whose secret comes from QUICTUN_SECRET or "
+                        "QUICTUN_SECRET_FILE")
     if t is not None:
         lines = [
             f"# quictun: reach {name!r} via {t.url}, with the ticket stored in "

@@ -34,6 +34,16 @@ def _reachable(host: str, port: int) -> bool:
         return False
 
 
+def _user() -> str:
+    """This user's login name for the ssh examples (``$USER`` may be unset)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no LOGNAME/USER
+        return "USER"
+
+
 OVERRIDES = ("QUICTUN_SECRET", "QUICTUN_SECRET_FILE", "QUICTUN_TICKET", "QUICTUN_SIGNAL")
 
 
@@ -43,7 +53,6 @@ def instructions(url: str, ticket_file: str, forward: tuple[str, int],
 
     The commands name ``demo`` only: its ticket (relay, secret, fingerprint) is stored in
     ``ticket_file``, in the config dir both sides share on this machine."""
-    user = os.environ.get("USER") or "$USER"
     host, port = forward
     lines = [
         f"quictun demo: relay {url} is up; serving {NAME!r} -> {host}:{port}",
@@ -51,12 +60,26 @@ def instructions(url: str, ticket_file: str, forward: tuple[str, int],
         "",
         "From another terminal on this machine:",
         "",
-        "  # ssh through the tunnel:",
-        f"  ssh -o ProxyCommand='{prog} connect %h --stdio' {user}@{NAME}",
-        "",
-        "  # or a local port that forwards through the tunnel:",
-        f"  {prog} connect {NAME} --listen 2222     # then: ssh -p 2222 {user}@127.0.0.1",
     ]
+    if port == 22:
+        user = _user()
+        lines += [
+            "  # ssh through the tunnel:",
+            f"  ssh -o ProxyCommand='{prog} connect %h --stdio' {user}@{NAME}",
+            "",
+            "  # or a local port that forwards through the tunnel:",
+            f"  {prog} connect {NAME} --listen 2222     # then: ssh -p 2222 {user}@127.0.0.1",
+        ]
+    else:
+        lines += [
+            f"  # a local port that forwards through the tunnel to {host}:{port}:",
+            f"  {prog} connect {NAME} --listen 2222",
+            "  # then point the service's client at 127.0.0.1:2222, e.g. for a web server:",
+            "  curl http://127.0.0.1:2222/",
+            "",
+            "  # or one connection on stdin/stdout:",
+            f"  {prog} connect {NAME} --stdio",
+        ]
     overrides = [k for k in OVERRIDES if os.environ.get(k)]
     if overrides:
         lines += ["", f"  # {', '.join(overrides)} would override the stored ticket: first run",

@@ -33,6 +33,9 @@ def parse_relay_url(url: str) -> tuple[str, str, int]:
     """``(scheme, host, port)`` of a relay URL; :class:`TunnelError` (one line) if it is
     not ``ws://HOST[:PORT]/`` or ``wss://HOST[:PORT]/`` with a port in 1..65535."""
     hint = "expected ws://HOST:PORT/ or wss://HOST:PORT/"
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise TunnelError(f"bad relay URL {printable(url)!r}: it contains a space or a control "
+                          "character (pasted with a trailing space or newline?); remove it")
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -43,6 +46,29 @@ def parse_relay_url(url: str) -> tuple[str, str, int]:
     if port == 0:
         raise TunnelError(f"bad relay URL {printable(url)!r} (port 0): {hint}")
     return parts.scheme, parts.hostname, port or (443 if parts.scheme == "wss" else 80)
+
+
+def _unreachable(url: str, exc: BaseException) -> str:
+    """One line for a relay that could not be reached, naming the likely cause."""
+    from websockets.exceptions import InvalidHandshake, InvalidMessage
+
+    reason = str(exc) or ("the connection was reset" if isinstance(exc, ConnectionResetError)
+                          else type(exc).__name__)
+    tls = url.startswith("wss:")
+    if tls and isinstance(exc, (ssl.SSLError, ConnectionResetError, EOFError)):
+        plain = "ws:" + url[4:]
+        return (f"the TLS handshake with the relay at {url} failed ({reason}): if the relay "
+                f"serves plain WebSocket (no --cert), use {plain}")
+    if not tls and isinstance(exc, (InvalidMessage, InvalidHandshake)):
+        secure = "wss:" + url[3:]
+        return (f"the server at {url} did not answer with a WebSocket handshake ({reason}): "
+                f"if the relay serves TLS (--cert), use {secure}; else check that this is "
+                "a quictun-signal URL")
+    if isinstance(exc, ConnectionRefusedError):
+        return (f"cannot reach the relay at {url} (connection refused): is quictun-signal "
+                "running there? check --signal / QUICTUN_SIGNAL")
+    return (f"cannot reach the relay at {url} ({reason}); check --signal / QUICTUN_SIGNAL "
+            "and that quictun-signal is running")
 
 
 class SignalClient:
@@ -111,11 +137,7 @@ class SignalClient:
                 f"certificate, set {CA_ENV}=/path/to/its.crt"
             ) from None
         except (OSError, TimeoutError, WebSocketException) as exc:
-            reason = str(exc) or type(exc).__name__
-            raise TunnelError(
-                f"cannot reach the relay at {self.url} ({reason}); "
-                "check --signal / QUICTUN_SIGNAL and that quictun-signal is running"
-            ) from None
+            raise TunnelError(_unreachable(self.url, exc)) from None
         self.connected = True
         self._reader = asyncio.create_task(self._read_loop())
         self._writer = asyncio.create_task(self._write_loop())

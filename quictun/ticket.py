@@ -126,6 +126,17 @@ def ticket_path(name: str) -> Path:
     return config_dir() / "tickets" / check_name(name)
 
 
+def stored_names() -> list[str]:
+    """The names that have a ticket stored by :func:`store`, sorted."""
+    from .identity import config_dir
+
+    folder = config_dir() / "tickets"
+    try:
+        return sorted(p.name for p in folder.iterdir() if p.is_file())
+    except OSError:
+        return []
+
+
 def store(t: Ticket) -> Path:
     """Keep ``t`` (secret included) as ``$QUICTUN_HOME/tickets/NAME``, mode 600, replacing
     any ticket stored for that name. Returns the path.

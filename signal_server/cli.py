@@ -20,6 +20,13 @@ Health check: GET /healthz answers 200 "OK".
 """
 
 
+class UserError(click.ClickException):
+    """One ``quictun-signal: error: ...`` line on stderr, exit status 1, no traceback."""
+
+    def show(self, file: object = None) -> None:
+        click.echo(f"quictun-signal: error: {self.format_message()}", err=True)
+
+
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--host",
@@ -98,6 +105,7 @@ Health check: GET /healthz answers 200 "OK".
     help="Refuse (HTTP 429) more connections than this from one IP address.",
 )
 @click.option("-v", "--verbose", count=True, help="-v: debug logs; -vv: websockets logs too.")
+@click.version_option(package_name="quictun", prog_name="quictun-signal")
 def main(
     host: tuple[str, ...],
     port: int,
@@ -156,7 +164,23 @@ def main(
     except KeyboardInterrupt:
         pass
     except OSError as exc:
-        raise click.ClickException(f"cannot listen: {exc}") from exc
+        raise UserError(_listen_error(exc, list(host), port)) from None
+
+
+def _listen_error(exc: OSError, hosts: list[str], port: int) -> str:
+    """One line for a listener that could not be opened, with what to do about it."""
+    import errno
+
+    where = f"{', '.join(hosts) or 'all addresses'} port {port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {where}: the port is already in use (is another "
+                "quictun-signal or `quictun demo` running?); stop it or pick another --port")
+    if exc.errno == errno.EACCES:
+        return (f"cannot listen on {where}: permission denied (ports below 1024 need root "
+                "or CAP_NET_BIND_SERVICE); pick a --port above 1023")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"cannot listen on {where}: no such local address; check --host")
+    return f"cannot listen on {where}: {exc.strerror or exc}"
 
 
 def _raise_fd_limit() -> None:

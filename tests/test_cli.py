@@ -212,6 +212,31 @@ def test_netcheck_relay_unreachable() -> None:
     one_line_error(r, "cannot reach the relay")
 
 
+def test_netcheck_json_relay_unreachable_prints_an_object() -> None:
+    import json
+
+    url = f"ws://127.0.0.1:{free_port()}/"
+    r = runner().invoke(main, ["netcheck", "--json", "--signal", url])
+    assert r.exit_code == 1
+    report = json.loads(r.stdout)
+    assert report["relay_url"] == url and "cannot reach the relay" in report["error"]
+
+
+def test_verbose_after_the_subcommand() -> None:
+    r = run("connect", "box", "--stdio", "-v")
+    assert "No such option" not in r.output
+    one_line_error(r, "no secret")
+    assert run("netcheck", "-vv", "--help").exit_code == 0
+
+
+@pytest.mark.parametrize("url, cause", [
+    ("ws://127.0.0.1:8765/ ", "contains a space"),
+    ("ws://127.0.0.1:8765/\n", "control character"),
+])
+def test_relay_url_with_whitespace_names_the_cause(url: str, cause: str) -> None:
+    one_line_error(run("netcheck", "--signal", url), cause)
+
+
 def test_netcheck_bad_url() -> None:
     one_line_error(run("netcheck", "--signal", "http://x/"), "bad relay URL")
 
@@ -224,6 +249,19 @@ def test_ssh_config() -> None:
                      r"wss://relay\.example\.org/", r.output)
     assert "QUICTUN_SECRET" in r.output and "--secret-file" in r.output
     one_line_error(run("ssh-config", "bad name"), "not a valid name")
+
+
+def test_ssh_config_names_this_installation_and_refuses_unknown_names() -> None:
+    """The ProxyCommand runs this installation's quictun by absolute path (ssh runs it
+    where no virtual environment is active); a name without a ticket and without
+    --signal is a one-line error, not a block that cannot work."""
+    t = tk.Ticket(url="ws://127.0.0.1:1/", name="box", secret="s3cret", fingerprint="ab" * 32)
+    tk.store(t)
+    r = run("ssh-config", "box")
+    assert r.exit_code == 0, r.output
+    cmd = re.search(r"  ProxyCommand (\S+)", r.output)
+    assert cmd and os.path.isabs(cmd.group(1)) and os.access(cmd.group(1), os.X_OK), r.output
+    one_line_error(run("ssh-config", "bxo"), r"no ticket is stored for 'bxo' \(stored: box\)")
 
 
 def test_ssh_config_from_ticket_imports_it(tmp_path: Path) -> None:
@@ -502,42 +540,54 @@ def test_connect_json_logs(relay, echo_server, tmp_path: Path) -> None:
         p.stop()
 
 
+SHUTDOWN_NOISE = ("Traceback", "never awaited", "Task was destroyed", "Exception ignored")
+
+
+def _read_instructions(d: Proc) -> str:
+    assert d.p.stdout is not None
+    lines: list[str] = []
+    while not lines or "Ctrl-C" not in lines[-1]:
+        line = d.p.stdout.readline().decode()
+        assert line, d.text()
+        lines.append(line)
+    return "".join(lines)
+
+
 def test_demo_end_to_end(echo_server, tmp_path: Path) -> None:
-    """The printed commands work as pasted, in another terminal of the same user."""
+    """The printed commands work as pasted, in another terminal of the same user where
+    quictun's virtual environment is not active (PATH without it); Ctrl-C then ends the
+    demo with exit status 130 and no traceback or asyncio warning."""
     import shlex
+    import signal
+    import socket
 
     port = free_port()
     env = base_env(tmp_path / "demo", secret=None)
     d = Proc(QT + ["demo", "--port", str(port), "--forward", f"127.0.0.1:{echo_server.port}"],
              env=env, log=tmp_path / "demo.log", stdout=subprocess.PIPE)
+    other_terminal = dict(env, PATH="/usr/bin:/bin")
     try:
-        assert d.p.stdout is not None
-        lines = []
-        while not lines or "Ctrl-C" not in lines[-1]:
-            line = d.p.stdout.readline().decode()
-            assert line, d.text()
-            lines.append(line)
-        text = "".join(lines)
+        text = _read_instructions(d)
         assert "qt1" not in text and "--signal" not in text
-        proxy = re.search(r"ssh -o ProxyCommand='([^']+)' \S+@demo\n", text)
-        listen = re.search(r"^  (.+ connect demo --listen 2222)  ", text, re.M)
-        assert proxy and listen, text
+        assert "ssh" not in text, "not an ssh service: no ssh commands"
+        stdio = re.search(r"^  (.+ connect demo --stdio)$", text, re.M)
+        listen = re.search(r"^  (.+ connect demo --listen 2222)$", text, re.M)
+        assert stdio and listen, text
+        assert "curl http://127.0.0.1:2222/" in text
         d.wait_for(r"serving 'demo'")
-        # what ssh runs: %h is the host, `demo`
-        argv = shlex.split(proxy.group(1).replace("%h", "demo"))
-        assert argv[-3:] == ["connect", "demo", "--stdio"]
-        r = subprocess.run(argv, input=b"hello demo", capture_output=True, env=env, timeout=60)
+        argv = shlex.split(stdio.group(1))
+        assert os.path.isabs(argv[0]), argv
+        r = subprocess.run(argv, input=b"hello demo", capture_output=True,
+                           env=other_terminal, timeout=60)
         assert r.returncode == 0, r.stderr.decode()
         assert r.stdout == b"hello demo"
         assert b"warning" not in r.stderr
         # the --listen line, on a free port
         lport = free_port()
         argv = shlex.split(listen.group(1).replace("2222", str(lport)))
-        c = Proc(argv, env=env, log=tmp_path / "listen.log")
+        c = Proc(argv, env=other_terminal, log=tmp_path / "listen.log")
         try:
             c.wait_for(r"listening on")
-            import socket
-
             with socket.create_connection(("127.0.0.1", lport), timeout=10) as sock:
                 sock.sendall(b"via listen")
                 sock.shutdown(socket.SHUT_WR)
@@ -545,10 +595,32 @@ def test_demo_end_to_end(echo_server, tmp_path: Path) -> None:
                 while chunk := sock.recv(65536):
                     got += chunk
             assert got == b"via listen"
+            # Ctrl-C (SIGINT to the process group, as a terminal sends it) with a client
+            # still connected
+            os.killpg(d.p.pid, signal.SIGINT)
+            assert d.p.wait(20) == 130
         finally:
             c.stop()
     finally:
         d.stop()
+    log = d.text()
+    for noise in SHUTDOWN_NOISE:
+        assert noise not in log, log
+
+
+def test_demo_ssh_instructions_without_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With $USER unset the ssh lines still name a user (a bare `$USER@` would be an ssh
+    usage error once pasted)."""
+    import getpass
+
+    from quictun.demo import instructions
+
+    monkeypatch.delenv("USER", raising=False)
+    text = instructions("ws://127.0.0.1:8765/", "/x/tickets/demo", ("127.0.0.1", 22),
+                        prog="/v/bin/quictun")
+    assert "$USER" not in text
+    assert f"connect %h --stdio' {getpass.getuser()}@demo" in text
+    assert "/v/bin/quictun connect demo --listen 2222" in text
 
 
 def test_demo_instructions_mention_overrides(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -359,6 +359,25 @@ def test_cli_help_and_usage_errors() -> None:
     assert result.exit_code == 2
 
 
+def test_version_and_busy_port_are_one_line() -> None:
+    from click.testing import CliRunner
+
+    from signal_server.cli import main
+
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("quictun-signal, version ")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(main, ["--host", "127.0.0.1", "--port", str(port)])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert result.output.count("\n") == 1, result.output
+    assert result.output.startswith("quictun-signal: error: cannot listen on 127.0.0.1 port ")
+    assert "already in use" in result.output and "another --port" in result.output
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 async def test_wss_with_make_certs_script(tmp_path: pathlib.Path) -> None:
     import ssl

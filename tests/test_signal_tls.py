@@ -103,3 +103,22 @@ async def test_library_bad_relay_url_raises_tunnel_error(url: str, tmp_path: Pat
     with pytest.raises(TunnelError, match="bad relay URL"):
         async with quictun.connect("box", signal=url, secret="s"):
             pass
+
+
+def test_scheme_mismatch_names_the_fix(tls_relay, relay) -> None:
+    """wss:// against a plain relay, and ws:// against a TLS one: the error says which
+    scheme to use instead."""
+    import asyncio
+
+    tls_url, _crt = tls_relay
+    plain_url = relay[1]
+
+    async def reason(url: str) -> str:
+        with pytest.raises(TunnelError) as info:
+            await SignalClient(url).open(timeout=5)
+        return str(info.value)
+
+    got = asyncio.run(reason("wss://" + plain_url.removeprefix("ws://")))
+    assert f"use {plain_url}" in got, got
+    got = asyncio.run(reason("ws://" + tls_url.removeprefix("wss://")))
+    assert f"use {tls_url}" in got, got
