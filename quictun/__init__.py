@@ -11,12 +11,12 @@ __version__ = "0.1.0"
 __all__ = ["connect", "serve", "Tunnel", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import Tunnel, connect, serve
+    from .aio.client import Tunnel, connect, serve
 
 
 def __getattr__(name: str) -> Any:
     if name in ("connect", "serve", "Tunnel"):
-        from . import api
+        from .aio import client as api
 
         return getattr(api, name)
     raise AttributeError(name)

@@ -26,7 +26,7 @@ from typing import Any
 import click
 from websockets.asyncio.client import ClientConnection, connect
 
-from quictun import sigproto as sp
+from quictun.proto import signalling as sp
 
 OWNER = "ee" * 32
 

@@ -51,7 +51,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from quictun import sigproto as sp
+from quictun.proto import signalling as sp
 
 from .mmtypes import (
     Bucket,

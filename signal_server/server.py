@@ -29,8 +29,8 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from quictun import sigproto as sp
-from quictun import stun
+from quictun.proto import signalling as sp
+from quictun.proto import stun
 
 from .matchmaker import CLOSE_POLICY, Disconnect, Matchmaker, MatchmakerConfig, Send
 from .registry import Registry

@@ -36,7 +36,7 @@ Sockets: a :class:`Peer` has its main socket (``port``) and, when its PathManage
 for them (``datagrams_to_send_slots`` slot k > 0), extra sockets on ``port + k``, closed
 when the manager no longer lists them in ``aux_slots()``.
 
-The :class:`Sim` driver runs :class:`~quictun.paths.PathManager` instances unchanged:
+The :class:`Sim` driver runs :class:`~quictun.punch.manager.PathManager` instances unchanged:
 it advances the clock to the next packet or timer, delivers STUN to ``receive_stun``, fake
 QUIC datagrams (first byte 0x40) to ``note_direct_traffic``, and relay datagrams to
 ``note_relay_traffic``; after every step it flushes ``datagrams_to_send`` and records
@@ -53,8 +53,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from quictun import stun
-from quictun.paths import (
+from quictun.proto import stun
+from quictun.punch.manager import (
     Addr,
     Candidate,
     Path,

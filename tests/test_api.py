@@ -11,10 +11,10 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 
 import quictun
-from quictun import sigproto
+from quictun.aio.server import Server
 from quictun.errors import AuthError, TunnelError
-from quictun.identity import Identity
-from quictun.serving import Server
+from quictun.proto import signalling as sigproto
+from quictun.proto.identity import Identity
 from signal_server.server import RelayConfig, RelayServer
 
 
@@ -179,7 +179,7 @@ async def test_token_relay_serve_needs_token_connect_does_not(tmp_path: Path) ->
 async def test_pinned_fingerprint_mismatch_is_refused(env) -> None:  # type: ignore[no-untyped-def]
     """A ticket pins the server's identity: another fingerprint is refused."""
     relay, _ = env
-    from quictun.api import open_tunnel
+    from quictun.aio.client import open_tunnel
 
     with pytest.raises(TunnelError, match="fingerprint differs"):
         await open_tunnel("lib", signal=relay.url, secret="lib-secret",
@@ -264,7 +264,7 @@ async def test_replayed_offer_gets_no_session(tmp_path, monkeypatch) -> None:  #
     ("example.org:8080", ("example.org", 8080)),
 ])
 def test_parse_hostport(text: str, want: tuple[str, int]) -> None:
-    from quictun.api import parse_hostport
+    from quictun.aio.client import parse_hostport
 
     assert parse_hostport(text) == want
 
@@ -272,7 +272,7 @@ def test_parse_hostport(text: str, want: tuple[str, int]) -> None:
 @pytest.mark.parametrize("text", ["::1", "::1:22", "[::1]", "[]:22", "[::1:22", "x:y",
                                   "host:0", "host:65536"])
 def test_parse_hostport_refuses(text: str) -> None:
-    from quictun.api import parse_hostport
+    from quictun.aio.client import parse_hostport
 
     with pytest.raises(ValueError):
         parse_hostport(text)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quictun import auth
+from quictun.proto import auth
 
 
 def test_root_key_depends_on_secret_and_name() -> None:

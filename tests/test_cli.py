@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner, Result
 from helpers import PY, Proc, base_env, free_port
 
-from quictun import ticket as tk
-from quictun.cli import main
-from quictun.status import StatusLine, stats_line
+from quictun.cli.main import main
+from quictun.cli.status import StatusLine, stats_line
+from quictun.proto import ticket as tk
 
 QT = [PY, "-m", "quictun"]
 COMMANDS = ["serve", "connect", "demo", "netcheck", "ssh-config"]
@@ -613,7 +613,7 @@ def test_demo_ssh_instructions_without_user(monkeypatch: pytest.MonkeyPatch) -> 
     usage error once pasted)."""
     import getpass
 
-    from quictun.demo import instructions
+    from quictun.cli.demo import instructions
 
     monkeypatch.delenv("USER", raising=False)
     text = instructions("ws://127.0.0.1:8765/", "/x/tickets/demo", ("127.0.0.1", 22),
@@ -624,7 +624,7 @@ def test_demo_ssh_instructions_without_user(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_demo_instructions_mention_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
-    from quictun.demo import instructions
+    from quictun.cli.demo import instructions
 
     text = instructions("ws://127.0.0.1:8765/", "/x/tickets/demo", ("127.0.0.1", 22))
     assert "unset" not in text and "connect %h --stdio' " in text

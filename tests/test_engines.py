@@ -23,8 +23,8 @@ from test_quicconn import (
     window_slack,
 )
 
-from quictun import engines
-from quictun.identity import Identity
+from quictun.proto.identity import Identity
+from quictun.quic import engines
 
 HAVE_QH3 = "qh3" in engines.available()
 needs_qh3 = pytest.mark.skipif(not HAVE_QH3, reason="qh3 >= 2.1 is not installed "

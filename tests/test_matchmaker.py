@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from quictun import sigproto as sp
+from quictun.proto import signalling as sp
 from signal_server.matchmaker import Disconnect, Matchmaker, MatchmakerConfig, Send
 
 OWNER_A = "aa" * 32

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from quictun import netcheck as nc
+from quictun.cli import netcheck as nc
 from quictun.errors import TunnelError
 
 R1, R2 = ("198.51.100.1", 3478), ("198.51.100.1", 3479)

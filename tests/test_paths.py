@@ -1,4 +1,4 @@
-"""Tests for quictun.paths: the NAT grid through natsim, selection rules, and attacks."""
+"""Tests for quictun.punch.manager: the NAT grid through natsim, selection rules, and attacks."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import random
 import pytest
 from natsim import NAT_TYPES, Host, Nat, NatType, Network, Peer, Sim, make_site
 
-from quictun import stun
-from quictun.paths import (
+from quictun.proto import stun
+from quictun.punch.manager import (
     MAX_CANDIDATES,
     MAX_PRFLX,
     MAX_TRANSACTIONS,
@@ -31,7 +31,7 @@ from quictun.paths import (
 
 # A symmetric NAT facing an address-and-port-dependent filter (port-restricted cone, or a
 # translation-less stateful firewall) cannot be punched naively: the filter never learns
-# the symmetric side's per-destination port. Birthday probing finds one (quictun.birthday).
+# the symmetric side's per-destination port. Birthday probing finds one (quictun.punch.birthday).
 BIRTHDAY = {("symmetric", "port-restricted-cone"), ("symmetric", "firewall")}
 HARD = {("symmetric", "symmetric")} | BIRTHDAY
 

@@ -15,9 +15,9 @@ import random
 
 import pytest
 
-from quictun import stun
-from quictun.birthday import decide_role, edm_ip
-from quictun.paths import (
+from quictun.proto import stun
+from quictun.punch.birthday import decide_role, edm_ip
+from quictun.punch.manager import (
     MAX_CANDIDATES,
     MAX_PRFLX,
     Addr,
@@ -25,7 +25,7 @@ from quictun.paths import (
     PathConfig,
     PathManager,
 )
-from quictun.probes import SeenRequests, TokenBucket, TransactionTable, Txn
+from quictun.punch.probes import SeenRequests, TokenBucket, TransactionTable, Txn
 
 KEY_L, KEY_R = b"local-key", b"remote-key"
 PEER: Addr = ("93.184.216.34", 4000)  # a global address

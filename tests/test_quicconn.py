@@ -8,15 +8,10 @@ from typing import Any
 
 import pytest
 
-from quictun import engines
-from quictun.engines import Engine
-from quictun.identity import Identity
-from quictun.quicconn import (
-    CONNECTION_WINDOW,
-    PEER_MAX_ACK_DELAY,
-    STREAM_WINDOW,
-    connection_class,
-)
+from quictun.proto.identity import Identity
+from quictun.quic import engines
+from quictun.quic.engines import Engine
+from quictun.quic.flow import CONNECTION_WINDOW, PEER_MAX_ACK_DELAY, STREAM_WINDOW, connection_class
 
 CLIENT, SERVER = ("1.2.3.4", 1), ("5.6.7.8", 2)
 

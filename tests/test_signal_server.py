@@ -22,8 +22,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from quictun import sigproto as sp
-from quictun import stun
+from quictun.proto import signalling as sp
+from quictun.proto import stun
 from signal_server.server import RelayConfig, RelayServer
 
 pytestmark = pytest.mark.timeout(60)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from helpers import PY, Proc, base_env
 
+from quictun.aio.relay import CA_ENV, SignalClient
 from quictun.errors import TunnelError
-from quictun.signal_client import CA_ENV, SignalClient
 
 REPO = Path(__file__).resolve().parent.parent
 QT = [PY, "-m", "quictun"]

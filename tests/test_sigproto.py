@@ -1,4 +1,4 @@
-"""Tests for quictun.sigproto: round trips of every message and every malformed case."""
+"""Tests for quictun.proto.signalling: round trips of every message and every malformed case."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from quictun import sigproto as sp
+from quictun.proto import signalling as sp
 
 OWNER = "ab" * 32
 

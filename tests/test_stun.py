@@ -1,4 +1,4 @@
-"""Tests for quictun.stun: RFC 5769 vectors, round trips, and every malformed case."""
+"""Tests for quictun.proto.stun: RFC 5769 vectors, round trips, and every malformed case."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from quictun import stun
+from quictun.proto import stun
 
 # RFC 5769 test vectors (public test data from the RFC).
 PASSWORD = b"VOkJxbRl1RmTxUk/WvJxBt"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from quictun import ticket as tk
+from quictun.proto import ticket as tk
 
 T = tk.Ticket(url="wss://relay.example.org/", name="laptop", secret="s3cret-Ü",
               fingerprint="ab" * 32)

@@ -106,16 +106,16 @@ RELAY_AFTER_WRAPPER = r"""
 import dataclasses, sys
 sys.path.insert(0, %(repo)r)
 relay_after = float(sys.argv.pop(1))
-import quictun.api, quictun.session
-from quictun.pathtypes import PathConfig
-_orig = quictun.session.new_path_manager
+import quictun.aio.client, quictun.aio.session
+from quictun.punch.types import PathConfig
+_orig = quictun.aio.session.new_path_manager
 def _patched(*args, config=None, **kw):
     config = dataclasses.replace(config or PathConfig(), relay_after=relay_after)
     print(f"measure-wrapper relay_after={config.relay_after}", file=sys.stderr, flush=True)
     return _orig(*args, config=config, **kw)
-quictun.session.new_path_manager = _patched
-quictun.api.new_path_manager = _patched
-from quictun.cli import main
+quictun.aio.session.new_path_manager = _patched
+quictun.aio.client.new_path_manager = _patched
+from quictun.cli.main import main
 sys.argv[0] = "quictun"
 sys.exit(main())
 """
@@ -186,8 +186,8 @@ def startup_baseline(runs: int = 3) -> float:
     times = []
     for _ in range(runs):
         t = time.monotonic()
-        subprocess.run([sys.executable, "-c", "import quictun.cli, quictun.api"], cwd=REPO,
-                       check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        subprocess.run([sys.executable, "-c", "import quictun.cli.main, quictun.aio.client"],
+                       cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         times.append(time.monotonic() - t)
     return statistics.median(times)
 
@@ -265,7 +265,7 @@ class Rig:
         self.quictun = workdir / "quictun"
         self.quictun.write_text(
             f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
-            "from quictun.cli import main\nsys.argv[0] = 'quictun'\nsys.exit(main())\n"
+            "from quictun.cli.main import main\nsys.argv[0] = 'quictun'\nsys.exit(main())\n"
         )
         self.quictun.chmod(0o755)
         self.wrapper = RELAY_AFTER_WRAPPER % {"repo": str(REPO)}
@@ -589,7 +589,7 @@ def render(results: dict[str, Any]) -> str:
         lines.append(f"| {c['title']} | {first} | {c.get('final_path')} | {ctr} "
                      f"| {_f(c.get('ttfb'), 2, ' s')} ({runs}) | {direct_at} | {mbps} |")
     out = ["### Paths, time to first byte, throughput", "", *lines, "",
-           f"Python start-up + `import quictun.cli, quictun.api` alone: "
+           f"Python start-up + `import quictun.cli.main, quictun.aio.client` alone: "
            f"{_f(results['meta'].get('startup_baseline'), 2, ' s')} (median of 3; part of "
            "every TTFB).", ""]
     notes = []

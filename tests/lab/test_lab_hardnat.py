@@ -1,7 +1,7 @@
 """Hard NAT cases in the network lab: birthday probing and the stale-conntrack trap.
 
 * symmetric (``masquerade random``) <-> port-restricted cone: the naive punch cannot
-  work (NOTES.md section 1); birthday probing (quictun.birthday: 256 extra sockets on the
+  work (NOTES.md section 1); birthday probing (quictun.punch.birthday: 256 extra sockets on the
   symmetric side, random-port probes from the cone side) must find a direct pair.
 * both routers *accept* unsolicited wan input: a peer's early probe leaves a stale
   conntrack entry that moves our mapping (the trap). Low-TTL first probes open our own NAT

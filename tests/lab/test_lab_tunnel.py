@@ -91,7 +91,7 @@ class Tunnel:
         self.quictun = bindir / "quictun"
         self.quictun.write_text(
             f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
-            "from quictun.cli import main\nsys.argv[0] = 'quictun'\nsys.exit(main())\n"
+            "from quictun.cli.main import main\nsys.argv[0] = 'quictun'\nsys.exit(main())\n"
         )
         self.quictun.chmod(0o755)
         self.serve_proc: LabProcess | None = None

@@ -17,8 +17,8 @@ import os
 import socket
 from collections.abc import Callable
 
-from . import stun
-from .paths import Candidate
+from ..proto import stun
+from ..punch.manager import Candidate
 
 log = logging.getLogger("quictun.endpoint")
 

@@ -6,7 +6,7 @@ key over both identities, its raw Ed25519 public key, and its signature over tha
 The server accepts no other stream before the proof checks out — data that arrives
 earlier is held (bounded) and nothing is connected to the forwarded port — so a peer
 that does not know the secret never reaches the target. Every other client stream is
-one forwarded connection (:class:`~quictun.forward.StreamBridge`); it starts with one
+one forwarded connection (:class:`~quictun.aio.bridge.StreamBridge`); it starts with one
 preamble byte (0x00) so that the server learns of it, and connects the target, before
 the local client has said anything.
 """
@@ -19,10 +19,10 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import auth
-from .forward import ERR_TARGET_UNREACHABLE, StreamBridge
-from .identity import Identity, fingerprint_of_raw, verify_signature
-from .quicconn import QuicEngine
+from ..proto import auth
+from ..proto.identity import Identity, fingerprint_of_raw, verify_signature
+from ..quic.flow import QuicEngine
+from .bridge import ERR_TARGET_UNREACHABLE, StreamBridge
 
 if TYPE_CHECKING:
     from aioquic.quic import events

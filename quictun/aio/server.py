@@ -3,8 +3,8 @@
 :class:`Server` keeps ``name`` registered (re-registering after the relay restarts or
 the network blips), checks each offer's MAC (a wrong secret is refused before anything
 else), refuses replayed offers, answers with our identity's fingerprint and fresh
-candidates, and runs one :class:`~quictun.session.PeerSession` per client. Used by
-:func:`quictun.api.serve`.
+candidates, and runs one :class:`~quictun.aio.session.PeerSession` per client. Used by
+:func:`quictun.aio.client.serve`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import auth, sigproto
-from .api import (
+from ..errors import TunnelError
+from ..proto import auth
+from ..proto import signalling as sigproto
+from ..proto.identity import Identity
+from ..punch.manager import Path, PathConfig
+from .client import (
     CONNECT_TIMEOUT,
     MAX_SESSIONS,
     NONCE_MEMORY,
@@ -28,12 +32,9 @@ from .api import (
     _quic_config,
     _regather,
 )
-from .errors import TunnelError
-from .identity import Identity
-from .paths import Path, PathConfig
+from .handlers import ServerHandler
+from .relay import RelayError, SignalClient
 from .session import PeerSession, describe, new_path_manager
-from .signal_client import RelayError, SignalClient
-from .tunnel import ServerHandler
 
 log = logging.getLogger("quictun")
 

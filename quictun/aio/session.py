@@ -1,7 +1,7 @@
 """One tunnel session: a punched UDP socket, a path manager, QUIC and the relay.
 
 :class:`PeerSession` is glue with no decisions of its own: it feeds the sans-I/O
-:class:`~quictun.paths.PathManager` (probes, timers) and the QUIC engine, and sends each
+:class:`~quictun.punch.manager.PathManager` (probes, timers) and the QUIC engine, and sends each
 QUIC datagram where ``PathManager.current`` says: straight to a peer address over the
 punched socket, or through the relay as a binary WebSocket frame. QUIC itself always
 sees the same virtual peer, so a path switch never disturbs the connection.
@@ -17,11 +17,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import engines
-from .endpoint import Addr, UdpEndpoint
-from .paths import Candidate, Path, PathChanged, PathConfig, PathManager, PunchFailed
-from .quicconn import VIRTUAL_PEER, EngineHandler, FlowControlledConnection, QuicEngine
-from .signal_client import SignalClient
+from ..punch.manager import Candidate, Path, PathChanged, PathConfig, PathManager, PunchFailed
+from ..quic import engines
+from ..quic.flow import VIRTUAL_PEER, EngineHandler, FlowControlledConnection, QuicEngine
+from .relay import SignalClient
+from .udp import Addr, UdpEndpoint
 
 log = logging.getLogger("quictun.session")
 
@@ -326,7 +326,7 @@ def new_path_manager(
     config: PathConfig | None = None,
 ) -> PathManager:
     """A PathManager wired to this host's networks and the OS random source."""
-    from .endpoint import local_networks
+    from .udp import local_networks
 
     if os.environ.get("QUICTUN_BIRTHDAY_ANY_ADDRESS") == "1":
         # the network lab's addresses are not global; never set outside a lab

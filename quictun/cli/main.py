@@ -151,7 +151,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _load_identity():  # type: ignore[no-untyped-def]
-    from . import identity
+    from ..proto import identity
 
     try:
         return identity.load_or_create()
@@ -161,7 +161,7 @@ def _load_identity():  # type: ignore[no-untyped-def]
 
 
 def _check_name(name: str) -> str:
-    from . import ticket as tk
+    from ..proto import ticket as tk
 
     try:
         return tk.check_name(name)
@@ -170,7 +170,7 @@ def _check_name(name: str) -> str:
 
 
 def _decode(text: str, where: str = ""):  # type: ignore[no-untyped-def]
-    from . import ticket as tk
+    from ..proto import ticket as tk
 
     try:
         return tk.decode(text)
@@ -180,8 +180,8 @@ def _decode(text: str, where: str = ""):  # type: ignore[no-untyped-def]
 
 def _check_signal(url: str) -> str:
     """``url`` if it is a well-formed relay URL, else a one-line UserError."""
-    from .errors import TunnelError
-    from .signal_client import parse_relay_url
+    from ..aio.relay import parse_relay_url
+    from ..errors import TunnelError
 
     try:
         parse_relay_url(url)
@@ -194,7 +194,7 @@ def _warn_if_local_relay(url: str) -> None:
     """A ticket naming a loopback or unspecified relay cannot work on another machine."""
     import ipaddress
 
-    from .signal_client import parse_relay_url
+    from ..aio.relay import parse_relay_url
 
     host = parse_relay_url(url)[1]
     try:
@@ -209,14 +209,14 @@ def _warn_if_local_relay(url: str) -> None:
 
 
 def _is_ticket(text: str) -> bool:
-    from . import ticket as tk
+    from ..proto import ticket as tk
 
     return text.startswith("qt") and tk.looks_like_ticket(text)
 
 
 def _store(t):  # type: ignore[no-untyped-def]
     """Store ticket ``t`` in the config dir; returns the path. One-line errors."""
-    from . import ticket as tk
+    from ..proto import ticket as tk
 
     try:
         return tk.store(t)
@@ -228,7 +228,7 @@ def _store(t):  # type: ignore[no-untyped-def]
 
 
 def _load_stored(name: str):  # type: ignore[no-untyped-def]
-    from . import ticket as tk
+    from ..proto import ticket as tk
 
     try:
         return tk.load_stored(name)
@@ -242,7 +242,7 @@ def _load_stored(name: str):  # type: ignore[no-untyped-def]
 def _run(coro) -> None:  # type: ignore[no-untyped-def]
     import asyncio
 
-    from .errors import TunnelError
+    from ..errors import TunnelError
 
     try:
         asyncio.run(coro)
@@ -278,7 +278,8 @@ def serve(name: str, forward: str, signal: str, secret_file: Path | None,
       QUICTUN_SIGNAL_CA  CA file to trust for a wss:// relay (e.g. certs/relay.crt)
       QUICTUN_ENGINE     QUIC engine: aioquic (default), qh3, auto
     """
-    from . import api, identity, ticket
+    from ..aio import client as api
+    from ..proto import identity, ticket
 
     _check_name(name)
     _check_signal(signal)
@@ -493,7 +494,7 @@ def demo(forward: str, port: int) -> None:
     """
     import logging
 
-    from . import api
+    from ..aio import client as api
     from .demo import run_demo
 
     if not (click.get_current_context().find_root().obj or {}).get("verbose"):
@@ -537,7 +538,7 @@ def netcheck(signal: str, token: str | None, as_json: bool) -> None:
 
     import asyncio
 
-    from .errors import TunnelError
+    from ..errors import TunnelError
 
     try:
         rep = asyncio.run(go())
@@ -586,7 +587,7 @@ def ssh_config(name: str, signal: str) -> None:
       QUICTUN_SIGNAL     (see the option)
       QUICTUN_HOME       where the ticket for NAME is looked up (default ~/.config/quictun)
     """
-    from . import ticket as tk
+    from ..proto import ticket as tk
 
     prog = _prog()
     if _is_ticket(name):

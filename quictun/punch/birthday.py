@@ -28,7 +28,7 @@ Therefore:
   so the spray cannot be aimed at the internal network behind either peer (a lab whose
   addresses are not global opts in with ``PathConfig.birthday_any_address``);
 * the easy side probes random ports of *one* IP, the hard side at most two addresses;
-* one attempt per :class:`~quictun.paths.PathManager` (one peer connection), at most
+* one attempt per :class:`~quictun.punch.manager.PathManager` (one peer connection), at most
   ``birthday_rate`` probes per second (all sockets together) for ``birthday_duration``
   seconds: at most 1500 small signed STUN requests with the defaults, stopped at the
   first validated path.
@@ -40,7 +40,7 @@ Role decision (:func:`decide_role`), from the signalled candidates:
 
 * the peer is EDM when it signalled two reflexive IPv4 candidates on one IP with
   different ports (its two reflectors saw two ports); we are EDM likewise when the shell
-  told us our own candidates (:meth:`~quictun.paths.PathManager.set_local_candidates`);
+  told us our own candidates (:meth:`~quictun.punch.manager.PathManager.set_local_candidates`);
 * peer EDM and we not known EDM -> ``easy`` (probe random ports of the peer's IP);
 * peer not EDM, we not known EIM, the shell can open extra sockets, and the peer has a
   public IPv4 candidate -> ``hard`` (open the slots, probe the peer's address from each).
@@ -55,7 +55,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable
 
-from .pathtypes import Addr, Candidate, PathConfig
+from .types import Addr, Candidate, PathConfig
 
 __all__ = ["Birthday", "allowed_target", "decide_role", "edm_ip"]
 

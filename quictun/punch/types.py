@@ -1,6 +1,6 @@
 """Public data types of the path manager: candidates, paths, events and timing knobs.
 
-Kept apart from :mod:`quictun.paths` (which re-exports everything here) so that the state
+Kept apart from :mod:`quictun.punch.manager` (which re-exports everything here) so that the state
 machine module stays small. Pure data: no I/O, no clock.
 """
 
@@ -140,7 +140,7 @@ class Path:
     """0 LAN/loopback/link-local, 1 IPv6, 2 routed host IPv4, 3 reflexive, 9 relay."""
     slot: int = 0
     """Which of our sockets the path uses: 0 the main one, k > 0 the shell's birthday
-    socket k (see :meth:`quictun.paths.PathManager.datagrams_to_send_slots`)."""
+    socket k (see :meth:`quictun.punch.manager.PathManager.datagrams_to_send_slots`)."""
 
 
 RELAY_PATH = Path(kind="relay", remote=None, local=None, rtt=None, rank=RANK_RELAY)

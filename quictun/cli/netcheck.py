@@ -108,9 +108,9 @@ async def probe(url: str, *, token: str | None = None, timeout: float = 1.5,
                 pings: int = 3) -> Observations:
     """Ask the relay at ``url``. Raises :class:`~quictun.errors.TunnelError` (one line)
     when the relay cannot be reached."""
-    from . import sigproto
-    from .endpoint import UdpEndpoint, resolve
-    from .signal_client import SignalClient
+    from ..aio.relay import SignalClient
+    from ..aio.udp import UdpEndpoint, resolve
+    from ..proto import signalling as sigproto
 
     sc = SignalClient(url, token=token)
     welcome = await sc.open()

@@ -33,7 +33,7 @@ patch = json.loads(os.environ.get("QUICTUN_BENCH_PATCH") or "{}")
 if patch.get("uvloop"):
     import asyncio, uvloop
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-import quictun.api as api, quictun.quicconn as qc, quictun.forward as fw
+import quictun.aio.client as api, quictun.quic.flow as qc, quictun.aio.bridge as fw
 if "datagram" in patch:
     api.MAX_DATAGRAM = int(patch["datagram"])
 if "window_mb" in patch:
@@ -52,7 +52,7 @@ if "cc" in patch:
         cfg.congestion_control_algorithm = patch["cc"]
         return cfg
     api._quic_config = _cfg
-from quictun.cli import main
+from quictun.cli.main import main
 prof_path = os.environ.get("QUICTUN_BENCH_PROFILE")
 if prof_path:
     import cProfile

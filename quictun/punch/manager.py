@@ -19,7 +19,7 @@ with ``local_key`` are answered; one from an unknown source adds a ``prflx`` can
 (peer-reflexive: how a symmetric NAT's per-destination port is learned) and starts a
 *triggered check* (an immediate probe plus a one-second burst).
 
-Replays (:class:`quictun.probes.SeenRequests`): a request id seen again from the same
+Replays (:class:`quictun.punch.probes.SeenRequests`): a request id seen again from the same
 source and socket is a retransmission (answered, nothing else); from anywhere else it is
 a replay by an on-path observer (dropped unanswered). New prflx candidates and triggered
 checks are also rate-limited (``PRFLX_RATE``, ``TRIGGER_RATE`` per second), so no
@@ -27,7 +27,7 @@ request can make us probe arbitrary addresses fast or evict the real prflx candi
 
 Every candidate has one probe timer (``next_probe``), scheduled by its role: heartbeat
 when selected, fast then slow during a burst, rarely as a validated alternate, else idle
-(:class:`quictun.probes.Cand`).
+(:class:`quictun.punch.probes.Cand`).
 
 Selection (see :meth:`PathManager._target`): the best validated candidate is the lowest
 ``(rank, rtt at validation)``. Relay or pathless -> upgrade to it as soon as one exists.
@@ -52,9 +52,22 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from . import stun
+from ..proto import stun
 from .birthday import Birthday, decide_role
-from .pathtypes import (
+from .probes import (
+    ALTERNATE_FACTOR,
+    MAX_TRANSACTIONS,
+    REPEAT,
+    REPLAY,
+    REPLAY_WINDOW,
+    TRANSACTION_LIFETIME,
+    Cand,
+    SeenRequests,
+    TokenBucket,
+    TransactionTable,
+    Txn,
+)
+from .types import (
     KIND_PREFERENCE,
     RANK_HOST_IPV4,
     RANK_IPV6,
@@ -71,19 +84,6 @@ from .pathtypes import (
     PunchFailed,
     normalize_addr,
     rank_of,
-)
-from .probes import (
-    ALTERNATE_FACTOR,
-    MAX_TRANSACTIONS,
-    REPEAT,
-    REPLAY,
-    REPLAY_WINDOW,
-    TRANSACTION_LIFETIME,
-    Cand,
-    SeenRequests,
-    TokenBucket,
-    TransactionTable,
-    Txn,
 )
 
 __all__ = [
@@ -500,7 +500,7 @@ class PathManager:
                 self._send_probe(c, now)
 
     def _birthday(self, now: float) -> None:
-        """Start the birthday attempt when due (see :mod:`quictun.birthday`), send its probes.
+        """Start the birthday attempt when due (see :mod:`quictun.punch.birthday`), send its probes.
 
         At most one attempt per manager (``_bday_decided`` is never reset), so at most
         ``birthday_rate * birthday_duration`` birthday probes in its lifetime.

@@ -1,4 +1,4 @@
-"""Bookkeeping for the path manager's probes (sans-I/O, used by :mod:`quictun.paths`).
+"""Bookkeeping for the path manager's probes (sans-I/O, used by :mod:`quictun.punch.manager`).
 
 Nothing here touches a socket or a clock (the caller passes ``now``).
 
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .pathtypes import Addr, Path, PathConfig
+from .types import Addr, Path, PathConfig
 
 __all__ = [
     "ALTERNATE_FACTOR",
@@ -81,7 +81,7 @@ class Cand:
     probes: int = 0
 
     def path(self) -> Path:
-        """This candidate as a direct :class:`~quictun.pathtypes.Path`."""
+        """This candidate as a direct :class:`~quictun.punch.types.Path`."""
         return Path("direct", self.addr, self.local, self.rtt, self.rank, self.slot)
 
     def burst(self, now: float, until: float, *, fast: bool) -> None:
@@ -176,7 +176,7 @@ class SeenRequests:
     Only requests whose signature was verified may be recorded (an attacker without the
     key cannot fill the table). The window is longer than TRANSACTION_LIFETIME so that a
     recorded probe cannot be re-armed every few seconds; past it (or after eviction from
-    a full table), the rate limits in :mod:`quictun.paths` bound what a replay can do.
+    a full table), the rate limits in :mod:`quictun.punch.manager` bound what a replay can do.
     """
 
     def __init__(self) -> None:

@@ -9,10 +9,10 @@ import stat
 import sys
 from collections.abc import Awaitable, Callable
 
-from .api import Tunnel, open_tunnel, parse_hostport
-from .errors import TunnelError
-from .forward import WriteSide
-from .identity import Identity
+from ..aio.bridge import WriteSide
+from ..aio.client import Tunnel, open_tunnel, parse_hostport
+from ..errors import TunnelError
+from ..proto.identity import Identity
 from .status import log_stats_every, stats_line
 
 log = logging.getLogger("quictun")

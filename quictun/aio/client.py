@@ -34,15 +34,17 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import auth, engines, sigproto
-from .endpoint import UdpEndpoint, gather, resolve
-from .errors import AuthError, TunnelError, printable
-from .identity import Identity, load_or_create
-from .paths import Candidate, Path, PathConfig
-from .quicconn import CONNECTION_WINDOW, STREAM_WINDOW
+from ..errors import AuthError, TunnelError, printable
+from ..proto import auth
+from ..proto import signalling as sigproto
+from ..proto.identity import Identity, load_or_create
+from ..punch.manager import Candidate, Path, PathConfig
+from ..quic import engines
+from ..quic.flow import CONNECTION_WINDOW, STREAM_WINDOW
+from .handlers import ClientHandler
+from .relay import RelayError, SignalClient
 from .session import PeerSession, describe, new_path_manager
-from .signal_client import RelayError, SignalClient
-from .tunnel import ClientHandler
+from .udp import UdpEndpoint, gather, resolve
 
 log = logging.getLogger("quictun")
 
@@ -401,7 +403,7 @@ async def serve(
         raise TunnelError(f"--forward: {exc}") from None
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
-    from .serving import Server
+    from .server import Server
 
     server = Server(name, target, signal=signal, secret=secret, mode=mode, token=token,
                     identity=identity or load_or_create(), on_event=on_event,

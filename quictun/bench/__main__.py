@@ -38,16 +38,7 @@ from typing import Any
 
 import click
 
-from .benchrig import (
-    PY,
-    Proc,
-    Rig,
-    cpu_seconds,
-    mbps,
-    ping_pong,
-    push_and_verify,
-    status_kib,
-)
+from .rig import PY, Proc, Rig, cpu_seconds, mbps, ping_pong, push_and_verify, status_kib
 
 
 # --------------------------------------------------------------------------- 1. engine
@@ -89,11 +80,11 @@ def engine_ceiling(kind: str, nbytes: int, certs: tuple[str, str],
         from aioquic.quic.connection import QuicConnection as Conn  # type: ignore[assignment]
 
         if kind == "flowcontrolled":
-            from quictun import engines
-            from quictun.quicconn import connection_class
+            from ..quic import engines
+            from ..quic.flow import connection_class
 
             Conn = connection_class(engines.get("aioquic"))  # type: ignore[misc]
-    from quictun.quicconn import CONNECTION_WINDOW, STREAM_WINDOW
+    from ..quic.flow import CONNECTION_WINDOW, STREAM_WINDOW
 
     ccfg = Cfg(is_client=True, alpn_protocols=["bench"], max_datagram_size=datagram,
                max_stream_data=STREAM_WINDOW, max_data=CONNECTION_WINDOW)

@@ -1,6 +1,6 @@
 """Client side of the signalling relay: one WebSocket, messages and relayed packets.
 
-Thin asyncio shell around :mod:`quictun.sigproto`. Messages a caller waits for
+Thin asyncio shell around :mod:`quictun.proto.signalling`. Messages a caller waits for
 (:meth:`SignalClient.request`) are matched by predicate; all others, and relayed QUIC
 packets, go to callbacks. Relayed packets are sent through a bounded queue and dropped
 when it is full: they are datagrams, QUIC recovers.
@@ -15,8 +15,9 @@ import ssl
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from . import __version__, sigproto
-from .errors import TunnelError, printable
+from .. import __version__
+from ..errors import TunnelError, printable
+from ..proto import signalling as sigproto
 
 log = logging.getLogger("quictun.signal")
 

@@ -6,7 +6,7 @@
 
 Everything QUIC-specific the rest of quictun needs goes through an :class:`Engine`:
 the connection base class, the configuration class, the events module, the long-header
-parser, building a configuration from our :class:`~quictun.identity.Identity` and the
+parser, building a configuration from our :class:`~quictun.proto.identity.Identity` and the
 peer's identity fingerprint after the handshake.
 
 The two engines differ where it matters to us:
@@ -34,7 +34,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from .identity import Identity, certificate_fingerprint
+from ..proto.identity import Identity, certificate_fingerprint
 
 ENV = "QUICTUN_ENGINE"
 NAMES = ("aioquic", "qh3")

@@ -259,7 +259,7 @@ class _GatedCore:
 @cache
 def connection_class(engine: Engine | None = None) -> type[Any]:
     """The :class:`FlowControlledConnection` class for ``engine`` (default: the
-    process's engine, :func:`quictun.engines.current`)."""
+    process's engine, :func:`quictun.quic.engines.current`)."""
     engine = engine or engines.current()
     mixin = _NativeFlowControl if engine.native_core else _AioquicFlowControl
     return type(  # type: ignore[return-value]

@@ -15,7 +15,7 @@ import os
 import socket
 from collections.abc import Callable
 
-from .errors import TunnelError
+from ..errors import TunnelError
 
 log = logging.getLogger("quictun")
 
@@ -93,7 +93,8 @@ async def run_demo(forward: str = "127.0.0.1:22", *, port: int = 8765,
     """Run the relay and the server until cancelled. Raises TunnelError (one line)."""
     from signal_server.server import RelayConfig, RelayServer
 
-    from . import api, identity, ticket
+    from ..aio import client as api
+    from ..proto import identity, ticket
 
     try:
         target = api.parse_hostport(forward)

@@ -62,8 +62,8 @@ def decode(text: str) -> Ticket:
         raise TicketError("this ticket is damaged (copy it again, whole)") from None
     if not all(isinstance(v, str) for v in (t.url, t.name, t.secret, t.fingerprint)):
         raise TicketError("this ticket is damaged (copy it again, whole)")
-    from .errors import TunnelError
-    from .signal_client import parse_relay_url
+    from ..aio.relay import parse_relay_url
+    from ..errors import TunnelError
 
     try:
         parse_relay_url(t.url)
@@ -79,9 +79,9 @@ class InvalidName(ValueError):
 def check_name(name: str) -> str:
     """Return ``name`` if it is a valid tunnel name, else raise :class:`InvalidName`.
 
-    Valid: :func:`quictun.sigproto.valid_name` and not only dots (``.`` and ``..`` would
+    Valid: :func:`quictun.proto.signalling.valid_name` and not only dots (``.`` and ``..`` would
     name directories, not files, under the config dir)."""
-    from .sigproto import valid_name
+    from .signalling import valid_name
 
     if not valid_name(name) or not name.strip("."):
         raise InvalidName(f"{name!r} is not a valid name (1-64 of A-Z a-z 0-9 . _ -, "

@@ -18,7 +18,7 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .quicconn import QuicEngine
+    from ..quic.flow import QuicEngine
 
 log = logging.getLogger("quictun.forward")
 

@@ -1,0 +1,1 @@
+"""The asyncio binding: sockets, the relay client, sessions, client and server."""

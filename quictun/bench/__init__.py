@@ -1,0 +1,1 @@
+"""The benchmark (``python -m quictun.bench``); not in the wheel."""
