@@ -31,11 +31,12 @@ from websockets.http11 import Request, Response
 
 from quictun.proto import signalling as sp
 from quictun.proto import stun
+from quictun.proto.addr import format_addr, unmap
 
 from .matchmaker import CLOSE_POLICY, Disconnect, Matchmaker, MatchmakerConfig, Send
 from .registry import Registry
 
-__all__ = ["RelayConfig", "RelayServer", "run_relay", "format_addr"]
+__all__ = ["RelayConfig", "RelayServer", "run_relay"]
 
 logger = logging.getLogger("quictun.signal")
 ws_logger = logging.getLogger("quictun.signal.websockets")
@@ -71,13 +72,6 @@ class RelayConfig:
     ping_interval: float | None = 20.0
     ping_timeout: float | None = 20.0
     registry: Registry | None = field(default=None, repr=False)
-
-
-def format_addr(ip: str, port: int) -> str:
-    """``ip:port`` for IPv4 (IPv4-mapped IPv6 is shown as IPv4), ``[ip]:port`` for IPv6."""
-    if ip.startswith("::ffff:") and "." in ip:
-        ip = ip[7:]
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 class _StunResponder(asyncio.DatagramProtocol):
@@ -312,9 +306,7 @@ class RelayServer:
             ip, port = str(addr[0]), int(addr[1])
         except (TypeError, IndexError, OSError):
             return "?", 0
-        if ip.startswith("::ffff:") and "." in ip:
-            ip = ip[7:]
-        return ip, port
+        return unmap(ip), port
 
     async def _handler(self, ws: ServerConnection) -> None:
         assert self._mm is not None and self._loop is not None

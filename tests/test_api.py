@@ -264,7 +264,7 @@ async def test_replayed_offer_gets_no_session(tmp_path, monkeypatch) -> None:  #
     ("example.org:8080", ("example.org", 8080)),
 ])
 def test_parse_hostport(text: str, want: tuple[str, int]) -> None:
-    from quictun.aio.client import parse_hostport
+    from quictun.proto.addr import parse_hostport
 
     assert parse_hostport(text) == want
 
@@ -272,7 +272,7 @@ def test_parse_hostport(text: str, want: tuple[str, int]) -> None:
 @pytest.mark.parametrize("text", ["::1", "::1:22", "[::1]", "[]:22", "[::1:22", "x:y",
                                   "host:0", "host:65536"])
 def test_parse_hostport_refuses(text: str) -> None:
-    from quictun.aio.client import parse_hostport
+    from quictun.proto.addr import parse_hostport
 
     with pytest.raises(ValueError):
         parse_hostport(text)

@@ -37,6 +37,7 @@ from typing import Any
 from ..errors import AuthError, TunnelError, printable
 from ..proto import auth
 from ..proto import signalling as sigproto
+from ..proto.addr import parse_hostport
 from ..proto.identity import Identity, load_or_create
 from ..punch.manager import Candidate, Path, PathConfig
 from ..quic import engines
@@ -58,30 +59,6 @@ NONCE_MEMORY = 600.0  # s a client nonce is remembered (replayed offers are refu
 STUN_WAIT = 0.5  # how long gathering waits for the relay's reflectors before the offer
 
 StatusCallback = Callable[[str], None]
-
-
-def parse_hostport(
-    text: str, default_host: str = "127.0.0.1", *, allow_zero: bool = False
-) -> tuple[str, int]:
-    """Parse ``HOST:PORT``, ``[V6]:PORT`` or ``PORT``. Raises ValueError with a clear text
-    (also for an IPv6 address without brackets, which would be ambiguous)."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = default_host, text
-    if host.startswith("["):
-        if not host.endswith("]") or len(host) < 3:
-            raise ValueError(f"{text!r} is not HOST:PORT or [IPV6]:PORT")
-        host = host[1:-1]
-    elif ":" in host or "]" in host:
-        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:22")
-    host = host or default_host
-    try:
-        p = int(port)
-    except ValueError:
-        raise ValueError(f"{text!r} is not HOST:PORT") from None
-    if not (0 if allow_zero else 1) <= p < 65536:
-        raise ValueError(f"port {p} out of range in {text!r}")
-    return host, p
 
 
 def _quic_config(is_client: bool, identity: Identity) -> Any:

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..proto.addr import format_addr
 from ..punch.manager import Candidate, Path, PathChanged, PathConfig, PathManager, PunchFailed
 from ..quic import engines
 from ..quic.flow import VIRTUAL_PEER, EngineHandler, FlowControlledConnection, QuicEngine
@@ -40,14 +41,9 @@ def describe(path: Path | None) -> str:
     rtt = f"{path.rtt * 1000:.1f}ms" if path.rtt is not None else "-"
     if path.kind == "relay":
         return f"path=relay rtt={rtt}"
-    local = _fmt(path.local) if path.local else "-"
-    return f"path=direct local={local} remote={_fmt(path.remote)} rtt={rtt}"
-
-
-def _fmt(addr: Addr | None) -> str:
-    if addr is None:
-        return "-"
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+    local = format_addr(*path.local) if path.local else "-"
+    remote = format_addr(*path.remote) if path.remote else "-"
+    return f"path=direct local={local} remote={remote} rtt={rtt}"
 
 
 class PeerSession:

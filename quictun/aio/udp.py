@@ -18,18 +18,13 @@ import socket
 from collections.abc import Callable
 
 from ..proto import stun
+from ..proto.addr import Addr, unmap
 from ..punch.manager import Candidate
 
 log = logging.getLogger("quictun.endpoint")
 
-Addr = tuple[str, int]
-
-
 def _plain(addr: tuple) -> Addr:
-    host = addr[0]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return host, addr[1]
+    return unmap(addr[0]), addr[1]
 
 
 class UdpEndpoint:

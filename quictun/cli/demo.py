@@ -95,9 +95,10 @@ async def run_demo(forward: str = "127.0.0.1:22", *, port: int = 8765,
 
     from ..aio import client as api
     from ..proto import identity, ticket
+    from ..proto.addr import parse_hostport
 
     try:
-        target = api.parse_hostport(forward)
+        target = parse_hostport(forward)
     except ValueError as exc:
         raise TunnelError(f"--forward: {exc}") from None
     try:

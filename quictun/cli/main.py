@@ -280,6 +280,7 @@ def serve(name: str, forward: str, signal: str, secret_file: Path | None,
     """
     from ..aio import client as api
     from ..proto import identity, ticket
+    from ..proto.addr import parse_hostport
 
     _check_name(name)
     _check_signal(signal)
@@ -287,7 +288,7 @@ def serve(name: str, forward: str, signal: str, secret_file: Path | None,
     secret = _secret(secret_file, secret_arg)
     ident = _load_identity()
     try:
-        api.parse_hostport(forward)
+        parse_hostport(forward)
     except ValueError as exc:
         raise UserError(f"--forward: {exc}") from None
     on_registered = None
@@ -494,13 +495,13 @@ def demo(forward: str, port: int) -> None:
     """
     import logging
 
-    from ..aio import client as api
+    from ..proto.addr import parse_hostport
     from .demo import run_demo
 
     if not (click.get_current_context().find_root().obj or {}).get("verbose"):
         logging.getLogger("quictun.signal").setLevel(logging.WARNING)  # the embedded relay
     try:
-        api.parse_hostport(forward)
+        parse_hostport(forward)
     except ValueError as exc:
         raise UserError(f"--forward: {exc}") from None
     _run(run_demo(forward, port=port, echo=lambda text: click.echo(text, err=False),

@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-Addr = tuple[str, int]
+from ..proto.addr import Addr, format_addr
 
 VERDICT_DIRECT = "direct connections should work"
 VERDICT_SYMMETRIC = ("your NAT is symmetric: peers behind ordinary NATs or firewalls are "
@@ -69,10 +69,6 @@ class Report:
         return "\n".join(lines)
 
 
-def _fmt(addr: Addr) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
-
-
 def _mapping(results: list[tuple[Addr, Addr | None]]) -> str | None:
     """endpoint-independent / endpoint-dependent from answers by different reflectors."""
     answers = {server: mapped for server, mapped in results if mapped is not None}
@@ -86,7 +82,7 @@ def report(obs: Observations) -> Report:
     v4 = [m for _s, m in obs.stun4 if m is not None]
     v6 = [m for _s, m in obs.stun6 if m is not None]
     udp = bool(v4 or v6)
-    public = _fmt(v4[0]) if v4 else _fmt(v6[0]) if v6 else None
+    public = format_addr(*v4[0]) if v4 else format_addr(*v6[0]) if v6 else None
     # IPv4 decides the NAT type when it works (IPv6 is rarely NATed)
     mapping = _mapping(obs.stun4) if v4 else _mapping(obs.stun6)
     if not udp:

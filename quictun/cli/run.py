@@ -10,8 +10,9 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from ..aio.bridge import WriteSide
-from ..aio.client import Tunnel, open_tunnel, parse_hostport
+from ..aio.client import Tunnel, open_tunnel
 from ..errors import TunnelError
+from ..proto.addr import parse_hostport
 from ..proto.identity import Identity
 from .status import log_stats_every, stats_line
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+
+from ..proto.addr import Addr, normalize_addr
 
 __all__ = [
     "Addr",
@@ -30,7 +31,6 @@ __all__ = [
     "RANK_RELAY",
 ]
 
-Addr = tuple[str, int]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 RANK_LAN = 0
@@ -43,26 +43,6 @@ CANDIDATE_KINDS = ("host", "srflx", "prflx")
 KIND_PREFERENCE = {"host": 0, "srflx": 1, "prflx": 2}
 """Lower is better when one address is signalled as several kinds."""
 _MAX_CANDIDATE_TEXT = 128
-
-
-def normalize_addr(addr: Sequence[Any]) -> Addr:
-    """Return ``(ip, port)`` in canonical form.
-
-    Accepts socket address tuples of any length (IPv6 ones carry flowinfo and scope id);
-    unmaps IPv4-mapped IPv6 (``::ffff:192.0.2.1`` -> ``192.0.2.1``) and compresses IPv6.
-
-    Raises:
-        ValueError: not an IP address, or the port is not in 1..65535.
-    """
-    host, port = addr[0], addr[1]
-    if not isinstance(host, str) or isinstance(port, bool) or not isinstance(port, int):
-        raise ValueError(f"bad address: {addr!r}")
-    ip = ipaddress.ip_address(host)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if not 0 < port <= 0xFFFF:
-        raise ValueError(f"port out of range: {port}")
-    return (str(ip), port)
 
 
 def rank_of(addr: Addr, kind: str, local_networks: Sequence[IPNetwork]) -> int:
