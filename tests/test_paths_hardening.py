@@ -16,6 +16,7 @@ import random
 import pytest
 
 from quictun.proto import stun
+from quictun.proto.limits import ReplayWindow, TokenBucket
 from quictun.punch.birthday import decide_role, edm_ip
 from quictun.punch.manager import (
     MAX_CANDIDATES,
@@ -25,7 +26,7 @@ from quictun.punch.manager import (
     PathConfig,
     PathManager,
 )
-from quictun.punch.probes import SeenRequests, TokenBucket, TransactionTable, Txn
+from quictun.punch.probes import TransactionTable, Txn, seen_requests
 
 KEY_L, KEY_R = b"local-key", b"remote-key"
 PEER: Addr = ("93.184.216.34", 4000)  # a global address
@@ -149,16 +150,26 @@ def test_prflx_learning_and_triggered_checks_are_rate_limited() -> None:
 
 
 def test_seen_requests_table_is_bounded_and_expires() -> None:
-    seen = SeenRequests()
+    seen = seen_requests()
     a, b = ("192.0.2.1", 1), ("192.0.2.2", 2)
-    assert seen.check(b"x" * 12, a, 0, 0.0) == "new"
-    assert seen.check(b"x" * 12, a, 0, 1.0) == "repeat"
-    assert seen.check(b"x" * 12, a, 3, 1.0) == "replay"  # another socket
-    assert seen.check(b"x" * 12, b, 0, 1.0) == "replay"
-    assert seen.check(b"x" * 12, b, 0, 31.0) == "new"  # past the window
+    assert seen.check(b"x" * 12, 0.0, (a, 0)) == "new"
+    assert seen.check(b"x" * 12, 1.0, (a, 0)) == "repeat"
+    assert seen.check(b"x" * 12, 1.0, (a, 3)) == "replay"  # another socket
+    assert seen.check(b"x" * 12, 1.0, (b, 0)) == "replay"
+    assert seen.check(b"x" * 12, 31.0, (b, 0)) == "new"  # past the window
     for i in range(5000):
-        seen.check(i.to_bytes(12, "big"), a, 0, 32.0)
+        seen.check(i.to_bytes(12, "big"), 32.0, (a, 0))
     assert len(seen) <= 1024
+
+
+def test_replay_window_can_fail_closed() -> None:
+    """A full window that must not forget (offer nonces) refuses new keys until old ones
+    expire."""
+    w = ReplayWindow(10.0, 2, evict_when_full=False)
+    assert w.check("a", 0.0) == "new" and w.check("b", 0.0) == "new"
+    assert w.check("c", 1.0) == "replay"  # full: refused, not remembered
+    assert w.check("a", 1.0) == "repeat"  # no origin: the same key is never new again
+    assert w.check("c", 10.0) == "new"  # a and b expired
 
 
 def test_token_bucket() -> None:
@@ -169,6 +180,9 @@ def test_token_bucket() -> None:
     assert sum(bucket.take(100.0) for _ in range(10)) == 4  # capped at the burst
     with pytest.raises(ValueError):
         TokenBucket(0.0, 1)
+    big = TokenBucket(100.0, 1000)
+    assert big.take(0.0, 600) and not big.take(0.0, 600)  # all or nothing
+    assert big.take(2.0, 600)
 
 
 def test_transaction_table_matches_address_and_slot() -> None:

@@ -21,6 +21,7 @@ from ..errors import TunnelError
 from ..proto import auth
 from ..proto import signalling as sigproto
 from ..proto.identity import Identity
+from ..proto.limits import ReplayWindow, Sighting
 from ..punch.manager import Path, PathConfig
 from .client import (
     CONNECT_TIMEOUT,
@@ -68,7 +69,8 @@ class Server:
         self.path_config = path_config
         self.sessions: dict[int, _ServedSession] = {}
         self._accepting: set[int] = set()
-        self._nonces: dict[str, float] = {}  # client nonce -> forget after (monotonic)
+        # client nonces of authenticated offers; full, it refuses rather than forgets
+        self._nonces = ReplayWindow(NONCE_MEMORY, 65536, evict_when_full=False)
         self.signal: SignalClient | None = None
         self.registered = asyncio.Event()
 
@@ -177,13 +179,7 @@ class Server:
     def _fresh_nonce(self, nonce: str) -> bool:
         """False for a client nonce seen recently: a replayed offer (the relay or an
         eavesdropper resending one) gets no session, no sockets, no punching."""
-        now = time.monotonic()
-        if len(self._nonces) > 4096 or (self._nonces and next(iter(self._nonces.values())) < now):
-            self._nonces = {n: t for n, t in self._nonces.items() if t > now}
-        if nonce in self._nonces or len(self._nonces) > 65536:
-            return False
-        self._nonces[nonce] = now + NONCE_MEMORY
-        return True
+        return self._nonces.check(nonce, time.monotonic()) is Sighting.NEW
 
     async def _accept_offer(self, inc: sigproto.Incoming) -> None:
         sc = self.signal

@@ -19,7 +19,7 @@ with ``local_key`` are answered; one from an unknown source adds a ``prflx`` can
 (peer-reflexive: how a symmetric NAT's per-destination port is learned) and starts a
 *triggered check* (an immediate probe plus a one-second burst).
 
-Replays (:class:`quictun.punch.probes.SeenRequests`): a request id seen again from the same
+Replays (:func:`quictun.punch.probes.seen_requests`): a request id seen again from the same
 source and socket is a retransmission (answered, nothing else); from anywhere else it is
 a replay by an on-path observer (dropped unanswered). New prflx candidates and triggered
 checks are also rate-limited (``PRFLX_RATE``, ``TRIGGER_RATE`` per second), so no
@@ -53,19 +53,17 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..proto import stun
+from ..proto.limits import Sighting, TokenBucket
 from .birthday import Birthday, decide_role
 from .probes import (
     ALTERNATE_FACTOR,
     MAX_TRANSACTIONS,
-    REPEAT,
-    REPLAY,
     REPLAY_WINDOW,
     TRANSACTION_LIFETIME,
     Cand,
-    SeenRequests,
-    TokenBucket,
     TransactionTable,
     Txn,
+    seen_requests,
 )
 from .types import (
     KIND_PREFERENCE,
@@ -149,7 +147,7 @@ class PathManager:
         self._cands: dict[Addr, Cand] = {}
         self._seq = itertools.count(1)
         self._txns = TransactionTable()
-        self._seen = SeenRequests()
+        self._seen = seen_requests()
         self._prflx_bucket = TokenBucket(PRFLX_RATE, PRFLX_BURST)
         self._trigger_bucket = TokenBucket(TRIGGER_RATE, TRIGGER_BURST)
         self._out: list[Datagram] = []
@@ -401,8 +399,8 @@ class PathManager:
         if not stun.verify_integrity(data, self._local_key):
             self._stats["invalid_dropped"] += 1
             return
-        seen = self._seen.check(msg.txid, src, slot, now)
-        if seen == REPLAY:
+        seen = self._seen.check(msg.txid, now, origin=(src, slot))
+        if seen is Sighting.REPLAY:
             self._stats["invalid_dropped"] += 1
             self._stats["replays_dropped"] += 1
             return
@@ -410,7 +408,7 @@ class PathManager:
         answer = stun.binding_success(msg.txid, src, key=self._local_key)
         self._out.append((answer, src, None, slot))
         self._stats["responses_sent"] += 1
-        if seen == REPEAT:
+        if seen is Sighting.REPEAT:
             self._stats["retransmissions"] += 1
             return
         c = self._cands.get(src)

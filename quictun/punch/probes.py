@@ -1,4 +1,4 @@
-"""Bookkeeping for the path manager's probes (sans-I/O, used by :mod:`quictun.punch.manager`).
+r"""Bookkeeping for the path manager's probes (sans-I/O, used by :mod:`quictun.punch.manager`).
 
 Nothing here touches a socket or a clock (the caller passes ``now``).
 
@@ -12,25 +12,28 @@ its interval (:meth:`Cand.interval`) depends on its role:
 * other validated candidates: ``5 * heartbeat`` (keeps alternates known and mapped);
 * otherwise idle.
 
-Three small bounded tables:
+Two small bounded tables:
 
 * :class:`TransactionTable`: the probes we sent and whose signed answer we still accept
   (one :class:`Txn` per transaction id, for ``TRANSACTION_LIFETIME`` seconds, at most
   ``MAX_TRANSACTIONS``; the oldest is evicted first).
-* :class:`SeenRequests`: the signed probe requests the peer sent us recently, by
-  transaction id, with the source each one first came from. The real peer draws a fresh
-  random id for every probe, so an id seen again is either a retransmission from the
-  same source (answered again, nothing else) or a *replay* by someone who recorded it,
-  typically with a spoofed source (dropped: see :meth:`SeenRequests.check`).
-* :class:`TokenBucket`: a rate limit (learning peer-reflexive candidates, triggered
-  checks), so that even requests that pass every other check cannot make us probe
-  arbitrary addresses faster than a fixed rate.
+* :func:`seen_requests`: the signed probe requests the peer sent us recently, by
+  transaction id, with the source and socket each one first came from (a
+  :class:`~quictun.proto.limits.ReplayWindow`). The real peer draws a fresh random id
+  for every probe, so an id seen again is either a retransmission from the same source
+  (answered again, nothing else) or a *replay* by someone who recorded it, typically
+  with a spoofed source (dropped).
+
+Rate limits (learning peer-reflexive candidates, triggered checks) are
+:class:`~quictun.proto.limits.TokenBucket`\ s, so that even requests that pass every
+other check cannot make us probe arbitrary addresses faster than a fixed rate.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..proto.limits import ReplayWindow
 from .types import Addr, Path, PathConfig
 
 __all__ = [
@@ -42,8 +45,7 @@ __all__ = [
     "MAX_TRANSACTIONS",
     "REPLAY_WINDOW",
     "TRANSACTION_LIFETIME",
-    "SeenRequests",
-    "TokenBucket",
+    "seen_requests",
     "TransactionTable",
     "Txn",
 ]
@@ -57,7 +59,6 @@ FAST_PHASE = 1.0  # seconds of probe_interval at the start of a punch / triggere
 ALTERNATE_FACTOR = 5  # validated, unselected candidates are probed every 5 heartbeats
 SUSPECT_FACTOR = 1.5  # selected path with no evidence for 1.5 heartbeats probes faster
 
-NEW, REPEAT, REPLAY = "new", "repeat", "replay"
 
 
 @dataclass
@@ -170,67 +171,13 @@ class TransactionTable:
             del self._txns[txid]
 
 
-class SeenRequests:
-    """Signed request ids seen within REPLAY_WINDOW (at most MAX_SEEN_REQUESTS).
+def seen_requests() -> ReplayWindow:
+    """The memory of the peer's signed request ids: REPLAY_WINDOW seconds, at most
+    MAX_SEEN_REQUESTS (the oldest is forgotten first), origin ``(source, slot)``.
 
     Only requests whose signature was verified may be recorded (an attacker without the
-    key cannot fill the table). The window is longer than TRANSACTION_LIFETIME so that a
-    recorded probe cannot be re-armed every few seconds; past it (or after eviction from
-    a full table), the rate limits in :mod:`quictun.punch.manager` bound what a replay can do.
+    key cannot fill it). The window is longer than TRANSACTION_LIFETIME so that a recorded
+    probe cannot be re-armed every few seconds; past it (or after eviction from a full
+    table), the rate limits in :mod:`quictun.punch.manager` bound what a replay can do.
     """
-
-    def __init__(self) -> None:
-        self._seen: dict[bytes, tuple[Addr, int, float]] = {}
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def check(self, txid: bytes, src: Addr, slot: int, now: float) -> str:
-        """Classify a verified request and remember it.
-
-        Returns ``"new"`` (first sighting: recorded with ``src`` and ``slot``),
-        ``"repeat"`` (seen before from the same ``src`` on the same ``slot``: a
-        retransmission, answer it but nothing more) or ``"replay"`` (seen before from
-        another source or socket: drop it entirely).
-        """
-        self._expire(now)
-        first = self._seen.get(txid)
-        if first is None:
-            self._seen[txid] = (src, slot, now)
-            while len(self._seen) > MAX_SEEN_REQUESTS:
-                del self._seen[next(iter(self._seen))]
-            return NEW
-        return REPEAT if (first[0], first[1]) == (src, slot) else REPLAY
-
-    def _expire(self, now: float) -> None:
-        while self._seen:
-            txid, (_src, _slot, at) = next(iter(self._seen.items()))
-            if now - at < REPLAY_WINDOW:
-                break
-            del self._seen[txid]
-
-
-class TokenBucket:
-    """At most ``burst`` events at once and ``rate`` per second on average.
-
-    Time comes from the caller; a clock going backwards adds no tokens.
-    """
-
-    def __init__(self, rate: float, burst: int) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("token bucket needs rate > 0 and burst >= 1")
-        self.rate = rate
-        self.burst = burst
-        self._tokens = float(burst)
-        self._last: float | None = None
-
-    def take(self, now: float) -> bool:
-        """Spend one token if there is one (True), else False."""
-        if self._last is not None and now > self._last:
-            self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
-        if self._last is None or now > self._last:
-            self._last = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
+    return ReplayWindow(REPLAY_WINDOW, MAX_SEEN_REQUESTS, evict_when_full=True)
