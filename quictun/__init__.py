@@ -1,6 +1,9 @@
 """quictun: connect two machines behind NATs with QUIC over a punched UDP path.
 
-Imports are lazy so that ``quictun --help`` and ``import quictun`` stay fast.
+The library API is :func:`connect` (a :class:`Tunnel` to a served port) and :func:`serve`;
+their tunables are :class:`TunnelConfig`; failures raise :mod:`quictun.errors`'
+``TunnelError``. Imports are lazy so that ``quictun --help`` and ``import quictun`` stay
+fast.
 """
 
 from __future__ import annotations
@@ -8,15 +11,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["connect", "serve", "Tunnel", "__version__"]
+__all__ = ["connect", "serve", "Tunnel", "TunnelConfig", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .aio.client import Tunnel, connect, serve
+    from .aio.client import Tunnel, connect
+    from .aio.server import serve
+    from .config import TunnelConfig
+
+_LAZY = {"connect": "aio.client", "Tunnel": "aio.client", "serve": "aio.server",
+         "TunnelConfig": "config"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("connect", "serve", "Tunnel"):
-        from .aio import client as api
+    if name in _LAZY:
+        import importlib
 
-        return getattr(api, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(name)

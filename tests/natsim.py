@@ -57,7 +57,7 @@ from quictun.proto import stun
 from quictun.punch.manager import (
     Addr,
     Candidate,
-    Path,
+    NetPath,
     PathChanged,
     PathConfig,
     PathManager,
@@ -422,7 +422,7 @@ class Peer:
         self._gather_txids: set[bytes] = set()
 
     # -- helpers for tests
-    def changes(self) -> list[Path | None]:
+    def changes(self) -> list[NetPath | None]:
         return [e.path for _, e in self.events if isinstance(e, PathChanged)]
 
     def failures(self) -> list[PunchFailed]:

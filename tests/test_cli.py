@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner, Result
 from helpers import PY, Proc, base_env, free_port
 
+from quictun import store
 from quictun.cli.main import main
 from quictun.cli.status import StatusLine, stats_line
 from quictun.proto import ticket as tk
@@ -256,7 +257,7 @@ def test_ssh_config_names_this_installation_and_refuses_unknown_names() -> None:
     where no virtual environment is active); a name without a ticket and without
     --signal is a one-line error, not a block that cannot work."""
     t = tk.Ticket(url="ws://127.0.0.1:1/", name="box", secret="s3cret", fingerprint="ab" * 32)
-    tk.store(t)
+    store.store_ticket(t)
     r = run("ssh-config", "box")
     assert r.exit_code == 0, r.output
     cmd = re.search(r"  ProxyCommand (\S+)", r.output)
@@ -272,7 +273,7 @@ def test_ssh_config_from_ticket_imports_it(tmp_path: Path) -> None:
     assert "Host box\n" in r.stdout
     assert re.search(r"  ProxyCommand .*quictun connect %h --stdio\n", r.stdout)
     assert "qt1" not in r.stdout and "s3cret" not in r.stdout and "--signal" not in r.stdout
-    assert tk.load_stored("box") == t
+    assert store.load_ticket("box") == t
     # later, by name: the stored ticket is found, the block stays name-only
     r = run("ssh-config", "box")
     assert r.exit_code == 0 and "connect %h --stdio\n" in r.output and "--signal" not in r.output
@@ -305,11 +306,11 @@ def test_import_from_stdin(tmp_path: Path, args: list[str]) -> None:
     r = runner().invoke(main, args, input=f"\n  {T.encode()}\n")
     assert r.exit_code == 0, r.output + r.stderr
     _no_secret_in_output(r)
-    assert tk.load_stored("box") == T
+    assert store.load_ticket("box") == T
     # importing again replaces the ticket
     t2 = tk.Ticket(url="ws://127.0.0.1:2/", name="box", secret="other", fingerprint="cd" * 32)
     r = runner().invoke(main, args, input=t2.encode())
-    assert r.exit_code == 0 and tk.load_stored("box") == t2
+    assert r.exit_code == 0 and store.load_ticket("box") == t2
 
 
 def test_import_errors(tmp_path: Path) -> None:
@@ -331,7 +332,7 @@ def test_connect_uses_stored_ticket() -> None:
     """No secret, no --signal: relay URL and secret come from the stored ticket."""
     url = f"ws://127.0.0.1:{free_port()}/"
     t = tk.Ticket(url=url, name="box", secret="s3cret", fingerprint="ab" * 32)
-    tk.store(t)
+    store.store_ticket(t)
     r = run("connect", "box", "--stdio")
     assert "warning" not in r.output
     one_line_error(r, f"cannot reach the relay at {re.escape(url)}")

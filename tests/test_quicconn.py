@@ -8,10 +8,15 @@ from typing import Any
 
 import pytest
 
+from quictun.config import TunnelConfig
 from quictun.proto.identity import Identity
 from quictun.quic import engines
 from quictun.quic.engines import Engine
-from quictun.quic.flow import CONNECTION_WINDOW, PEER_MAX_ACK_DELAY, STREAM_WINDOW, connection_class
+from quictun.quic.flow import connection_class
+
+STREAM_WINDOW = TunnelConfig.stream_window
+CONNECTION_WINDOW = TunnelConfig.connection_window
+PEER_MAX_ACK_DELAY = TunnelConfig.peer_max_ack_delay
 
 CLIENT, SERVER = ("1.2.3.4", 1), ("5.6.7.8", 2)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from quictun import store
 from quictun.proto import ticket as tk
 
 T = tk.Ticket(url="wss://relay.example.org/", name="laptop", secret="s3cret-Ü",
@@ -53,11 +54,11 @@ def test_newer_version_is_named() -> None:
 
 def test_stored_secret_persists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QUICTUN_HOME", str(tmp_path))
-    a = tk.stored_secret("box")
+    a = store.stored_secret("box")
     assert len(a) >= 40
-    assert tk.stored_secret("box") == a
-    assert tk.stored_secret("other") != a
-    path = tk.secret_path("box")
+    assert store.stored_secret("box") == a
+    assert store.stored_secret("other") != a
+    path = store.secret_path("box")
     assert path == tmp_path / "secrets" / "box"
     assert path.stat().st_mode & 0o077 == 0
 
@@ -69,11 +70,11 @@ def test_bad_names_refused_before_the_filesystem(
     with pytest.raises(tk.InvalidName, match="not a valid name"):
         tk.check_name(name)
     with pytest.raises(tk.InvalidName):
-        tk.stored_secret(name)
+        store.stored_secret(name)
     with pytest.raises(tk.InvalidName):
-        tk.store(tk.Ticket(url="ws://x/", name=name, secret="s", fingerprint="ab"))
+        store.store_ticket(tk.Ticket(url="ws://x/", name=name, secret="s", fingerprint="ab"))
     with pytest.raises(tk.InvalidName):
-        tk.load_stored(name)
+        store.load_ticket(name)
     assert not (tmp_path / "home").exists()
 
 
@@ -84,18 +85,18 @@ def test_good_names(name: str) -> None:
 
 def test_store_and_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QUICTUN_HOME", str(tmp_path))
-    assert tk.load_stored("laptop") is None
-    path = tk.store(T)
-    assert path == tk.ticket_path("laptop") == tmp_path / "tickets" / "laptop"
+    assert store.load_ticket("laptop") is None
+    path = store.store_ticket(T)
+    assert path == store.ticket_path("laptop") == tmp_path / "tickets" / "laptop"
     assert path.stat().st_mode & 0o077 == 0
-    assert tk.load_stored("laptop") == T
+    assert store.load_ticket("laptop") == T
     other = tk.Ticket(url="ws://x/", name="laptop", secret="new", fingerprint="cd" * 32)
-    tk.store(other)
-    assert tk.load_stored("laptop") == other
+    store.store_ticket(other)
+    assert store.load_ticket("laptop") == other
     # a file that holds another name's ticket (copied by hand) is refused
     (tmp_path / "tickets" / "desk").write_text(T.encode())
     with pytest.raises(tk.TicketError, match="is for 'laptop', not 'desk'"):
-        tk.load_stored("desk")
+        store.load_ticket("desk")
     (tmp_path / "tickets" / "bad").write_text("junk")
     with pytest.raises(tk.TicketError, match="stored ticket .*bad.*not a quictun ticket"):
-        tk.load_stored("bad")
+        store.load_ticket("bad")

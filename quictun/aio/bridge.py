@@ -3,7 +3,8 @@
 One :class:`StreamBridge` joins one local byte stream to one bidirectional QUIC stream:
 
 - local → QUIC: bytes read are written to the stream; reading pauses while more than
-  ``SEND_HIGH`` bytes are unacknowledged and resumes below ``SEND_LOW``.
+  ``send_high`` bytes are unacknowledged and resumes below ``send_low``
+  (:class:`~quictun.config.TunnelConfig`).
 - QUIC → local: bytes are written to the local transport; they count as *consumed*
   (so the peer gets more credit) only once the transport's buffer has drained, so the
   receive window, not memory, absorbs a slow reader.
@@ -15,20 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..config import TunnelConfig
+from ..proto.control import ERR_LOCAL_RESET
+
 if TYPE_CHECKING:
-    from ..quic.flow import QuicEngine
+    from .driver import QuicDriver
 
 log = logging.getLogger("quictun.forward")
 
-SEND_HIGH = 1024 * 1024
-SEND_LOW = 256 * 1024
-WRITE_HIGH = 512 * 1024
 CONSUMED_POLL = 0.05  # s between looks at a local write buffer that is draining
-
-ERR_TARGET_UNREACHABLE = 0x51
-ERR_LOCAL_RESET = 0x52
 
 
 class StreamBridge(asyncio.Protocol):
@@ -41,10 +40,16 @@ class StreamBridge(asyncio.Protocol):
     acknowledgements may have freed send buffer.
     """
 
-    def __init__(self, engine: QuicEngine, stream_id: int, on_done: object = None) -> None:
-        self.engine = engine
+    def __init__(self, driver: QuicDriver, stream_id: int, *,
+                 config: TunnelConfig | None = None,
+                 on_done: Callable[[StreamBridge], None] | None = None) -> None:
+        config = config or TunnelConfig()
+        self.driver = driver
         self.stream_id = stream_id
-        self._on_done = on_done
+        self._send_high = config.send_high
+        self._send_low = config.send_low
+        self._write_high = config.write_high
+        self.on_done = on_done
         self._reader: asyncio.BaseTransport | None = None
         self._writer: asyncio.WriteTransport | None = None
         self._pending: list[bytes] = []  # QUIC data that arrived before the writer
@@ -80,7 +85,7 @@ class StreamBridge(asyncio.Protocol):
 
     def attach_writer(self, transport: asyncio.WriteTransport) -> None:
         self._writer = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH)
+        transport.set_write_buffer_limits(high=self._write_high)
         pending, self._pending = self._pending, []
         for chunk in pending:
             self._write(chunk)
@@ -91,15 +96,15 @@ class StreamBridge(asyncio.Protocol):
         if self._done or self._local_eof:
             return
         self.bytes_up += len(data)
-        self.engine.send(self.stream_id, data)
-        if not self._reading_paused and self.engine.quic.unacked(self.stream_id) > SEND_HIGH:
+        self.driver.send(self.stream_id, data)
+        if not self._reading_paused and self.driver.quic.unacked(self.stream_id) > self._send_high:
             self._reading_paused = True
             self._reader.pause_reading()  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
         if not self._done and not self._local_eof:
             self._local_eof = True
-            self.engine.send(self.stream_id, b"", end=True)
+            self.driver.send(self.stream_id, b"", end=True)
             self._maybe_done()
         return True  # keep the write side open (half-close)
 
@@ -110,7 +115,7 @@ class StreamBridge(asyncio.Protocol):
         if exc is None and self._local_eof and w is not None and w is not self._reader:
             return  # a read pipe (stdin) ended after its EOF: the write side goes on
         if not (self._local_eof and self._remote_eof):
-            self.engine.reset(self.stream_id, ERR_LOCAL_RESET)
+            self.driver.reset(self.stream_id, ERR_LOCAL_RESET)
         self._finish()
 
     def pause_writing(self) -> None:
@@ -123,7 +128,7 @@ class StreamBridge(asyncio.Protocol):
     def quic_data(self, data: bytes, end: bool) -> None:
         if self._done:
             if data:
-                self.engine.consume(self.stream_id, len(data))
+                self.driver.consume(self.stream_id, len(data))
             return
         if data:
             self.bytes_down += len(data)
@@ -143,11 +148,11 @@ class StreamBridge(asyncio.Protocol):
 
     def quic_stop_sending(self, error_code: int) -> None:
         """Peer will not read any more: stop reading locally and abort."""
-        self.engine.reset(self.stream_id, error_code)
+        self.driver.reset(self.stream_id, error_code)
         self._abort_local()
 
     def acked(self) -> None:
-        if self._reading_paused and self.engine.quic.unacked(self.stream_id) < SEND_LOW:
+        if self._reading_paused and self.driver.quic.unacked(self.stream_id) < self._send_low:
             self._reading_paused = False
             if self._reader is not None and not self._reader.is_closing():
                 self._reader.resume_reading()  # type: ignore[attr-defined]
@@ -166,7 +171,7 @@ class StreamBridge(asyncio.Protocol):
         n = sum(map(len, batch))
         w = self._writer
         if w is None or w.is_closing():
-            self.engine.consume(self.stream_id, n)
+            self.driver.consume(self.stream_id, n)
             return
         w.write(batch[0] if len(batch) == 1 else b"".join(batch))
         self._written += n
@@ -195,7 +200,7 @@ class StreamBridge(asyncio.Protocol):
         buffered = w.get_write_buffer_size()
         consumed = self._written - buffered
         if consumed > self._reported:
-            self.engine.consume(self.stream_id, consumed - self._reported)
+            self.driver.consume(self.stream_id, consumed - self._reported)
             self._reported = consumed
         if buffered and not self._polling and not self._done:
             # asyncio says nothing when a buffer drains below the high-water mark: look
@@ -225,9 +230,9 @@ class StreamBridge(asyncio.Protocol):
         if self._done:
             return
         self._done = True
-        self.engine.quic.forget_stream(self.stream_id)
-        if callable(self._on_done):
-            self._on_done(self)
+        self.driver.quic.forget_stream(self.stream_id)
+        if self.on_done is not None:
+            self.on_done(self)
 
 
 class WriteSide(asyncio.Protocol):

@@ -1,4 +1,4 @@
-"""The library API: :func:`connect` and :func:`serve`.
+"""The connecting side: :func:`connect` / :func:`open_tunnel` and the :class:`Tunnel`.
 
 Example::
 
@@ -12,14 +12,11 @@ Example::
 
     asyncio.run(main())
 
-Offer/answer handshake over the relay (see docs/architecture.md):
-
-1. the connector sends ``offer = {pub, nonce, cands, mac}``, the MAC keyed by the
-   secret-derived root key; the server rejects a bad MAC (wrong secret) at once;
-2. the server answers ``{fp, nonce, cands, mac}``; the connector checks the MAC and pins
-   ``fp``, the server's identity;
-3. both start punching when the relay says go; QUIC starts at once over whatever path
-   exists (the relay first, if allowed) and moves when a better path appears.
+Steps (see docs/architecture.md): open a socket and gather candidates; send the
+:class:`~quictun.proto.offer.Offer` through the relay; verify the
+:class:`~quictun.proto.offer.Answer` and pin the server's fingerprint; start the session
+(QUIC at once over whatever path exists, the relay first if allowed, moving when a better
+path appears); wait until the handshake is done and our proof is sent.
 """
 
 from __future__ import annotations
@@ -29,86 +26,40 @@ import contextlib
 import logging
 import os
 import socket
-import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
+from ..config import DEFAULT_SIGNAL, TunnelConfig
 from ..errors import AuthError, TunnelError, printable
 from ..proto import auth
 from ..proto import signalling as sigproto
-from ..proto.addr import parse_hostport
-from ..proto.identity import Identity, load_or_create
-from ..punch.manager import Candidate, Path, PathConfig
-from ..quic import engines
-from ..quic.flow import CONNECTION_WINDOW, STREAM_WINDOW
+from ..proto.addr import Candidate, decode_candidates
+from ..proto.identity import Identity
+from ..proto.offer import Answer, Malformed, Offer, OfferError, session_keys
+from ..punch.types import Mode, NetPath, PathConfig, describe
+from ..store import load_or_create
+from .bridge import StreamBridge
+from .candidates import open_and_gather, regather
 from .handlers import ClientHandler
 from .relay import RelayError, SignalClient
-from .session import PeerSession, describe, new_path_manager
-from .udp import UdpEndpoint, gather, resolve
+from .session import PeerSession, new_path_manager
+from .udp import UdpEndpoint
+
+__all__ = ["StatusCallback", "Tunnel", "connect", "open_tunnel"]
 
 log = logging.getLogger("quictun")
-
-ALPN = "quictun/1"
-DEFAULT_SIGNAL = "ws://127.0.0.1:8765/"
-MODES = ("auto", "direct", "relay")
-MAX_DATAGRAM = 1350
-CONNECT_TIMEOUT = 20.0
-MAX_SESSIONS = 256
-NONCE_MEMORY = 600.0  # s a client nonce is remembered (replayed offers are refused)
-STUN_WAIT = 0.5  # how long gathering waits for the relay's reflectors before the offer
 
 StatusCallback = Callable[[str], None]
 
 
-def _quic_config(is_client: bool, identity: Identity) -> Any:
-    # a client does not verify the certificate: it pins the fingerprint after the handshake
-    return engines.current().configuration(
-        is_client, identity, alpn=ALPN, max_datagram_size=MAX_DATAGRAM,
-        max_stream_data=STREAM_WINDOW, max_data=CONNECTION_WINDOW, idle_timeout=60.0,
-    )
-
-
-async def _stun_servers(signal: SignalClient) -> list[tuple[str, int]]:
-    assert signal.welcome is not None
-    addrs = await resolve(signal.host, signal.port)
-    v4 = [a[0] for a in addrs if ":" not in a[0]][:1]
-    v6 = [a[0] for a in addrs if ":" in a[0]][:1]
-    return [(ip, p) for ip in v4 + v6 for p in signal.welcome.stun[:2]]
-
-
-async def _candidates(signal: SignalClient, mode: str) -> tuple[UdpEndpoint, list[Candidate]]:
-    ep = await UdpEndpoint.bind()
-    if mode == "relay":
-        return ep, []
+def check_mode(mode: str) -> Mode:
+    """``mode`` as a :class:`Mode`; ValueError (a programming error) for anything else."""
     try:
-        # a short wait: reflexive candidates that miss it follow in-band once QUIC is up
-        return ep, await gather(ep, await _stun_servers(signal), timeout=STUN_WAIT)
-    except BaseException:
-        ep.close()
-        raise
+        return Mode(mode)
+    except ValueError:
+        raise ValueError(f"mode must be one of {[m.value for m in Mode]}") from None
 
 
-async def _regather(signal: SignalClient, ep: UdpEndpoint, mode: str) -> list[Candidate]:
-    """Candidates of an existing socket, re-learned (after the NAT may have moved it)."""
-    if mode == "relay" or signal.welcome is None:
-        return []
-    return await gather(ep, await _stun_servers(signal))
-
-
-def _decode_cands(raw: Any) -> list[Candidate]:
-    out = []
-    for c in raw if isinstance(raw, list) else []:
-        try:
-            out.append(Candidate.decode(c))
-        except (ValueError, TypeError):
-            continue
-    return out[:32]
-
-
-# --------------------------------------------------------------------------------------
-# client
-# --------------------------------------------------------------------------------------
 @dataclass
 class Tunnel:
     """An established tunnel to a served port. Many connections may share it."""
@@ -117,9 +68,7 @@ class Tunnel:
     session: PeerSession
     handler: ClientHandler
     signal: SignalClient
-    started: float
-    path: Path | None = None
-    _servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    path: NetPath | None = None
 
     async def open_connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Open one forwarded connection; returns asyncio streams (like
@@ -132,7 +81,7 @@ class Tunnel:
         await loop.connect_accepted_socket(lambda: bridge, sock=ours)
         return await asyncio.open_connection(sock=theirs)
 
-    def bridge(self) -> Any:
+    def bridge(self) -> StreamBridge:
         """A protocol for one local transport (used by ``--listen`` and ``--stdio``)."""
         return self.handler.open_bridge()
 
@@ -146,15 +95,14 @@ class Tunnel:
 
     @property
     def bytes_sent(self) -> int:
-        return self.session.engine.bytes_out if self.session.engine else 0
+        return self.session.driver.bytes_out if self.session.driver else 0
 
     @property
     def bytes_received(self) -> int:
-        return self.session.engine.bytes_in if self.session.engine else 0
+        return self.session.driver.bytes_in if self.session.driver else 0
 
     async def close(self) -> None:
-        for srv in self._servers:
-            srv.close()
+        """Close the tunnel: CONNECTION_CLOSE to the peer, ``close`` to the relay."""
         self.session.close("client closed")
         with contextlib.suppress(TunnelError):
             await self.signal.send(sigproto.Close(session=self.session.session_id,
@@ -173,31 +121,41 @@ async def open_tunnel(
     identity: Identity | None = None,
     on_status: StatusCallback | None = None,
     path_config: PathConfig | None = None,
-    timeout: float = CONNECT_TIMEOUT,
+    timeout: float | None = None,
     pin: str | None = None,
+    config: TunnelConfig | None = None,
 ) -> Tunnel:
     """Connect to the peer serving ``name``; returns when the tunnel is authenticated.
 
+    ``config`` carries every tunable (``path_config`` and ``timeout``, if given, replace
+    its ``paths`` and ``connect_timeout``). ``pin``: the server fingerprint a ticket names;
+    any other is refused.
+
     Raises:
         TunnelError: with a one-line reason (relay unreachable, no such name, wrong
-            secret, punching failed, ...).
+            secret, punching failed, ...); :class:`~quictun.errors.AuthError` when
+            trying again cannot help.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}")
+    mode = check_mode(mode)
     if not sigproto.valid_name(name):
         raise TunnelError(f"{name!r} is not a valid name (1-64 of A-Z a-z 0-9 . _ -)")
+    config = config or TunnelConfig()
+    if path_config is not None:
+        config = config.replace(paths=path_config)
+    if timeout is not None:
+        config = config.replace(connect_timeout=timeout)
     status = on_status or (lambda s: log.info("%s", s))
     identity = identity or load_or_create()
     sc = SignalClient(signal, token=token)
     status(f"contacting the relay {signal}")
     welcome = await sc.open()
     try:
-        if mode == "relay" and not welcome.relay:
+        if mode == Mode.RELAY and not welcome.relay:
             raise TunnelError("--relay-only was asked for, but this relay does not relay")
-        ep, cands = await _candidates(sc, mode)
+        ep, cands = await open_and_gather(sc, mode, config.stun_wait)
         try:
-            return await _handshake(name, sc, ep, cands, secret, mode, identity, status,
-                                    path_config, timeout, pin)
+            return await _handshake(_Attempt(name, sc, ep, cands, secret, mode, identity,
+                                             status, config, pin))
         except BaseException:
             ep.close()
             raise
@@ -206,26 +164,32 @@ async def open_tunnel(
         raise
 
 
-async def _handshake(
-    name: str, sc: SignalClient, ep: UdpEndpoint, cands: list[Candidate],
-    secret: str | bytes, mode: str, identity: Identity, status: StatusCallback,
-    path_config: PathConfig | None, timeout: float, pin: str | None,
-) -> Tunnel:
-    loop = asyncio.get_running_loop()
-    t0 = time.monotonic()
-    root = auth.root_key(secret, name)
-    nonce = os.urandom(16).hex()
-    pub = identity.public_bytes.hex()
-    cand_text = [c.encode() for c in cands]
-    offer = {"v": 1, "pub": pub, "nonce": nonce, "cands": cand_text,
-             "mac": auth.offer_mac(root, nonce, pub, cand_text)}
-    status(f"asking the relay for {name!r}")
+@dataclass
+class _Attempt:
+    """Everything one connect attempt carries from step to step."""
+
+    name: str
+    sc: SignalClient
+    ep: UdpEndpoint
+    cands: list[Candidate]
+    secret: str | bytes
+    mode: Mode
+    identity: Identity
+    status: StatusCallback
+    config: TunnelConfig
+    pin: str | None
+
+
+async def _exchange(at: _Attempt, root: bytes, offer: Offer) -> tuple[int, Answer]:
+    """Send the offer, wait for the answer; returns (session id, verified answer)."""
+    name = at.name
+    at.status(f"asking the relay for {name!r}")
     try:
-        reply = await sc.request(
-            sigproto.Connect(name=name, offer=offer),
+        reply = await at.sc.request(
+            sigproto.Connect(name=name, offer=offer.to_wire(root)),
             lambda m: isinstance(m, (sigproto.Answer, sigproto.Rejected))
             or (isinstance(m, sigproto.Error) and m.session is not None),
-            timeout=timeout,
+            timeout=at.config.connect_timeout,
         )
     except RelayError as exc:
         if exc.code == sigproto.E_NO_SUCH_NAME:
@@ -247,36 +211,43 @@ async def _handshake(
             raise TunnelError(f"the peer serving {name!r} did not answer (it may be gone)")
         raise TunnelError(f"relay: {printable(reply.message)}")
     assert isinstance(reply, sigproto.Answer)
-    ans = reply.answer
-    fp, snonce, scands = ans.get("fp"), ans.get("nonce"), ans.get("cands")
-    if not (isinstance(fp, str) and isinstance(snonce, str) and isinstance(scands, list)
-            and all(isinstance(c, str) for c in scands)):
-        raise TunnelError(f"the answer from {name!r} is malformed")
-    if not auth.check(auth.answer_mac(root, nonce, snonce, fp, pub, scands), ans.get("mac")):
+    try:
+        answer = Answer.from_wire(reply.answer, root, offer)
+    except Malformed:
+        raise TunnelError(f"the answer from {name!r} is malformed") from None
+    except OfferError:
         raise AuthError(
             f"the answer for {name!r} is not authenticated by our secret: the relay or "
             "someone else is impersonating the peer; refusing"
-        )
-    if pin is not None and fp != pin:
+        ) from None
+    if at.pin is not None and answer.server_fp != at.pin:
         raise AuthError(
             f"the peer answering for {name!r} is not the one in the ticket "
             "(fingerprint differs); refusing"
         )
-    keys = auth.session_keys(root, nonce, snonce, pub, fp)
+    return reply.session, answer
+
+
+async def _handshake(at: _Attempt) -> Tunnel:
+    loop = asyncio.get_running_loop()
+    root = auth.root_key(at.secret, at.name)
+    offer = Offer.create(at.identity.public_bytes, [c.encode() for c in at.cands], os.urandom)
+    sid, answer = await _exchange(at, root, offer)
+    keys = session_keys(root, offer, answer)
+    sc, mode = at.sc, at.mode
     pm = new_path_manager(local_key=keys.to_client, remote_key=keys.to_server, mode=mode,
                           relay_available=bool(sc.welcome and sc.welcome.relay),
-                          config=path_config)
-    pm.set_local_candidates(cands)  # lets it tell whether our own NAT is symmetric
-    pm.add_remote_candidates(_decode_cands(scands), loop.time())
+                          config=at.config)
+    pm.set_local_candidates(at.cands)  # lets it tell whether our own NAT is symmetric
+    pm.add_remote_candidates(decode_candidates(list(answer.cands)), loop.time())
     failed: asyncio.Future[str] = loop.create_future()
     tunnel_box: list[Tunnel] = []
-
     peer_gone = False
 
-    def on_path(path: Path | None) -> None:
+    def on_path(path: NetPath | None) -> None:
         if tunnel_box:
             tunnel_box[0].path = path
-        status(describe(path))
+        at.status(describe(path))
         if peer_gone and (path is None or path.kind == "relay"):
             session.close("the peer disconnected")
 
@@ -285,23 +256,23 @@ async def _handshake(
             failed.set_result(reason)
 
     session = PeerSession(
-        endpoint=ep, signal=sc, session_id=reply.session, paths=pm,
-        quic_config=_quic_config(True, identity), is_client=True,
-        handler_factory=lambda eng: ClientHandler(eng, identity=identity, keys=keys,
-                                                  server_fp=fp),
+        endpoint=at.ep, signal=sc, session_id=sid, paths=pm, identity=at.identity,
+        config=at.config, is_client=True,
+        handler_factory=lambda drv: ClientHandler(drv, config=at.config, identity=at.identity,
+                                                  keys=keys, server_fp=answer.server_fp),
         on_path=on_path, on_failed=on_failed,
-        regather=lambda: _regather(sc, ep, mode),
+        regather=lambda: regather(sc, at.ep, mode),
     )
     handler = session.handler
     assert isinstance(handler, ClientHandler)
-    tunnel = Tunnel(name=name, session=session, handler=handler, signal=sc, started=t0)
+    tunnel = Tunnel(name=at.name, session=session, handler=handler, signal=sc)
     tunnel_box.append(tunnel)
-    sc.on_relay = lambda sid, data: session.relay_received(data) if sid == reply.session else None
+    sc.on_relay = lambda s, data: session.relay_received(data) if s == sid else None
     sc.on_lost = lambda exc: session.relay_lost()
 
     def on_message(m: sigproto.Message) -> None:
         nonlocal peer_gone
-        if isinstance(m, sigproto.Closed) and m.session == reply.session:
+        if isinstance(m, sigproto.Closed) and m.session == sid:
             # the peer left the relay; if we still have it directly, carry on until that
             # path dies too
             peer_gone = True
@@ -309,18 +280,27 @@ async def _handshake(
                 session.close("the peer disconnected")
 
     sc.on_message = on_message
-    status("punching a path" if mode != "relay" else "using the relay")
+    at.status("punching a path" if mode != Mode.RELAY else "using the relay")
     session.start()
     tunnel.path = pm.current
+    await _until_ready(at, handler, failed, session)
+    return tunnel
+
+
+async def _until_ready(at: _Attempt, handler: ClientHandler, failed: asyncio.Future[str],
+                       session: PeerSession) -> None:
+    """Wait for the handshake (and our proof) or a failure; one-line errors."""
+    timeout = at.config.connect_timeout
     ready = asyncio.ensure_future(handler.ready)
     try:
         done, _ = await asyncio.wait({ready, failed}, timeout=timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         if failed in done:
             raise TunnelError(f"punching failed: {failed.result()}"
-                              + (" (try without --direct-only)" if mode == "direct" else ""))
+                              + (" (try without --direct-only)"
+                                 if at.mode == Mode.DIRECT else ""))
         if ready not in done:
-            raise TunnelError(f"no working path to {name!r} within {timeout:.0f} s "
+            raise TunnelError(f"no working path to {at.name!r} within {timeout:.0f} s "
                               "(run `quictun netcheck` on both sides)")
         try:
             ready.result()
@@ -330,7 +310,6 @@ async def _handshake(
         ready.cancel()
         session.close("connect failed")
         raise
-    return tunnel
 
 
 @contextlib.asynccontextmanager
@@ -343,46 +322,13 @@ async def connect(
     token: str | None = None,
     identity: Identity | None = None,
     on_status: StatusCallback | None = None,
+    config: TunnelConfig | None = None,
 ) -> AsyncIterator[Tunnel]:
-    """``async with connect(NAME, signal=URL, secret=S) as tunnel:`` — see :class:`Tunnel`."""
+    """``async with connect(NAME, signal=URL, secret=S) as tunnel:`` — see :class:`Tunnel`
+    and :func:`open_tunnel`."""
     tunnel = await open_tunnel(name, signal=signal, secret=secret, mode=mode, token=token,
-                               identity=identity, on_status=on_status)
+                               identity=identity, on_status=on_status, config=config)
     try:
         yield tunnel
     finally:
         await tunnel.close()
-
-
-async def serve(
-    name: str,
-    *,
-    forward: str,
-    signal: str = DEFAULT_SIGNAL,
-    secret: str | bytes,
-    mode: str = "auto",
-    token: str | None = None,
-    identity: Identity | None = None,
-    on_event: StatusCallback | None = None,
-    path_config: PathConfig | None = None,
-    on_registered: Callable[[], None] | None = None,
-) -> None:
-    """Make ``forward`` (``HOST:PORT``) reachable as ``name`` until cancelled.
-
-    Re-registers after the relay restarts or the network blips; ``on_registered`` is
-    called after each successful registration. Raises :class:`TunnelError` if the first
-    registration fails (relay unreachable, name taken by another identity, bad token).
-    """
-    if not sigproto.valid_name(name):
-        raise TunnelError(f"{name!r} is not a valid name (1-64 of A-Z a-z 0-9 . _ -)")
-    try:
-        target = parse_hostport(forward)
-    except ValueError as exc:
-        raise TunnelError(f"--forward: {exc}") from None
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}")
-    from .server import Server
-
-    server = Server(name, target, signal=signal, secret=secret, mode=mode, token=token,
-                    identity=identity or load_or_create(), on_event=on_event,
-                    path_config=path_config, on_registered=on_registered)
-    await server.run()

@@ -1,91 +1,108 @@
-"""What runs inside the QUIC connection: client authentication and TCP forwarding.
+"""What runs inside the QUIC connection, on each side: authentication and forwarding.
 
-Stream 0 (the client's first bidirectional stream) is the control stream. The client
-writes its proof there right after the handshake: a MAC keyed by the session's proof
-key over both identities, its raw Ed25519 public key, and its signature over that MAC.
-The server accepts no other stream before the proof checks out — data that arrives
-earlier is held (bounded) and nothing is connected to the forwarded port — so a peer
-that does not know the secret never reaches the target. Every other client stream is
-one forwarded connection (:class:`~quictun.aio.bridge.StreamBridge`); it starts with one
-preamble byte (0x00) so that the server learns of it, and connects the target, before
-the local client has said anything.
+The protocol (control stream, proof, preamble, candidate updates) is
+:mod:`quictun.proto.control`; these handlers are its asyncio shell. The
+:class:`ClientHandler` pins the server's certificate, writes its proof and opens one
+stream per local connection. The :class:`ServerHandler` runs the pure
+:class:`~quictun.proto.control.ProofGate` (holding data, arming its deadline on the loop)
+and, once the client has proved itself, connects each new stream to the target over TCP.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..config import TunnelConfig
 from ..proto import auth
-from ..proto.identity import Identity, fingerprint_of_raw, verify_signature
-from ..quic.flow import QuicEngine
-from .bridge import ERR_TARGET_UNREACHABLE, StreamBridge
+from ..proto.control import (
+    CANDIDATES_LIMIT,
+    CONTROL_STREAM,
+    ERR_AUTH,
+    ERR_FINGERPRINT,
+    ERR_TARGET_UNREACHABLE,
+    STREAM_PREAMBLE,
+    Authenticated,
+    ProofGate,
+    decode_candidates_update,
+    encode_candidates,
+    make_proof,
+)
+from ..proto.identity import Identity
+from .bridge import StreamBridge
+from .driver import QuicDriver
+from .timer import Timer
 
 if TYPE_CHECKING:
     from aioquic.quic import events
 
 log = logging.getLogger("quictun.tunnel")
 
-CONTROL_STREAM = 0
-STREAM_PREAMBLE = b"\x00"  # first byte of every forwarded stream: format version 0
-PROOF_SIZE = 32 + 32 + 64
-ERR_AUTH = 0x101
-PRE_AUTH_LIMIT = 256 * 1024
-PROOF_DEADLINE = 10.0  # s from the first QUIC packet to a verified client proof
-ERR_FINGERPRINT = 0x102
 
+class HandlerBase:
+    """What both sides share: bridges by stream, candidate updates, teardown.
 
-CANDIDATES_LIMIT = 4096
+    The session sets :attr:`on_candidates` (fresh candidates from the peer) and calls
+    :meth:`send_candidates` (ours, after re-gathering).
+    """
 
-
-class _Base:
-    def __init__(self, engine: QuicEngine) -> None:
-        self.engine = engine
+    def __init__(self, driver: QuicDriver, config: TunnelConfig) -> None:
+        self.driver = driver
+        self.config = config
         self.bridges: dict[int, StreamBridge] = {}
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        # fresh candidates from the peer (after a NAT rebinding); set by the session
         self.on_candidates: Callable[[list[str]], None] | None = None
         self._uni: dict[int, bytearray] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def send_candidates(self, cands: list[str]) -> None:
         """Tell the peer our current candidates, inside the encrypted connection."""
-        if self.engine.closed:
+        if self.driver.closed:
             return
-        sid = self.engine.quic.get_next_available_stream_id(is_unidirectional=True)
-        self.engine.send(sid, json.dumps(cands).encode(), end=True)
+        sid = self.driver.quic.get_next_available_stream_id(is_unidirectional=True)
+        self.driver.send(sid, encode_candidates(cands), end=True)
 
     def _candidate_data(self, stream_id: int, data: bytes, end: bool) -> None:
-        self.engine.consume(stream_id, len(data))
+        self.driver.consume(stream_id, len(data))
         buf = self._uni.setdefault(stream_id, bytearray())
         buf.extend(data)
         if len(buf) > CANDIDATES_LIMIT:
             self._uni.pop(stream_id, None)
             return
         if end:
-            raw = bytes(self._uni.pop(stream_id))
-            try:
-                cands = json.loads(raw)
-            except ValueError:
-                return
-            if isinstance(cands, list) and self.on_candidates is not None:
-                self.on_candidates([c for c in cands if isinstance(c, str)][:32])
+            cands = decode_candidates_update(bytes(self._uni.pop(stream_id)))
+            if cands and self.on_candidates is not None:
+                self.on_candidates(cands)
 
-    def _route(self, stream_id: int) -> StreamBridge | None:
-        return self.bridges.get(stream_id)
+    def _new_bridge(self, stream_id: int) -> StreamBridge:
+        bridge = StreamBridge(self.driver, stream_id, config=self.config,
+                              on_done=self._bridge_done)
+        self.bridges[stream_id] = bridge
+        return bridge
+
+    def _spawn(self, coro: object) -> None:
+        """Run ``coro`` as a task that is kept (and whose failure is logged)."""
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("stream task failed: %r", task.exception())
 
     def _bridge_done(self, bridge: StreamBridge) -> None:
         self.bridges.pop(bridge.stream_id, None)
 
     def on_stream_reset(self, stream_id: int, error_code: int) -> None:
-        b = self._route(stream_id)
+        b = self.bridges.get(stream_id)
         if b is not None:
             b.quic_reset(error_code)
 
     def on_stop_sending(self, stream_id: int, error_code: int) -> None:
-        b = self._route(stream_id)
+        b = self.bridges.get(stream_id)
         if b is not None:
             b.quic_stop_sending(error_code)
 
@@ -96,30 +113,32 @@ class _Base:
     def on_terminated(self, error_code: int, reason: str) -> None:
         for b in list(self.bridges.values()):
             b.quic_reset(error_code)
+        for task in list(self._tasks):
+            task.cancel()
         if not self.closed.done():
             self.closed.set_result(reason or f"closed (code {error_code})")
 
     def _consume_stray(self, stream_id: int, data: bytes) -> None:
         if data:
-            self.engine.consume(stream_id, len(data))
-        self.engine.quic.forget_stream(stream_id)  # no bookkeeping left for it
+            self.driver.consume(stream_id, len(data))
+        self.driver.quic.forget_stream(stream_id)  # no bookkeeping left for it
 
 
-class ClientHandler(_Base):
+class ClientHandler(HandlerBase):
     """The connecting side: pins the server's fingerprint, proves itself, opens streams."""
 
     def __init__(
-        self, engine: QuicEngine, *, identity: Identity, keys: auth.SessionKeys,
-        server_fp: str,
+        self, driver: QuicDriver, *, config: TunnelConfig, identity: Identity,
+        keys: auth.SessionKeys, server_fp: str,
     ) -> None:
-        super().__init__(engine)
+        super().__init__(driver, config)
         self.identity = identity
         self.keys = keys
         self.server_fp = server_fp
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def on_handshake(self, event: events.HandshakeCompleted) -> None:
-        fp = self.engine.quic.engine.peer_fingerprint(self.engine.quic)
+        fp = self.driver.quic.engine.peer_fingerprint(self.driver.quic)
         if fp != self.server_fp:
             msg = (
                 "the server's certificate does not match the fingerprint authenticated "
@@ -127,13 +146,11 @@ class ClientHandler(_Base):
             )
             if not self.ready.done():
                 self.ready.set_exception(ConnectionRefusedError(msg))
-            self.engine.close(ERR_FINGERPRINT, "fingerprint mismatch")
+            self.driver.close(ERR_FINGERPRINT, "fingerprint mismatch")
             return
-        mac = auth.client_proof_message(self.keys, self.server_fp, self.identity.fingerprint)
-        proof = mac + self.identity.public_bytes + self.identity.sign(mac)
-        sid = self.engine.open_stream()
+        sid = self.driver.open_stream()
         assert sid == CONTROL_STREAM
-        self.engine.send(sid, proof, end=True)
+        self.driver.send(sid, make_proof(self.keys, self.server_fp, self.identity), end=True)
         if not self.ready.done():
             self.ready.set_result(None)
 
@@ -148,16 +165,14 @@ class ClientHandler(_Base):
 
     def open_bridge(self) -> StreamBridge:
         """A new stream joined to a bridge; attach a transport to it as its protocol."""
-        sid = self.engine.open_stream()
-        bridge = StreamBridge(self.engine, sid, on_done=self._bridge_done)
-        self.bridges[sid] = bridge
+        bridge = self._new_bridge(self.driver.open_stream())
         # announce the stream at once, so services that speak first (SMTP, MySQL...)
         # are connected before the local client sends anything
-        self.engine.send(sid, STREAM_PREAMBLE)
+        self.driver.send(bridge.stream_id, STREAM_PREAMBLE)
         return bridge
 
     def on_stream_data(self, stream_id: int, data: bytes, end: bool) -> None:
-        b = self._route(stream_id)
+        b = self.bridges.get(stream_id)
         if b is not None:
             b.quic_data(data, end)
         elif stream_id % 4 == 3 and self.ready.done():
@@ -166,44 +181,45 @@ class ClientHandler(_Base):
             self._consume_stray(stream_id, data)
 
 
-class ServerHandler(_Base):
+class ServerHandler(HandlerBase):
     """The serving side: checks the client's proof, then connects streams to the target."""
 
     def __init__(
         self,
-        engine: QuicEngine,
+        driver: QuicDriver,
         *,
+        config: TunnelConfig,
         identity: Identity,
         keys: auth.SessionKeys,
         client_pub: bytes,
         target: tuple[str, int],
         on_authenticated: Callable[[str], None] | None = None,
     ) -> None:
-        super().__init__(engine)
-        self.identity = identity
-        self.keys = keys
-        self.client_pub = client_pub
+        super().__init__(driver, config)
+        loop = asyncio.get_running_loop()
         self.target = target
-        self.authenticated = False
-        self.client_fp = fingerprint_of_raw(client_pub)
+        self._gate = ProofGate(keys, identity.fingerprint, client_pub, now=loop.time(),
+                               deadline=config.proof_deadline,
+                               hold_limit=config.pre_auth_limit)
+        self.client_fp = self._gate.client_fp
         self._on_authenticated = on_authenticated
-        self._control = bytearray()
-        self._held: list[tuple[int, bytes, bool]] = []
-        self._held_bytes = 0
         self.connections = 0
         self._finished: set[int] = set()
         # a connection that never proves itself must not hold a session (and its sockets)
-        self._deadline: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
-            PROOF_DEADLINE, self._proof_overdue)
+        self._timer = Timer(loop, self._proof_overdue)
+        self._timer.set(self._gate.get_timer())
+
+    @property
+    def authenticated(self) -> bool:
+        return self._gate.authenticated
 
     def _proof_overdue(self) -> None:
-        self._deadline = None
-        if not self.authenticated:
-            self._refuse(f"no valid proof within {PROOF_DEADLINE:.0f} s")
+        verdict = self._gate.handle_timer(asyncio.get_running_loop().time())
+        if verdict is not None:
+            self._refuse(verdict.reason)
 
     def on_terminated(self, error_code: int, reason: str) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
+        self._timer.cancel()
         super().on_terminated(error_code, reason)
 
     def on_handshake(self, event: events.HandshakeCompleted) -> None:
@@ -213,55 +229,38 @@ class ServerHandler(_Base):
         super()._bridge_done(bridge)
         self._finished.add(bridge.stream_id)
         if len(self._finished) > 4096:  # forget streams QUIC itself has discarded
-            alive = self.engine.quic.stream_alive
+            alive = self.driver.quic.stream_alive
             self._finished = {s for s in self._finished if alive(s)}
 
     def on_stream_data(self, stream_id: int, data: bytes, end: bool) -> None:
         if stream_id == CONTROL_STREAM:
-            self._control_data(data)
+            self.driver.consume(CONTROL_STREAM, len(data))
+            verdict = self._gate.control_data(data)
+            if isinstance(verdict, Authenticated):
+                self._authenticated(verdict)
+            elif verdict is not None:
+                self._refuse(verdict.reason)
             return
-        if not self.authenticated:
-            self._held.append((stream_id, data, end))
-            self._held_bytes += len(data)
-            if self._held_bytes > PRE_AUTH_LIMIT:
-                self._refuse("too much data before authentication")
+        if not self._gate.authenticated:
+            refused = self._gate.hold(stream_id, data, end)
+            if refused is not None:
+                self._refuse(refused.reason)
             return
         if stream_id % 4 == 2:  # client-initiated unidirectional: candidate updates
             self._candidate_data(stream_id, data, end)
             return
         self._deliver(stream_id, data, end)
 
-    def _control_data(self, data: bytes) -> None:
-        self.engine.consume(CONTROL_STREAM, len(data))
-        if self.authenticated:
-            return
-        self._control.extend(data)
-        if len(self._control) < PROOF_SIZE:
-            return
-        blob = bytes(self._control[:PROOF_SIZE])
-        mac, pub, sig = blob[:32], blob[32:64], blob[64:]
-        expected = auth.client_proof_message(
-            self.keys, self.identity.fingerprint, self.client_fp
-        )
-        if not (
-            auth.check(expected.hex(), mac.hex())
-            and pub == self.client_pub
-            and verify_signature(pub, sig, mac)
-        ):
-            self._refuse("client proof did not verify")
-            return
-        self.authenticated = True
+    def _authenticated(self, verdict: Authenticated) -> None:
+        self._timer.cancel()
         if self._on_authenticated is not None:
-            self._on_authenticated(self.client_fp)
-        if self._deadline is not None:
-            self._deadline.cancel()
-        held, self._held = self._held, []
-        for sid, d, e in held:
+            self._on_authenticated(verdict.client_fp)
+        for sid, d, e in verdict.held:
             self.on_stream_data(sid, d, e)  # candidate updates as well as connections
 
     def _refuse(self, why: str) -> None:
         log.warning("refusing a client: %s", why)
-        self.engine.close(ERR_AUTH, "authentication failed")
+        self.driver.close(ERR_AUTH, "authentication failed")
 
     def _deliver(self, stream_id: int, data: bytes, end: bool) -> None:
         b = self.bridges.get(stream_id)
@@ -269,19 +268,18 @@ class ServerHandler(_Base):
             if stream_id % 4 != 0:  # only client-initiated bidirectional streams
                 self._consume_stray(stream_id, data)
                 return
-            if stream_id in self._finished or not self.engine.quic.stream_alive(stream_id):
+            if stream_id in self._finished or not self.driver.quic.stream_alive(stream_id):
                 self._consume_stray(stream_id, data)
                 return  # a late frame of a stream already finished
             if not data.startswith(STREAM_PREAMBLE):
                 self._consume_stray(stream_id, data)
-                self.engine.reset(stream_id, ERR_TARGET_UNREACHABLE)
+                self.driver.reset(stream_id, ERR_TARGET_UNREACHABLE)
                 return
-            self.engine.consume(stream_id, len(STREAM_PREAMBLE))
+            self.driver.consume(stream_id, len(STREAM_PREAMBLE))
             data = data[len(STREAM_PREAMBLE):]
-            b = StreamBridge(self.engine, stream_id, on_done=self._bridge_done)
-            self.bridges[stream_id] = b
+            b = self._new_bridge(stream_id)
             self.connections += 1
-            asyncio.ensure_future(self._connect(b))
+            self._spawn(self._connect(b))
         b.quic_data(data, end)
 
     async def _connect(self, bridge: StreamBridge) -> None:
@@ -291,5 +289,5 @@ class ServerHandler(_Base):
             await loop.create_connection(lambda: bridge, host, port)
         except OSError as exc:
             log.info("target %s:%d refused stream %d: %s", host, port, bridge.stream_id, exc)
-            self.engine.reset(bridge.stream_id, ERR_TARGET_UNREACHABLE)
+            self.driver.reset(bridge.stream_id, ERR_TARGET_UNREACHABLE)
             bridge.quic_reset(ERR_TARGET_UNREACHABLE)

@@ -13,11 +13,11 @@ import logging
 import os
 import ssl
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 from .. import __version__
 from ..errors import TunnelError, printable
 from ..proto import signalling as sigproto
+from ..proto.addr import parse_relay_url
 
 log = logging.getLogger("quictun.signal")
 
@@ -28,25 +28,6 @@ RELAY_BATCH_BYTES = 16 * 1024  # at most this much per WebSocket message (relay 
 CA_ENV = "QUICTUN_SIGNAL_CA"
 """Environment variable: a PEM file of CA certificates to trust for a ``wss://`` relay
 (e.g. the ``relay.crt`` of ``certs/make-certs.sh``) instead of the system's."""
-
-
-def parse_relay_url(url: str) -> tuple[str, str, int]:
-    """``(scheme, host, port)`` of a relay URL; :class:`TunnelError` (one line) if it is
-    not ``ws://HOST[:PORT]/`` or ``wss://HOST[:PORT]/`` with a port in 1..65535."""
-    hint = "expected ws://HOST:PORT/ or wss://HOST:PORT/"
-    if any(ch.isspace() or not ch.isprintable() for ch in url):
-        raise TunnelError(f"bad relay URL {printable(url)!r}: it contains a space or a control "
-                          "character (pasted with a trailing space or newline?); remove it")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:  # e.g. port 99999, an unclosed [IPv6 bracket
-        raise TunnelError(f"bad relay URL {printable(url)!r} ({exc}): {hint}") from None
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise TunnelError(f"bad relay URL {printable(url)!r}: {hint}")
-    if port == 0:
-        raise TunnelError(f"bad relay URL {printable(url)!r} (port 0): {hint}")
-    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "wss" else 80)
 
 
 def _unreachable(url: str, exc: BaseException) -> str:

@@ -1,53 +1,72 @@
 """One tunnel session: a punched UDP socket, a path manager, QUIC and the relay.
 
-:class:`PeerSession` is glue with no decisions of its own: it feeds the sans-I/O
-:class:`~quictun.punch.manager.PathManager` (probes, timers) and the QUIC engine, and sends each
-QUIC datagram where ``PathManager.current`` says: straight to a peer address over the
-punched socket, or through the relay as a binary WebSocket frame. QUIC itself always
-sees the same virtual peer, so a path switch never disturbs the connection.
+:class:`PeerSession` is the asyncio shell around two state machines, the
+:class:`~quictun.punch.manager.PathManager` (probes, path choice, when to re-gather) and
+the QUIC connection (through :class:`~quictun.aio.driver.QuicDriver`). It moves bytes:
+probes and QUIC datagrams in from the socket and the relay, and each QUIC datagram out
+where the path manager's current path says (straight to a peer address over the punched
+socket, or through the relay as a binary WebSocket frame). QUIC itself always sees the
+same virtual peer, so a path switch never disturbs the connection. The one decision left
+here is I/O bookkeeping: how many extra sockets the process may open (:data:`AUX_SOCKETS`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..proto.addr import format_addr
-from ..punch.manager import Candidate, Path, PathChanged, PathConfig, PathManager, PunchFailed
+from ..config import TunnelConfig
+from ..proto.addr import Addr, Candidate, decode_candidates
+from ..proto.identity import Identity
+from ..punch.manager import PathManager
+from ..punch.types import GatherWanted, NetPath, PathChanged, PunchFailed, SuspectChanged
 from ..quic import engines
-from ..quic.flow import VIRTUAL_PEER, EngineHandler, FlowControlledConnection, QuicEngine
+from ..quic.flow import FlowControlledConnection
+from .driver import VIRTUAL_PEER, QuicDriver
+from .handlers import HandlerBase
 from .relay import SignalClient
-from .udp import Addr, UdpEndpoint
+from .timer import Timer
+from .udp import AUX_SOCKETS, UdpEndpoint
 
 log = logging.getLogger("quictun.session")
 
-QUEUE_BEFORE_PATH = 64
-MAX_AUX_SOCKETS = 1024  # birthday sockets open at once, all sessions of this process
-_AUX_OPEN = [0]
+ALPN = "quictun/1"
 
 
-def describe(path: Path | None) -> str:
-    """The stable one-line description of a path used in logs.
-
-    ``path=direct local=IP:PORT remote=IP:PORT rtt=1.2ms`` or ``path=relay rtt=-``.
-    """
-    if path is None:
-        return "path=none"
-    rtt = f"{path.rtt * 1000:.1f}ms" if path.rtt is not None else "-"
-    if path.kind == "relay":
-        return f"path=relay rtt={rtt}"
-    local = format_addr(*path.local) if path.local else "-"
-    remote = format_addr(*path.remote) if path.remote else "-"
-    return f"path=direct local={local} remote={remote} rtt={rtt}"
+def quic_configuration(is_client: bool, identity: Identity, config: TunnelConfig) -> Any:
+    """The engine's QUIC configuration for one end of a tunnel. A client does not verify
+    the certificate: it pins the fingerprint after the handshake (see handlers)."""
+    cfg = engines.current().configuration(
+        is_client, identity, alpn=ALPN, max_datagram_size=config.max_datagram,
+        max_stream_data=config.stream_window, max_data=config.connection_window,
+        idle_timeout=config.idle_timeout,
+    )
+    if config.congestion_control is not None:
+        cfg.congestion_control_algorithm = config.congestion_control
+    return cfg
 
 
 class PeerSession:
-    """Glue for one session. Create, then :meth:`start` when the relay says go."""
+    """One session's shell. Create, then :meth:`start` when the relay says go.
+
+    Args:
+        endpoint: the session's punched socket (closed with the session).
+        signal: the relay connection, for relayed packets (None: never relay).
+        session_id: the relay's session number.
+        paths: the session's path manager (see :func:`new_path_manager`).
+        identity: ours, for the QUIC certificate.
+        config: the tunnel's tunables.
+        is_client: the connecting side creates the QUIC connection at once; the serving
+            side on the first full-size Initial.
+        handler_factory: makes the handler of the QUIC connection once it exists.
+        on_path: called with every new path (None: nowhere to send).
+        on_failed: called with a reason when no path can be found (PunchFailed).
+        regather: re-learns our candidates on this socket, when the path manager asks.
+    """
 
     def __init__(
         self,
@@ -56,10 +75,11 @@ class PeerSession:
         signal: SignalClient | None,
         session_id: int,
         paths: PathManager,
-        quic_config: Any,  # the engine's QuicConfiguration (engines.py)
+        identity: Identity,
+        config: TunnelConfig,
         is_client: bool,
-        handler_factory: Callable[[QuicEngine], EngineHandler],
-        on_path: Callable[[Path | None], None] | None = None,
+        handler_factory: Callable[[QuicDriver], HandlerBase],
+        on_path: Callable[[NetPath | None], None] | None = None,
         on_failed: Callable[[str], None] | None = None,
         regather: Callable[[], Awaitable[list[Candidate]]] | None = None,
     ) -> None:
@@ -68,29 +88,26 @@ class PeerSession:
         self.signal = signal
         self.session_id = session_id
         self.paths = paths
-        self.quic_config = quic_config
+        self.config = config
+        self.quic_config = quic_configuration(is_client, identity, config)
         self.is_client = is_client
         self._handler_factory = handler_factory
         self._on_path = on_path or (lambda p: None)
         self._on_failed = on_failed or (lambda r: None)
-        self.engine: QuicEngine | None = None
-        self.handler: EngineHandler | None = None
-        self._queue: deque[bytes] = deque(maxlen=QUEUE_BEFORE_PATH)
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self.driver: QuicDriver | None = None
+        self.handler: HandlerBase | None = None
+        self._queue: deque[bytes] = deque(maxlen=config.queue_before_path)
+        self._timer = Timer(self.loop, self._on_timer)
         self.closed = False
         self._regather = regather
-        self._refreshing = False
-        self._was_direct = False
-        self._started_refresh = False
-        self._refresh_task: asyncio.Future[None] | None = None
-        self._path: Path | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._path: NetPath | None = None
         self._dup = False  # also send QUIC over the relay (direct path is suspect)
         self._aux: dict[int, UdpEndpoint] = {}  # birthday sockets by path-manager slot
         endpoint.on_stun = self._stun_received
         endpoint.on_quic = self._quic_received
         if is_client:
-            self._create_engine(None)
+            self._create_connection(None)
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
@@ -101,24 +118,24 @@ class PeerSession:
         self._service()
 
     def close(self, reason: str = "") -> None:
+        """Send CONNECTION_CLOSE (if QUIC is up) and end the session."""
         if self.closed:
             return
-        if self.engine is not None and not self.engine.closed:
-            self.engine.close(0, reason)
+        if self.driver is not None and not self.driver.closed:
+            self.driver.close(0, reason)
         self._shutdown()
 
     def _shutdown(self) -> None:
         if self.closed:
             return
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
         # give a final CONNECTION_CLOSE a moment to leave before the socket goes
         self.loop.call_later(0.2, self.endpoint.close)
         for slot in list(self._aux):
             self.loop.call_later(0.2, self._close_aux, slot)
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
 
     # -- input -------------------------------------------------------------------------
     def _stun_received(self, data: bytes, addr: Addr, slot: int = 0) -> None:
@@ -130,11 +147,12 @@ class PeerSession:
     def _quic_received(self, data: bytes, addr: Addr) -> None:
         if self.closed:
             return
-        if self.engine is None and not self._create_engine(data):
+        if self.driver is None and not self._create_connection(data):
             return
-        quic = self.engine.quic
+        assert self.driver is not None
+        quic = self.driver.quic
         before = quic.authenticated_packets  # grows only for a packet that decrypted
-        self.engine.datagram_received(data)
+        self.driver.datagram_received(data)
         if quic.authenticated_packets != before:
             # only authenticated packets count as evidence that this path is alive
             self.paths.note_direct_traffic(addr, self.loop.time())
@@ -146,40 +164,38 @@ class PeerSession:
         """A QUIC packet that came through the relay for this session."""
         if self.closed or not payload or payload[0] < 64:
             return
-        if self.engine is None and not self._create_engine(payload):
+        if self.driver is None and not self._create_connection(payload):
             return
-        self.engine.datagram_received(payload)
+        assert self.driver is not None
+        self.driver.datagram_received(payload)
         self.paths.note_relay_traffic(self.loop.time())  # statistics only: no _service()
 
     def relay_lost(self) -> None:
+        """The relay connection is gone: the path manager stops counting on it."""
         if self.closed:
             return
         self.paths.set_relay_available(False, self.loop.time())
         self._service()
 
     # -- QUIC ----------------------------------------------------------------------------
-    def _create_engine(self, first: bytes | None) -> bool:
+    def _create_connection(self, first: bytes | None) -> bool:
         if self.is_client:
             quic = FlowControlledConnection(configuration=self.quic_config)
             quic.connect(VIRTUAL_PEER, now=self.loop.time())
         else:
-            try:
-                header = engines.current().pull_quic_header(first or b"", host_cid_length=8)
-            except Exception:
-                return False
-            if header.packet_type is None or len(first or b"") < 1200:
+            dcid = engines.current().server_initial(first or b"")
+            if dcid is None:
                 return False  # only a full-size Initial may create the server connection
-            quic = FlowControlledConnection(
-                configuration=self.quic_config,
-                original_destination_connection_id=header.destination_cid,
-            )
-        self.engine = QuicEngine(quic, self._send_quic)
-        self.handler = self._handler_factory(self.engine)
-        self.engine.set_handler(self.handler)
-        self.engine.on_closed = self._shutdown
-        self.handler.on_candidates = self._remote_candidates  # type: ignore[attr-defined]
+            quic = FlowControlledConnection(configuration=self.quic_config,
+                                            original_destination_connection_id=dcid)
+        quic.peer_max_ack_delay = self.config.peer_max_ack_delay
+        self.driver = QuicDriver(quic, self._send_quic, keepalive=self.config.keepalive)
+        self.handler = self._handler_factory(self.driver)
+        self.driver.set_handler(self.handler)
+        self.driver.on_closed = self._shutdown
+        self.handler.on_candidates = self._remote_candidates
         if self.is_client:
-            self.engine.schedule_flush()
+            self.driver.schedule_flush()
         return True
 
     def _send_quic(self, data: bytes) -> None:
@@ -187,8 +203,9 @@ class PeerSession:
         if path is None:
             self._queue.append(data)
         elif path.kind == "direct":
+            assert path.remote is not None
             ep = self._aux.get(path.slot, self.endpoint) if path.slot else self.endpoint
-            ep.sendto(data, path.remote)  # type: ignore[arg-type]
+            ep.sendto(data, path.remote)
             if self._dup and self.signal is not None:
                 self.signal.send_relay(self.session_id, data)
         elif self.signal is not None:
@@ -208,42 +225,30 @@ class PeerSession:
                 self._close_aux(slot)
         while (ev := pm.next_event()) is not None:
             if isinstance(ev, PathChanged):
-                self._path = ev.path
-                self._on_path(ev.path)
-                direct = ev.path is not None and ev.path.kind == "direct"
-                if self._was_direct and not direct:
-                    self._refresh_soon()  # lost the direct path: our NAT may have moved us
-                elif not direct and not self._started_refresh:
-                    # starting on the relay: if still not direct in a second, re-learn our
-                    # public address (a slow reflector may have missed the offer) and tell
-                    # the peer in-band
-                    self._refresh_soon(first_delay=1.0)
-                self._started_refresh = True
-                self._was_direct = direct
-                if self.engine is not None and ev.path is not None:
-                    self.engine.ping()  # fast loss recovery on the new path
-                if ev.path is not None and self._queue:
-                    queued, self._queue = list(self._queue), deque(maxlen=QUEUE_BEFORE_PATH)
-                    for d in queued:
-                        self._send_quic(d)
+                self._path_changed(ev.path)
+            elif isinstance(ev, SuspectChanged):
+                log.info("direct path %s", "quiet: also sending over the relay" if ev.suspect
+                         else "answers again: direct only")
+                self._dup = ev.suspect
+                if ev.suspect and self.driver is not None:
+                    self.driver.ping()  # the direct path went quiet: probe QUIC over the relay
+            elif isinstance(ev, GatherWanted):
+                self._gather()
             elif isinstance(ev, PunchFailed):
                 self._on_failed(ev.reason)
-        dup = pm.uncertain(now)
-        rising = dup and not self._dup
-        if dup != self._dup:
-            log.info("direct path %s", "quiet: also sending over the relay" if dup
-                     else "answers again: direct only")
-        self._dup = dup
-        if rising:
-            if self.engine is not None:
-                self.engine.ping()  # the direct path went quiet: probe QUIC over the relay
-            self._refresh_soon()  # our NAT may have moved us: tell the peer where we are
-        at = pm.get_timer()
-        if at != self._timer_at and not self.closed:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = at
-            self._timer = self.loop.call_at(at, self._on_timer) if at is not None else None
+        if not self.closed:
+            self._timer.set(pm.get_timer())
+
+    def _path_changed(self, path: NetPath | None) -> None:
+        self._path = path
+        self._on_path(path)
+        if self.driver is not None and path is not None:
+            self.driver.ping()  # fast loss recovery on the new path
+        if path is not None and self._queue:
+            queued = list(self._queue)
+            self._queue.clear()
+            for d in queued:
+                self._send_quic(d)
 
     def _slot_endpoint(self, slot: int) -> UdpEndpoint | None:
         """The socket for a path-manager slot: 0 the main one, k > 0 an extra socket for
@@ -253,14 +258,14 @@ class PeerSession:
             return self.endpoint
         ep = self._aux.get(slot)
         if ep is None and not self.closed:
-            if _AUX_OPEN[0] >= MAX_AUX_SOCKETS:
+            if not AUX_SOCKETS.take():
                 return None  # process-wide budget spent: fewer birthday ports, no failure
             try:
                 ep = UdpEndpoint.open()
             except OSError as exc:  # out of file descriptors or ports: fewer birthday ports
+                AUX_SOCKETS.give()
                 log.debug("extra socket %d: %s", slot, exc)
                 return None
-            _AUX_OPEN[0] += 1
             ep.on_stun = lambda d, a: self._stun_received(d, a, slot)
             ep.on_quic = self._quic_received
             self._aux[slot] = ep
@@ -269,48 +274,38 @@ class PeerSession:
     def _close_aux(self, slot: int) -> None:
         ep = self._aux.pop(slot, None)
         if ep is not None:
-            _AUX_OPEN[0] -= 1
+            AUX_SOCKETS.give()
             ep.close()
 
-    # -- NAT rebinding: re-learn our public address and tell the peer in-band ----------
-    def _refresh_soon(self, first_delay: float = 0.0) -> None:
-        if self._regather is not None and not self._refreshing and not self.closed:
-            self._refreshing = True
-            self._refresh_task = asyncio.ensure_future(self._refresh(first_delay))
+    # -- re-gathering: the path manager asks, we do the I/O and tell the peer ----------
+    def _gather(self) -> None:
+        if self.closed:
+            return
+        task = self.loop.create_task(self._gather_and_send())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def _refresh(self, first_delay: float) -> None:
-        """While not direct, re-gather candidates and send them inside QUIC, a few times."""
+    async def _gather_and_send(self) -> None:
         try:
-            for delay in (first_delay, 2.0, 5.0, 10.0, 20.0, 30.0):
-                await asyncio.sleep(delay)
-                cur = self._path
-                if self.closed or (cur is not None and cur.kind == "direct" and not self._dup):
-                    return
-                try:
-                    cands = await self._regather()  # type: ignore[misc]
-                except Exception as exc:  # e.g. the relay is gone: try again later
-                    log.debug("re-gathering candidates failed: %s", exc)
-                    continue
-                if self.handler is not None and self.engine is not None:
-                    self.handler.send_candidates([c.encode() for c in cands])  # type: ignore[attr-defined]
-                    self.engine.schedule_flush()
+            if self._regather is not None:
+                cands = await self._regather()
+                if self.handler is not None and self.driver is not None and not self.closed:
+                    self.handler.send_candidates([c.encode() for c in cands])
+                    self.driver.schedule_flush()
+        except Exception as exc:  # e.g. the relay is gone: the schedule tries again later
+            log.debug("re-gathering candidates failed: %s", exc)
         finally:
-            self._refreshing = False
+            if not self.closed:
+                self.paths.gathered(self.loop.time())
+                self._service()
 
     def _remote_candidates(self, texts: list[str]) -> None:
-        cands = []
-        for t in texts:
-            try:
-                cands.append(Candidate.decode(t))
-            except ValueError:
-                continue
+        cands = decode_candidates(texts)
         if cands and not self.closed:
             self.paths.add_remote_candidates(cands, self.loop.time())
             self._service()
 
     def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
         if self.closed:
             return
         self.paths.handle_timer(self.loop.time())
@@ -319,23 +314,20 @@ class PeerSession:
 
 def new_path_manager(
     *, local_key: bytes, remote_key: bytes, mode: str, relay_available: bool,
-    config: PathConfig | None = None,
+    config: TunnelConfig,
 ) -> PathManager:
-    """A PathManager wired to this host's networks and the OS random source."""
-    from .udp import local_networks
+    """A PathManager wired to this host's networks and the OS random source, that asks
+    for re-gathering."""
+    from .candidates import local_networks
 
-    if os.environ.get("QUICTUN_BIRTHDAY_ANY_ADDRESS") == "1":
-        # the network lab's addresses are not global; never set outside a lab
-        base = config or PathConfig()
-        if hasattr(base, "birthday_any_address"):
-            config = dataclasses.replace(base, birthday_any_address=True)
     return PathManager(
         local_key=local_key,
         remote_key=remote_key,
         local_networks=local_networks(),
         mode=mode,
         relay_available=relay_available,
-        config=config,
+        config=config.paths,
         random_bytes=os.urandom,
         multi_socket=True,
+        regather=True,
     )

@@ -1,4 +1,4 @@
-"""The one UDP socket of a tunnel session, and candidate gathering.
+"""The one UDP socket of a tunnel session.
 
 :class:`UdpEndpoint` owns the socket that is punched and that QUIC runs over. Every
 datagram is classified by its first byte (RFC 7983 as updated by RFC 9443): STUN
@@ -11,7 +11,6 @@ socket are mapped to and from ``::ffff:a.b.c.d`` here and nowhere else.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import socket
@@ -19,9 +18,9 @@ from collections.abc import Callable
 
 from ..proto import stun
 from ..proto.addr import Addr, unmap
-from ..punch.manager import Candidate
 
 log = logging.getLogger("quictun.endpoint")
+
 
 def _plain(addr: tuple) -> Addr:
     return unmap(addr[0]), addr[1]
@@ -189,72 +188,26 @@ class UdpEndpoint:
             self._queries.pop(txid, None)
 
 
-# -- candidates ----------------------------------------------------------------------
-def _interfaces() -> list[tuple[str, int]]:
-    """(ip, prefix length) of every configured interface address."""
-    import ifaddr  # lazy: enumerating adapters is only needed once a session starts
+class SocketBudget:
+    """How many extra sockets (birthday slots, see :mod:`quictun.punch.birthday`) this
+    process may hold at once, over all sessions: a busy server must not run out of file
+    descriptors because peers behind symmetric NATs ask for 256 sockets each."""
 
-    out: list[tuple[str, int]] = []
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            addr = ip.ip[0] if isinstance(ip.ip, tuple) else ip.ip
-            out.append((addr.split("%")[0], ip.network_prefix))
-    return out
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
 
+    def take(self) -> bool:
+        """Reserve one socket (True), or False when the budget is spent."""
+        if self.open >= self.limit:
+            return False
+        self.open += 1
+        return True
 
-def local_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    """Networks this host is directly attached to (LAN ranking), loopback included."""
-    nets = []
-    for ip, prefix in _interfaces():
-        try:
-            nets.append(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
-        except ValueError:
-            continue
-    return nets
+    def give(self) -> None:
+        """Return one reserved socket."""
+        self.open = max(0, self.open - 1)
 
 
-def host_candidates(port: int, *, ipv6: bool) -> list[Candidate]:
-    """Host candidates: every non-loopback, non-link-local interface address."""
-    cands = []
-    for ip, _prefix in _interfaces():
-        try:
-            a = ipaddress.ip_address(ip)
-        except ValueError:
-            continue
-        if a.is_loopback or a.is_link_local or a.is_multicast or a.is_unspecified:
-            continue
-        if a.version == 6 and not ipv6:
-            continue
-        cands.append(Candidate((str(a), port), "host"))
-    # IPv4 first, then IPv6: order only matters for probing order
-    return sorted(cands, key=lambda c: ":" in c.addr[0])[:16]
-
-
-async def gather(
-    ep: UdpEndpoint, stun_servers: list[Addr], *, timeout: float = 1.5
-) -> list[Candidate]:
-    """Host candidates plus server-reflexive ones learned from ``stun_servers``."""
-    cands = host_candidates(ep.port, ipv6=ep.dual_stack)
-    usable = [s for s in stun_servers if ep.dual_stack or ":" not in s[0]]
-    results = await asyncio.gather(*(ep.stun_query(s, timeout) for s in usable))
-    seen = {c.addr for c in cands}
-    for mapped in results:
-        if mapped is not None and mapped not in seen:
-            seen.add(mapped)
-            cands.append(Candidate(mapped, "srflx"))
-    return cands
-
-
-async def resolve(host: str, port: int) -> list[Addr]:
-    """Resolve a relay host name to UDP addresses (IPv4 first)."""
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except OSError:
-        return []
-    addrs: list[Addr] = []
-    for _family, *_rest, sockaddr in sorted(infos, key=lambda i: i[0] != socket.AF_INET):
-        a = (sockaddr[0], sockaddr[1])
-        if a not in addrs:
-            addrs.append(a)
-    return addrs
+AUX_SOCKETS = SocketBudget(1024)
+"""The process's budget of extra sockets."""

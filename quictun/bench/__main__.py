@@ -84,13 +84,15 @@ def engine_ceiling(kind: str, nbytes: int, certs: tuple[str, str],
             from ..quic.flow import connection_class
 
             Conn = connection_class(engines.get("aioquic"))  # type: ignore[misc]
-    from ..quic.flow import CONNECTION_WINDOW, STREAM_WINDOW
+    from ..config import TunnelConfig
+
+    cfg = TunnelConfig()
 
     ccfg = Cfg(is_client=True, alpn_protocols=["bench"], max_datagram_size=datagram,
-               max_stream_data=STREAM_WINDOW, max_data=CONNECTION_WINDOW)
+               max_stream_data=cfg.stream_window, max_data=cfg.connection_window)
     ccfg.verify_mode = ssl.CERT_NONE
     scfg = Cfg(is_client=False, alpn_protocols=["bench"], max_datagram_size=datagram,
-               max_stream_data=STREAM_WINDOW, max_data=CONNECTION_WINDOW)
+               max_stream_data=cfg.stream_window, max_data=cfg.connection_window)
     scfg.load_cert_chain(certs[0], certs[1])
     ca, sa = ("10.0.0.1", 1), ("10.0.0.2", 2)
     client = Conn(configuration=ccfg)

@@ -25,33 +25,29 @@ from typing import Any
 PY = sys.executable
 SECRET = "bench-secret"
 
-# The wrapper every quictun process runs through: applies QUICTUN_BENCH_PATCH levers,
-# optionally profiles into QUICTUN_BENCH_PROFILE, then calls the real CLI.
+# The wrapper every quictun process runs through: turns the QUICTUN_BENCH_PATCH levers into
+# a TunnelConfig, optionally profiles into QUICTUN_BENCH_PROFILE, then calls the real CLI
+# with that config (main(obj={"config": ...})): nothing is monkeypatched.
 WRAPPER = r"""
 import json, os, sys
 patch = json.loads(os.environ.get("QUICTUN_BENCH_PATCH") or "{}")
 if patch.get("uvloop"):
     import asyncio, uvloop
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-import quictun.aio.client as api, quictun.quic.flow as qc, quictun.aio.bridge as fw
+from quictun.config import TunnelConfig
+cfg = TunnelConfig.from_environment(os.environ)
 if "datagram" in patch:
-    api.MAX_DATAGRAM = int(patch["datagram"])
+    cfg = cfg.replace(max_datagram=int(patch["datagram"]))
 if "window_mb" in patch:
     w = int(float(patch["window_mb"]) * 1024 * 1024)
-    qc.STREAM_WINDOW = api.STREAM_WINDOW = w
-    qc.CONNECTION_WINDOW = api.CONNECTION_WINDOW = 4 * w
+    cfg = cfg.replace(stream_window=w, connection_window=4 * w)
 if "ack_delay_ms" in patch:
-    qc.PEER_MAX_ACK_DELAY = float(patch["ack_delay_ms"]) / 1000
+    cfg = cfg.replace(peer_max_ack_delay=float(patch["ack_delay_ms"]) / 1000)
 if "send_high_kb" in patch:
-    fw.SEND_HIGH = int(patch["send_high_kb"]) * 1024
-    fw.SEND_LOW = fw.SEND_HIGH // 4
+    high = int(patch["send_high_kb"]) * 1024
+    cfg = cfg.replace(send_high=high, send_low=high // 4)
 if "cc" in patch:
-    _orig = api._quic_config
-    def _cfg(*a, **k):
-        cfg = _orig(*a, **k)
-        cfg.congestion_control_algorithm = patch["cc"]
-        return cfg
-    api._quic_config = _cfg
+    cfg = cfg.replace(congestion_control=patch["cc"])
 from quictun.cli.main import main
 prof_path = os.environ.get("QUICTUN_BENCH_PROFILE")
 if prof_path:
@@ -59,12 +55,12 @@ if prof_path:
     prof = cProfile.Profile()
     prof.enable()
     try:
-        main()
+        main(obj={"config": cfg})
     finally:
         prof.disable()
         prof.dump_stats(prof_path)
 else:
-    main()
+    main(obj={"config": cfg})
 """
 
 

@@ -15,15 +15,15 @@ import os
 import socket
 from collections.abc import Callable
 
+import click
+
+from ..config import TunnelConfig
 from ..errors import TunnelError
+from .common import UserError, one_line, prog, run, tunnel_config, verbose_option
 
 log = logging.getLogger("quictun")
 
 NAME = "demo"
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -89,12 +89,14 @@ def instructions(url: str, ticket_file: str, forward: tuple[str, int],
 
 
 async def run_demo(forward: str = "127.0.0.1:22", *, port: int = 8765,
-                   echo: Callable[[str], None] = print, prog: str = "quictun") -> None:
+                   echo: Callable[[str], None] = print, prog: str = "quictun",
+                   config: TunnelConfig | None = None) -> None:
     """Run the relay and the server until cancelled. Raises TunnelError (one line)."""
     from signal_server.server import RelayConfig, RelayServer
 
-    from ..aio import client as api
-    from ..proto import identity, ticket
+    from .. import store
+    from ..aio import server as api
+    from ..proto import ticket
     from ..proto.addr import parse_hostport
 
     try:
@@ -102,15 +104,15 @@ async def run_demo(forward: str = "127.0.0.1:22", *, port: int = 8765,
     except ValueError as exc:
         raise TunnelError(f"--forward: {exc}") from None
     try:
-        ident = identity.load_or_create()
+        ident = store.load_or_create()
     except (OSError, ValueError) as exc:
-        raise TunnelError(f"cannot load the identity in {identity.config_dir()}: "
-                          f"{_one_line(exc)}") from None
+        raise TunnelError(f"cannot load the identity in {store.config_dir()}: "
+                          f"{one_line(exc)}") from None
     try:
-        secret = ticket.stored_secret(NAME)
+        secret = store.stored_secret(NAME)
     except OSError as exc:
-        raise TunnelError(f"cannot keep the secret in {identity.config_dir()}: "
-                          f"{exc.strerror or _one_line(exc)}") from None
+        raise TunnelError(f"cannot keep the secret in {store.config_dir()}: "
+                          f"{exc.strerror or one_line(exc)}") from None
     relay = RelayServer(RelayConfig(host="127.0.0.1", port=port))
     try:
         await relay.start()
@@ -121,12 +123,12 @@ async def run_demo(forward: str = "127.0.0.1:22", *, port: int = 8765,
         url = relay.url
         t = ticket.Ticket(url=url, name=NAME, secret=secret, fingerprint=ident.fingerprint)
         try:
-            path = ticket.store(t)  # so that `quictun connect demo` finds relay, secret, pin
+            path = store.store_ticket(t)  # so that `quictun connect demo` finds relay, secret, pin
         except OSError as exc:
-            raise TunnelError(f"cannot store the demo's ticket in {identity.config_dir()}: "
-                              f"{exc.strerror or _one_line(exc)}") from None
+            raise TunnelError(f"cannot store the demo's ticket in {store.config_dir()}: "
+                              f"{exc.strerror or one_line(exc)}") from None
         task = asyncio.ensure_future(api.serve(NAME, forward=forward, signal=url,
-                                               secret=secret, identity=ident))
+                                               secret=secret, identity=ident, config=config))
         # serve logs "serving ..." once registered; give it a moment, fail fast if it dies
         done, _ = await asyncio.wait({task}, timeout=0.5)
         if done:
@@ -142,3 +144,43 @@ async def run_demo(forward: str = "127.0.0.1:22", *, port: int = 8765,
             with contextlib.suppress(BaseException):
                 await task
         await relay.stop()
+
+
+@click.command()
+@verbose_option
+@click.option("--forward", default="127.0.0.1:22", show_default=True, metavar="HOST:PORT",
+              envvar="QUICTUN_DEMO_FORWARD", show_envvar=True,
+              help="The local TCP service the demo makes reachable.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8765, show_default=True,
+              envvar="QUICTUN_DEMO_PORT", show_envvar=True,
+              help="Port of the embedded relay on 127.0.0.1 (TCP and STUN UDP).")
+def demo(forward: str, port: int) -> None:
+    """Try quictun on one machine: an embedded relay plus `serve demo`.
+
+    Starts a relay on 127.0.0.1:PORT, serves the name `demo` forwarding to
+    HOST:PORT (sshd by default) with a generated secret, prints the ssh command to
+    run in another terminal, and runs until Ctrl-C. Needs no root.
+
+    \b
+    Examples:
+      quictun demo
+      quictun demo --forward 127.0.0.1:8000 --port 9876
+
+    \b
+    Environment:
+      QUICTUN_DEMO_FORWARD, QUICTUN_DEMO_PORT  (see the options)
+      QUICTUN_HOME       identity, the demo's secret and ticket (default ~/.config/quictun)
+    """
+    import logging
+
+    from ..proto.addr import parse_hostport
+
+    if not (click.get_current_context().find_root().obj or {}).get("verbose"):
+        logging.getLogger("quictun.signal").setLevel(logging.WARNING)  # the embedded relay
+    try:
+        parse_hostport(forward)
+    except ValueError as exc:
+        raise UserError(f"--forward: {exc}") from None
+    run(run_demo(forward, port=port, echo=lambda text: click.echo(text, err=False),
+                 config=tunnel_config(),
+                  prog=prog()))

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+import click
+
+from ..config import DEFAULT_SIGNAL
 from ..proto.addr import Addr, format_addr
+from .common import ENV_SIGNAL, SIGNAL_HELP, UserError, verbose_option
 
 VERDICT_DIRECT = "direct connections should work"
 VERDICT_SYMMETRIC = ("your NAT is symmetric: peers behind ordinary NATs or firewalls are "
@@ -104,8 +109,9 @@ async def probe(url: str, *, token: str | None = None, timeout: float = 1.5,
                 pings: int = 3) -> Observations:
     """Ask the relay at ``url``. Raises :class:`~quictun.errors.TunnelError` (one line)
     when the relay cannot be reached."""
+    from ..aio.candidates import resolve
     from ..aio.relay import SignalClient
-    from ..aio.udp import UdpEndpoint, resolve
+    from ..aio.udp import UdpEndpoint
     from ..proto import signalling as sigproto
 
     sc = SignalClient(url, token=token)
@@ -138,3 +144,47 @@ async def probe(url: str, *, token: str | None = None, timeout: float = 1.5,
         return obs
     finally:
         await sc.close()
+
+
+@click.command()
+@verbose_option
+@click.option("--signal", "signal", envvar=ENV_SIGNAL, show_envvar=True,
+              default=DEFAULT_SIGNAL, show_default=True, help=SIGNAL_HELP)
+@click.option("--token", envvar="QUICTUN_SIGNAL_TOKEN", show_envvar=True,
+              help="The relay's access token, if it requires one.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def netcheck(signal: str, token: str | None, as_json: bool) -> None:
+    """Check what this network allows: UDP, NAT mapping, IPv6, relay round trip.
+
+    Asks the relay's two STUN reflectors for this machine's public address; if both
+    see the same address the NAT keeps one mapping per socket, and direct tunnels
+    work with most peers.
+
+    \b
+    Examples:
+      quictun netcheck --signal wss://relay.example.org/
+      quictun netcheck --json | jq .verdict
+
+    \b
+    Environment:
+      QUICTUN_SIGNAL, QUICTUN_SIGNAL_TOKEN  (see the options)
+      QUICTUN_SIGNAL_CA  CA file to trust for a wss:// relay (e.g. certs/relay.crt)
+    """
+    async def go() -> Report:
+        return report(await probe(signal, token=token))
+
+    import asyncio
+
+    from ..errors import TunnelError
+
+    try:
+        rep = asyncio.run(go())
+    except TunnelError as exc:
+        if as_json:  # `| jq` still gets an object: {"error": ..., "relay_url": ...}
+            import json
+
+            click.echo(json.dumps({"error": str(exc), "relay_url": signal}, indent=2))
+        raise UserError(str(exc)) from None
+    except KeyboardInterrupt:
+        sys.exit(130)
+    click.echo(rep.to_json() if as_json else rep.to_text())

@@ -9,8 +9,9 @@ import stat
 import sys
 from collections.abc import Awaitable, Callable
 
-from ..aio.bridge import WriteSide
+from ..aio.bridge import StreamBridge, WriteSide
 from ..aio.client import Tunnel, open_tunnel
+from ..config import TunnelConfig
 from ..errors import TunnelError
 from ..proto.addr import parse_hostport
 from ..proto.identity import Identity
@@ -27,7 +28,7 @@ async def run_connect(
     name: str, *, signal: str, secret: str, mode: str, token: str | None,
     listen: str | None, stdio: bool, pin: str | None = None,
     on_status: Callable[[str], None] | None = None, stats_interval: float = 60.0,
-    identity: Identity | None = None,
+    identity: Identity | None = None, config: TunnelConfig | None = None,
 ) -> None:
     """Open a tunnel, then serve ``listen`` or stdio until done. Raises TunnelError."""
     if listen is not None:
@@ -38,7 +39,8 @@ async def run_connect(
 
     def opener() -> Awaitable[Tunnel]:
         return open_tunnel(name, signal=signal, secret=secret, mode=mode, token=token,
-                           on_status=on_status or _status, pin=pin, identity=identity)
+                           on_status=on_status or _status, pin=pin, identity=identity,
+                           config=config)
 
     if stdio:
         tunnel = await opener()
@@ -116,7 +118,15 @@ async def _stdio(tunnel) -> None:  # type: ignore[no-untyped-def]
     done = loop.create_future()
     bridge = tunnel.bridge()
     bridge.duplex = False  # stdin reads, stdout writes
-    bridge._on_done = lambda b: done.done() or done.set_result(None)
+    handler_done = bridge.on_done
+
+    def finished(b: StreamBridge) -> None:
+        if handler_done is not None:
+            handler_done(b)  # the tunnel forgets the stream as well
+        if not done.done():
+            done.set_result(None)
+
+    bridge.on_done = finished
     # asyncio refuses regular files for pipe transports (and uvloop aborts on them), so
     # files get small thread/synchronous transports instead
     if _is_file(sys.stdin):

@@ -87,7 +87,7 @@ class StatusLine:
 
 def stats_line(tunnel: Any) -> str:
     """``stats: path=direct local=… remote=… rtt=1.2ms sent=123 received=456``."""
-    from ..aio.session import describe
+    from ..punch.types import describe
 
     return (f"stats: {describe(tunnel.path)} sent={tunnel.bytes_sent} "
             f"received={tunnel.bytes_received}")

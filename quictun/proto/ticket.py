@@ -12,7 +12,9 @@ import base64
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
+
+from ..errors import TunnelError
+from .addr import parse_relay_url
 
 PREFIX = "qt"
 VERSION = 1
@@ -62,9 +64,6 @@ def decode(text: str) -> Ticket:
         raise TicketError("this ticket is damaged (copy it again, whole)") from None
     if not all(isinstance(v, str) for v in (t.url, t.name, t.secret, t.fingerprint)):
         raise TicketError("this ticket is damaged (copy it again, whole)")
-    from ..aio.relay import parse_relay_url
-    from ..errors import TunnelError
-
     try:
         parse_relay_url(t.url)
     except TunnelError as exc:
@@ -87,88 +86,3 @@ def check_name(name: str) -> str:
         raise InvalidName(f"{name!r} is not a valid name (1-64 of A-Z a-z 0-9 . _ -, "
                           "not only dots)")
     return name
-
-
-def stored_secret(name: str) -> str:
-    """The generated secret for ``name``: created once, then kept in the config dir
-    (``$QUICTUN_HOME/secrets/NAME``, mode 600) so that restarts print the same ticket.
-
-    Raises:
-        InvalidName: ``name`` is not a valid name (checked before any file is touched).
-        OSError: the config dir cannot be read or written.
-    """
-    import secrets as _secrets
-
-    from .identity import write_private
-
-    path = secret_path(name)
-    if path.exists():
-        value = path.read_text().strip()
-        if value:
-            return value
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    value = _secrets.token_urlsafe(32)
-    write_private(path, value.encode())
-    return value
-
-
-def secret_path(name: str) -> Path:
-    """Where :func:`stored_secret` keeps the secret for ``name``."""
-    from .identity import config_dir
-
-    return config_dir() / "secrets" / check_name(name)
-
-
-def ticket_path(name: str) -> Path:
-    """Where :func:`store` keeps the imported ticket for ``name``."""
-    from .identity import config_dir
-
-    return config_dir() / "tickets" / check_name(name)
-
-
-def stored_names() -> list[str]:
-    """The names that have a ticket stored by :func:`store`, sorted."""
-    from .identity import config_dir
-
-    folder = config_dir() / "tickets"
-    try:
-        return sorted(p.name for p in folder.iterdir() if p.is_file())
-    except OSError:
-        return []
-
-
-def store(t: Ticket) -> Path:
-    """Keep ``t`` (secret included) as ``$QUICTUN_HOME/tickets/NAME``, mode 600, replacing
-    any ticket stored for that name. Returns the path.
-
-    Raises:
-        InvalidName: the ticket's name is not a valid name.
-        OSError: the config dir cannot be written.
-    """
-    from .identity import write_private
-
-    path = ticket_path(t.name)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_private(path, (t.encode() + "\n").encode())
-    return path
-
-
-def load_stored(name: str) -> Ticket | None:
-    """The ticket stored for ``name`` by :func:`store`, or None if there is none.
-
-    Raises:
-        InvalidName: ``name`` is not a valid name.
-        TicketError: the stored file is damaged or is for another name.
-        OSError: the file exists but cannot be read.
-    """
-    path = ticket_path(name)
-    if not path.is_file():
-        return None
-    try:
-        t = decode(path.read_text())
-    except TicketError as exc:
-        raise TicketError(f"the stored ticket {path}: {exc}") from None
-    if t.name != name:
-        raise TicketError(f"the stored ticket {path} is for {t.name!r}, not {name!r} "
-                          "(import it again)")
-    return t

@@ -8,8 +8,13 @@ really goes: a *direct* path (a remote candidate address on our one UDP socket) 
 it datagrams and the time, and calls, after every input::
 
     datagrams_to_send(now)   # send each (data, addr) on the UDP socket
-    next_event()             # until None: PathChanged / PunchFailed
+    next_event()             # until None: PathChanged, SuspectChanged, GatherWanted,
+                             # PunchFailed
     get_timer()              # re-arm; call handle_timer(now) when it fires
+
+It also decides when the shell must re-learn our own candidates and tell the peer
+(:class:`GatherWanted`, scheduled by :mod:`quictun.punch.gather`); the shell reports the
+end of each gathering with :meth:`PathManager.gathered`.
 
 Probes are STUN Binding requests signed (MESSAGE-INTEGRITY-SHA256) with ``remote_key``;
 the peer answers with a Binding success carrying XOR-MAPPED-ADDRESS, signed with its
@@ -41,7 +46,7 @@ re-punch bursts every ``repunch_interval`` while not direct (every ``upgrade_int
 only toward better-ranked candidates, while on a direct path that is not the best rank).
 
 Addresses: every address is normalised on the way in (IPv4-mapped IPv6 -> IPv4, socket
-tuples cut to ``(host, port)``), and every address handed back (datagrams, ``Path``) is in
+tuples cut to ``(host, port)``), and every address handed back (datagrams, ``NetPath``) is in
 that normal form. A shell with a dual-stack socket maps IPv4 back to ``::ffff:a.b.c.d``.
 """
 
@@ -55,6 +60,7 @@ from typing import Any
 from ..proto import stun
 from ..proto.limits import Sighting, TokenBucket
 from .birthday import Birthday, decide_role
+from .gather import FIRST_DELAY, GatherSchedule
 from .probes import (
     ALTERNATE_FACTOR,
     MAX_TRANSACTIONS,
@@ -75,17 +81,21 @@ from .types import (
     RELAY_PATH,
     Addr,
     Candidate,
+    Event,
+    GatherWanted,
     IPNetwork,
-    Path,
+    NetPath,
     PathChanged,
     PathConfig,
     PunchFailed,
+    SuspectChanged,
     normalize_addr,
     rank_of,
 )
 
 __all__ = [
-    "Addr", "Candidate", "Path", "PathChanged", "PunchFailed", "PathConfig", "PathManager",
+    "Addr", "Candidate", "NetPath", "PathChanged", "PunchFailed", "SuspectChanged",
+    "GatherWanted", "PathConfig", "PathManager",
     "normalize_addr", "RANK_LAN", "RANK_IPV6", "RANK_HOST_IPV4", "RANK_REFLEXIVE",
     "RANK_RELAY", "RELAY_PATH", "MAX_CANDIDATES", "MAX_PRFLX", "MAX_TRANSACTIONS",
     "TRANSACTION_LIFETIME", "REPLAY_WINDOW",
@@ -116,6 +126,8 @@ class PathManager:
             birthday ports).
         multi_socket: the shell sends :meth:`datagrams_to_send_slots` from extra sockets
             (slots) on request, so this side may take the birthday *hard* role.
+        regather: the shell can re-learn our candidates on request
+            (:class:`GatherWanted`); off, none is ever asked for.
     """
 
     def __init__(
@@ -129,6 +141,7 @@ class PathManager:
         config: PathConfig | None = None,
         random_bytes: Callable[[int], bytes],
         multi_socket: bool = False,
+        regather: bool = False,
     ) -> None:
         if mode not in ("auto", "direct", "relay"):
             raise ValueError(f"unknown mode: {mode!r}")
@@ -151,7 +164,12 @@ class PathManager:
         self._prflx_bucket = TokenBucket(PRFLX_RATE, PRFLX_BURST)
         self._trigger_bucket = TokenBucket(TRIGGER_RATE, TRIGGER_BURST)
         self._out: list[Datagram] = []
-        self._events: deque[PathChanged | PunchFailed] = deque()
+        self._events: deque[Event] = deque()
+        self._regather = regather and mode != "relay"
+        self._gather = GatherSchedule()
+        self._was_direct = False  # the path of the last PathChanged was direct
+        self._path_seen = False  # a PathChanged was emitted
+        self._suspect = False  # the last SuspectChanged said suspect
 
         self._started = False
         self._start_time = 0.0
@@ -171,7 +189,7 @@ class PathManager:
     # ------------------------------------------------------------------ public API
 
     @property
-    def current(self) -> Path | None:
+    def current(self) -> NetPath | None:
         """Where to send QUIC datagrams now: a direct path, the relay, or None (nowhere)."""
         if self._selected is not None:
             return self._selected.path()
@@ -333,13 +351,20 @@ class PathManager:
                 times.append(self._next_repunch)
         elif self._started and not self._punch_deadline_done:
             times.append(self._start_time + self._cfg.punch_timeout)
+        if (t := self._gather.next_time) is not None:
+            times.append(t)
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
         """Run everything due at ``now`` (probes are queued for :meth:`datagrams_to_send`)."""
         self._service(now)
 
-    def next_event(self) -> PathChanged | PunchFailed | None:
+    def gathered(self, now: float) -> None:
+        """The gathering asked for by :class:`GatherWanted` ended (whatever it found:
+        send the candidates to the peer; a failure counts too)."""
+        self._gather.done(now)
+
+    def next_event(self) -> Event | None:
         """Pop the next event, or None."""
         return self._events.popleft() if self._events else None
 
@@ -496,6 +521,22 @@ class PathManager:
         for c in self._cands.values():
             if c.next_probe is not None and c.next_probe <= now:
                 self._send_probe(c, now)
+        self._check_suspect(now)
+
+    def _check_suspect(self, now: float) -> None:
+        """Emit SuspectChanged on every change of :meth:`uncertain`; a path that just
+        went quiet also starts a re-gathering (our NAT may have moved us), and a due
+        gathering is asked for unless the path is direct and fine again."""
+        suspect = self.uncertain(now)
+        if suspect != self._suspect:
+            self._suspect = suspect
+            self._events.append(SuspectChanged(suspect))
+            if suspect and self._regather:
+                self._gather.trigger(now)
+        cur = self.current
+        satisfied = cur is not None and cur.kind == "direct" and not suspect
+        if self._gather.due(now, satisfied):
+            self._events.append(GatherWanted())
 
     def _birthday(self, now: float) -> None:
         """Start the birthday attempt when due (see :mod:`quictun.punch.birthday`), send its probes.
@@ -651,4 +692,15 @@ class PathManager:
                 self._cfg.repunch_interval if target is None else self._cfg.upgrade_interval
             )
         self._stats["switches"] += 1
-        self._events.append(PathChanged(self.current))
+        path = self.current
+        self._events.append(PathChanged(path))
+        direct = path is not None and path.kind == "direct"
+        if self._regather:
+            if self._was_direct and not direct:
+                self._gather.trigger(now)  # lost the direct path: our NAT may have moved us
+            elif not direct and not self._path_seen:
+                # starting on the relay: if still not direct in a moment, re-learn our
+                # public address (a slow reflector may have missed the offer)
+                self._gather.trigger(now, FIRST_DELAY)
+        self._path_seen = True
+        self._was_direct = direct

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..proto.limits import ReplayWindow
-from .types import Addr, Path, PathConfig
+from .types import Addr, NetPath, PathConfig
 
 __all__ = [
     "ALTERNATE_FACTOR",
@@ -81,9 +81,9 @@ class Cand:
     slot: int = 0
     probes: int = 0
 
-    def path(self) -> Path:
+    def path(self) -> NetPath:
         """This candidate as a direct :class:`~quictun.punch.types.Path`."""
-        return Path("direct", self.addr, self.local, self.rtt, self.rank, self.slot)
+        return NetPath("direct", self.addr, self.local, self.rtt, self.rank, self.slot)
 
     def burst(self, now: float, until: float, *, fast: bool) -> None:
         """Probe now and keep probing until ``until`` (fast for FAST_PHASE if ``fast``)."""

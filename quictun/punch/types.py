@@ -9,21 +9,27 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
-from ..proto.addr import Addr, normalize_addr
+from ..proto.addr import CANDIDATE_KINDS, Addr, Candidate, format_addr, normalize_addr
 
 __all__ = [
     "Addr",
     "IPNetwork",
     "Candidate",
-    "Path",
+    "NetPath",
     "PathChanged",
     "PunchFailed",
+    "SuspectChanged",
+    "GatherWanted",
+    "Event",
     "PathConfig",
     "normalize_addr",
     "rank_of",
     "CANDIDATE_KINDS",
     "RELAY_PATH",
+    "Mode",
+    "describe",
     "RANK_LAN",
     "RANK_IPV6",
     "RANK_HOST_IPV4",
@@ -33,20 +39,29 @@ __all__ = [
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+
+class Mode(StrEnum):
+    """How a tunnel may carry its data (``--direct-only``, ``--relay-only``)."""
+
+    AUTO = "auto"
+    """Direct when a path punches, the relay as a fallback."""
+    DIRECT = "direct"
+    """Never the relay: no path means failure."""
+    RELAY = "relay"
+    """Always the relay: no UDP at all (no probes, no answers)."""
+
 RANK_LAN = 0
 RANK_IPV6 = 1
 RANK_HOST_IPV4 = 2
 RANK_REFLEXIVE = 3
 RANK_RELAY = 9
 
-CANDIDATE_KINDS = ("host", "srflx", "prflx")
 KIND_PREFERENCE = {"host": 0, "srflx": 1, "prflx": 2}
 """Lower is better when one address is signalled as several kinds."""
-_MAX_CANDIDATE_TEXT = 128
 
 
 def rank_of(addr: Addr, kind: str, local_networks: Sequence[IPNetwork]) -> int:
-    """The rank of a normalised remote address (lower is better, see :attr:`Path.rank`):
+    """The rank of a normalised remote address (lower is better, see :attr:`NetPath.rank`):
     LAN for loopback, link-local or inside ``local_networks``; then IPv6; then a host
     IPv4 address; then any reflexive IPv4 address."""
     ip = ipaddress.ip_address(addr[0])
@@ -60,52 +75,7 @@ def rank_of(addr: Addr, kind: str, local_networks: Sequence[IPNetwork]) -> int:
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """A transport address at which the peer may be reachable.
-
-    Construction validates and normalises (see :func:`normalize_addr`); raises
-    ValueError for an unknown kind or an unusable address (unspecified, multicast).
-    """
-
-    addr: Addr
-    """The address, normalised."""
-    kind: str
-    """``"host"`` (an interface address), ``"srflx"`` (learned from a STUN reflector) or
-    ``"prflx"`` (learned from the source of a signed probe)."""
-
-    def __post_init__(self) -> None:
-        if self.kind not in CANDIDATE_KINDS:
-            raise ValueError(f"unknown candidate kind: {self.kind!r}")
-        addr = normalize_addr(self.addr)
-        ip = ipaddress.ip_address(addr[0])
-        if ip.is_unspecified or ip.is_multicast:
-            raise ValueError(f"unusable candidate address: {addr[0]}")
-        object.__setattr__(self, "addr", addr)
-
-    def encode(self) -> str:
-        """Return the wire form ``"<kind> <ip> <port>"``, e.g. ``"host 198.19.1.2 40000"``."""
-        return f"{self.kind} {self.addr[0]} {self.addr[1]}"
-
-    @classmethod
-    def decode(cls, text: str) -> Candidate:
-        """Parse the wire form produced by :meth:`encode`.
-
-        The text comes from the network: anything but exactly ``kind ip port`` (ASCII
-        decimal port, at most 128 characters) raises ValueError.
-        """
-        if not isinstance(text, str) or len(text) > _MAX_CANDIDATE_TEXT:
-            raise ValueError("candidate text too long or not a string")
-        parts = text.split(" ")
-        if len(parts) != 3:
-            raise ValueError(f"malformed candidate: {text!r}")
-        kind, host, port_text = parts
-        if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5):
-            raise ValueError(f"malformed candidate port: {port_text!r}")
-        return cls((host, int(port_text)), kind)
-
-
-@dataclass(frozen=True)
-class Path:
+class NetPath:
     """A path QUIC datagrams can take."""
 
     kind: str
@@ -123,15 +93,47 @@ class Path:
     socket k (see :meth:`quictun.punch.manager.PathManager.datagrams_to_send_slots`)."""
 
 
-RELAY_PATH = Path(kind="relay", remote=None, local=None, rtt=None, rank=RANK_RELAY)
+RELAY_PATH = NetPath(kind="relay", remote=None, local=None, rtt=None, rank=RANK_RELAY)
+
+
+def describe(path: NetPath | None) -> str:
+    """The stable one-line description of a path used in logs (tests and the lab parse it).
+
+    ``path=direct local=IP:PORT remote=IP:PORT rtt=1.2ms``, ``path=relay rtt=-`` or
+    ``path=none``.
+    """
+    if path is None:
+        return "path=none"
+    rtt = f"{path.rtt * 1000:.1f}ms" if path.rtt is not None else "-"
+    if path.kind == "relay":
+        return f"path=relay rtt={rtt}"
+    local = format_addr(*path.local) if path.local else "-"
+    remote = format_addr(*path.remote) if path.remote else "-"
+    return f"path=direct local={local} remote={remote} rtt={rtt}"
 
 
 @dataclass(frozen=True)
 class PathChanged:
     """The path used for sending changed (emitted exactly once per change of ``current``)."""
 
-    path: Path | None
+    path: NetPath | None
     """The new path; None means nowhere to send (queue or drop)."""
+
+
+@dataclass(frozen=True)
+class SuspectChanged:
+    """The selected direct path went quiet (``suspect``: True) or answers again (False).
+
+    While suspect, and the relay could carry datagrams, the shell may send each QUIC
+    datagram over the relay as well (see :meth:`PathManager.uncertain`)."""
+
+    suspect: bool
+
+
+@dataclass(frozen=True)
+class GatherWanted:
+    """Re-learn our own candidates now and send them to the peer in-band; then call
+    :meth:`PathManager.gathered` (see :mod:`quictun.punch.gather`)."""
 
 
 @dataclass(frozen=True)
@@ -182,3 +184,7 @@ class PathConfig:
     link-local, benchmarking 198.18.0.0/15, documentation ranges). Off by default: the
     targets come from unauthenticated reflexive candidates, so a lying relay could aim
     the spray at a victim's internal network. Only for labs and simulations."""
+
+
+Event = PathChanged | PunchFailed | SuspectChanged | GatherWanted
+"""Everything :meth:`PathManager.next_event` returns."""

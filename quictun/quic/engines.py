@@ -68,6 +68,19 @@ class Engine:
         ``.destination_cid`` are what sessions look at. Raises ValueError if malformed."""
         return self._pull(self.Buffer(data=data), host_cid_length=host_cid_length)
 
+    def server_initial(self, data: bytes) -> bytes | None:
+        """The destination connection id of ``data`` if it may create a server connection:
+        a long-header packet of at least 1200 bytes (a client pads its Initials so, RFC
+        9000 section 14.1); None for anything else (short headers, runts, garbage). A
+        stranger who learned the port cannot make a connection with a small packet."""
+        if len(data) < 1200:
+            return None
+        try:
+            header = self.pull_quic_header(data, host_cid_length=8)
+        except Exception:  # the parsers raise ValueError and their own buffer errors
+            return None
+        return None if header.packet_type is None else bytes(header.destination_cid)
+
     @property
     def _pull(self) -> Any:
         return importlib.import_module(f"{self.name}.quic.packet").pull_quic_header

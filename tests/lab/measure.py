@@ -100,24 +100,19 @@ print(json.dumps({"ok": ok, "bytes": got, "t0": t0, "first": first, "end": end,
                   "arrivals": arrivals}), flush=True)
 """
 
-# `quictun connect` with PathConfig.relay_after patched (argv[1]); the rest is quictun's argv.
-# api.py does `from .session import new_path_manager`, so its own name is patched as well.
+# `quictun connect` with PathConfig.relay_after = argv[1]; the rest is quictun's argv. The
+# CLI takes its tunables from main(obj={"config": ...}) (quictun/cli/main.py).
 RELAY_AFTER_WRAPPER = r"""
-import dataclasses, sys
+import dataclasses, os, sys
 sys.path.insert(0, %(repo)r)
 relay_after = float(sys.argv.pop(1))
-import quictun.aio.client, quictun.aio.session
-from quictun.punch.types import PathConfig
-_orig = quictun.aio.session.new_path_manager
-def _patched(*args, config=None, **kw):
-    config = dataclasses.replace(config or PathConfig(), relay_after=relay_after)
-    print(f"measure-wrapper relay_after={config.relay_after}", file=sys.stderr, flush=True)
-    return _orig(*args, config=config, **kw)
-quictun.aio.session.new_path_manager = _patched
-quictun.aio.client.new_path_manager = _patched
+from quictun.config import TunnelConfig
 from quictun.cli.main import main
+cfg = TunnelConfig.from_environment(os.environ)
+cfg = cfg.replace(paths=dataclasses.replace(cfg.paths, relay_after=relay_after))
+print(f"measure-wrapper relay_after={cfg.paths.relay_after}", file=sys.stderr, flush=True)
 sys.argv[0] = "quictun"
-sys.exit(main())
+sys.exit(main(obj={"config": cfg}))
 """
 
 
@@ -273,9 +268,10 @@ class Rig:
     def env(self, site: str) -> dict[str, str]:
         home = self.workdir / f"home-{site}"
         home.mkdir(exist_ok=True)
-        # the lab's addresses (198.18.0.0/15) are not global: allow birthday probing there
+        # the lab's addresses (198.18.0.0/15) are not global: QUICTUN_LAB relaxes the
+        # checks that protect real networks (birthday targets), see quictun/config.py
         return {"QUICTUN_SECRET": SECRET, "QUICTUN_HOME": str(home), "PYTHONPATH": str(REPO),
-                "QUICTUN_BIRTHDAY_ANY_ADDRESS": "1"}
+                "QUICTUN_LAB": "1"}
 
     def start(self) -> None:
         lab = self.lab

@@ -100,9 +100,10 @@ class Tunnel:
     def env(self, site: str) -> dict[str, str]:
         home = self.workdir / f"home-{site}"
         home.mkdir(exist_ok=True)
-        # the lab's addresses (198.18.0.0/15) are not global: allow birthday probing there
+        # the lab's addresses (198.18.0.0/15) are not global: QUICTUN_LAB relaxes the
+        # checks that protect real networks (birthday targets), see quictun/config.py
         return {"QUICTUN_SECRET": SECRET, "QUICTUN_HOME": str(home), "PYTHONPATH": str(REPO),
-                "QUICTUN_BIRTHDAY_ANY_ADDRESS": "1"}
+                "QUICTUN_LAB": "1"}
 
     def start_relay(self) -> LabProcess:
         relay = self.lab.spawn(

@@ -1,0 +1,132 @@
+"""``quictun import`` and ``quictun ssh-config``: tickets kept by name, and ssh set up."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..config import DEFAULT_SIGNAL
+from .common import (
+    ENV_SIGNAL,
+    SIGNAL_HELP,
+    UserError,
+    check_name,
+    decode_ticket,
+    is_ticket,
+    load_stored,
+    prog,
+    store_ticket,
+    verbose_option,
+    warn_argv_ticket,
+)
+
+
+@click.command("import")
+@verbose_option
+@click.argument("source", metavar="[TICKET|-]", default="-")
+def import_ticket(source: str) -> None:
+    """Store a ticket so that `quictun connect NAME` needs no secret on its command line.
+
+    The ticket (relay URL, name, secret, the server's fingerprint) is kept in the config
+    dir as tickets/NAME, mode 600; importing again replaces it. With `-` (the default)
+    the ticket is read from stdin, so it lands neither in the process list nor in your
+    shell history.
+
+    \b
+    Examples:
+      quictun import              # paste the ticket, then Enter
+      quictun import - < ticket.txt
+      quictun connect laptop --listen 2222
+
+    \b
+    Environment:
+      QUICTUN_HOME       where tickets/NAME is stored (default ~/.config/quictun)
+    """
+    if source == "-":
+        stdin = sys.stdin
+        if stdin.isatty():
+            click.echo("quictun: paste the ticket, then press Enter:", err=True)
+            text = stdin.readline()
+        else:
+            text = stdin.read()
+        if not text.strip():
+            raise UserError("no ticket on stdin")
+        where = "stdin: "
+    else:
+        text, where = source, ""
+    t = decode_ticket(text, where)
+    if source != "-":
+        warn_argv_ticket(t.name)
+    path = store_ticket(t)
+    exe = prog()
+    click.echo(f"quictun: stored the ticket for {t.name!r} (relay {t.url}) in {path}", err=True)
+    click.echo("\n".join([
+        f"{exe} connect {t.name} --listen 2222     # then: ssh -p 2222 USER@127.0.0.1",
+        f"ssh -o ProxyCommand='{exe} connect %h --stdio' USER@{t.name}",
+        f"{exe} ssh-config {t.name} >> ~/.ssh/config     # then: ssh USER@{t.name}",
+    ]))
+
+
+
+
+@click.command("ssh-config")
+@verbose_option
+@click.argument("name", metavar="NAME|TICKET")
+@click.option("--signal", "signal", envvar=ENV_SIGNAL, show_envvar=True,
+              default=DEFAULT_SIGNAL, show_default=True, help=SIGNAL_HELP)
+def ssh_config(name: str, signal: str) -> None:
+    """Print a ~/.ssh/config block so that `ssh NAME` goes through quictun.
+
+    The block names NAME only, never a secret. Given a ticket, it is imported first (as
+    `quictun import` does), so the ProxyCommand needs nothing else.
+
+    \b
+    Examples:
+      quictun ssh-config laptop >> ~/.ssh/config    # after `quictun import`
+      quictun ssh-config laptop --signal wss://relay.example.org/ >> ~/.ssh/config
+      ssh user@laptop
+
+    \b
+    Environment:
+      QUICTUN_SIGNAL     (see the option)
+      QUICTUN_HOME       where the ticket for NAME is looked up (default ~/.config/quictun)
+    """
+    from .. import store
+
+    exe = prog()
+    if is_ticket(name):
+        t = decode_ticket(name)
+        warn_argv_ticket(t.name)
+        path = store_ticket(t)
+        click.echo(f"quictun: imported the ticket for {t.name!r} into {path}", err=True)
+        name = t.name
+    else:
+        check_name(name)
+        t = load_stored(name)
+    source = click.get_current_context().get_parameter_source("signal")
+    if t is None and source in (None, click.core.ParameterSource.DEFAULT):
+        stored = store.stored_names()
+        known = f" (stored: {', '.join(stored)})" if stored else ""
+        raise UserError(f"no ticket is stored for {name!r}{known}: run `quictun import -` "
+                        "and paste the ticket that `quictun serve` printed, or pass --signal "
+                        "URL for a block whose secret comes from QUICTUN_SECRET or "
+                        "QUICTUN_SECRET_FILE")
+    if t is not None:
+        lines = [
+            f"# quictun: reach {name!r} via {t.url}, with the ticket stored in "
+            f"{store.ticket_path(name)}",
+            f"Host {name}",
+            f"  ProxyCommand {exe} connect %h --stdio",
+        ]
+    else:
+        lines = [
+            f"# quictun: reach {name!r} via {signal}",
+            "# The secret comes from `quictun import` (then this --signal can go), or from",
+            "# QUICTUN_SECRET or QUICTUN_SECRET_FILE in the environment ssh runs in (e.g.",
+            "# `export QUICTUN_SECRET_FILE=~/.config/quictun/laptop.secret` in your shell",
+            "# profile), or add `--secret-file PATH` to the ProxyCommand.",
+            f"Host {name}",
+            f"  ProxyCommand {exe} connect %h --stdio --signal {signal}",
+        ]
+    click.echo("\n".join(lines))

@@ -1,0 +1,157 @@
+"""What the two peers say to each other inside the QUIC connection (pure).
+
+Theory of operation
+-------------------
+Stream 0, the client's first bidirectional stream, is the **control stream**. Right after
+the handshake the client writes its **proof** there (:data:`PROOF_SIZE` bytes)::
+
+    mac (32) = HMAC(session proof key, "client proof", server_fp, client_fp)
+    pub (32) = the client's raw Ed25519 identity key (the one its offer named)
+    sig (64) = Ed25519 signature by that key over mac
+
+The session key depends on both peers' fresh nonces, so a recorded proof is useless in
+any other session. The server runs a :class:`ProofGate`: until the proof verifies it
+holds every other stream's data (at most ``hold_limit`` bytes) and connects nothing;
+past ``deadline`` without a proof, or past the limit, it refuses the connection.
+
+Every other client bidirectional stream is one forwarded connection; it starts with
+:data:`STREAM_PREAMBLE` (the stream format version), so the server learns of it, and
+connects its target, before the local client has said anything.
+
+Unidirectional streams carry **candidate updates** (after a NAT moved a peer): one JSON
+list of candidate texts per stream (:func:`encode_candidates`), at most
+:data:`CANDIDATES_LIMIT` bytes.
+
+Error codes in CONNECTION_CLOSE / RESET_STREAM are named here too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from . import auth
+from .identity import Identity, fingerprint_of_raw, verify_signature
+
+__all__ = [
+    "CANDIDATES_LIMIT", "CONTROL_STREAM", "ERR_AUTH", "ERR_FINGERPRINT", "ERR_LOCAL_RESET",
+    "ERR_TARGET_UNREACHABLE", "PROOF_SIZE", "STREAM_PREAMBLE", "Authenticated", "ProofGate",
+    "Refused", "decode_candidates_update", "encode_candidates", "make_proof",
+]
+
+CONTROL_STREAM = 0
+STREAM_PREAMBLE = b"\x00"  # first byte of every forwarded stream: format version 0
+PROOF_SIZE = 32 + 32 + 64
+CANDIDATES_LIMIT = 4096
+MAX_UPDATE_CANDIDATES = 32
+
+ERR_TARGET_UNREACHABLE = 0x51  # RESET_STREAM: the server could not connect the target
+ERR_LOCAL_RESET = 0x52  # RESET_STREAM: the local socket was reset
+ERR_AUTH = 0x101  # CONNECTION_CLOSE: the client's proof did not verify (or never came)
+ERR_FINGERPRINT = 0x102  # CONNECTION_CLOSE: the server's certificate is not the pinned one
+
+
+def make_proof(keys: auth.SessionKeys, server_fp: str, identity: Identity) -> bytes:
+    """The client's proof for this session (see the module docstring)."""
+    mac = auth.client_proof_message(keys, server_fp, identity.fingerprint)
+    return mac + identity.public_bytes + identity.sign(mac)
+
+
+def encode_candidates(cands: list[str]) -> bytes:
+    """One candidate update (the payload of one unidirectional stream)."""
+    return json.dumps(cands).encode()
+
+
+def decode_candidates_update(raw: bytes) -> list[str]:
+    """The candidate texts of one update; [] for anything that is not a JSON list (the
+    texts themselves are checked by :func:`quictun.proto.addr.decode_candidates`)."""
+    try:
+        cands = json.loads(raw)
+    except ValueError:
+        return []
+    if not isinstance(cands, list):
+        return []
+    return [c for c in cands if isinstance(c, str)][:MAX_UPDATE_CANDIDATES]
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """The proof verified: deliver ``held`` (in order) and serve the client."""
+
+    client_fp: str
+    held: tuple[tuple[int, bytes, bool], ...]
+    """``(stream_id, data, end)`` of every stream event held before the proof."""
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Close the connection with :data:`ERR_AUTH`."""
+
+    reason: str
+
+
+class ProofGate:
+    """The server's side of the client proof, for one connection (time passed in).
+
+    After creating it, feed :meth:`control_data` (stream 0) and :meth:`hold` (any other
+    stream's data before the proof), arm a timer for :meth:`get_timer` and call
+    :meth:`handle_timer` when it fires. Each returns None, or the one verdict
+    (:class:`Authenticated` or :class:`Refused`); after a verdict the gate is done and
+    returns None for everything.
+    """
+
+    def __init__(self, keys: auth.SessionKeys, server_fp: str, client_pub: bytes, *,
+                 now: float, deadline: float, hold_limit: int) -> None:
+        self._keys = keys
+        self._server_fp = server_fp
+        self.client_pub = client_pub
+        self.client_fp = fingerprint_of_raw(client_pub)
+        self._deadline: float | None = now + deadline
+        self._deadline_secs = deadline
+        self._hold_limit = hold_limit
+        self._control = bytearray()
+        self._held: list[tuple[int, bytes, bool]] = []
+        self._held_bytes = 0
+        self.done = False
+        self.authenticated = False
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` must be called (the proof deadline), or None."""
+        return None if self.done else self._deadline
+
+    def handle_timer(self, now: float) -> Refused | None:
+        if self.done or self._deadline is None or now < self._deadline:
+            return None
+        return self._refuse(f"no valid proof within {self._deadline_secs:.0f} s")
+
+    def hold(self, stream_id: int, data: bytes, end: bool) -> Refused | None:
+        """Keep one stream event until the proof verifies."""
+        if self.done:
+            return None
+        self._held.append((stream_id, data, end))
+        self._held_bytes += len(data)
+        if self._held_bytes > self._hold_limit:
+            return self._refuse("too much data before authentication")
+        return None
+
+    def control_data(self, data: bytes) -> Authenticated | Refused | None:
+        """Bytes of the control stream (the caller has consumed them)."""
+        if self.done:
+            return None
+        self._control.extend(data)
+        if len(self._control) < PROOF_SIZE:
+            return None
+        blob = bytes(self._control[:PROOF_SIZE])
+        mac, pub, sig = blob[:32], blob[32:64], blob[64:]
+        expected = auth.client_proof_message(self._keys, self._server_fp, self.client_fp)
+        if not (auth.check(expected.hex(), mac.hex()) and pub == self.client_pub
+                and verify_signature(pub, sig, mac)):
+            return self._refuse("client proof did not verify")
+        self.done = self.authenticated = True
+        held, self._held = tuple(self._held), []
+        return Authenticated(self.client_fp, held)
+
+    def _refuse(self, reason: str) -> Refused:
+        self.done = True
+        self._held = []
+        return Refused(reason)

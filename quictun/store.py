@@ -1,0 +1,157 @@
+"""What quictun keeps on disk, in the config directory (:func:`config_dir`).
+
+``$QUICTUN_HOME``, else ``$XDG_CONFIG_HOME/quictun``, else ``~/.config/quictun``::
+
+    identity.key, identity.crt   this machine's identity (mode 600), made on first use
+    secrets/NAME                 the secret ``serve NAME`` generated (so tickets stay the same)
+    tickets/NAME                 tickets stored by ``quictun import``
+
+Every file is written atomically with mode 600 (:func:`write_private`). The formats are
+the codecs' (:mod:`quictun.proto.identity`, :mod:`quictun.proto.ticket`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from .proto.identity import Identity, public_key_fingerprint, self_signed_certificate
+from .proto.ticket import Ticket, TicketError, check_name, decode
+
+KEY_FILE = "identity.key"
+CERT_FILE = "identity.crt"
+
+
+def config_dir() -> Path:
+    """Return the config directory (not created)."""
+    home = os.environ.get("QUICTUN_HOME")
+    if home:
+        return Path(home)
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".config"
+    return base / "quictun"
+
+
+def load_or_create(directory: Path | None = None) -> Identity:
+    """Load the identity from ``directory`` (default :func:`config_dir`), creating it if absent.
+
+    Raises:
+        OSError: the directory cannot be created or the files cannot be read/written.
+        ValueError: the files exist but do not hold a valid identity.
+    """
+    d = directory or config_dir()
+    key_path, cert_path = d / KEY_FILE, d / CERT_FILE
+    if key_path.exists():
+        if key_path.stat().st_mode & 0o077:
+            raise ValueError(f"{key_path} is readable by other users; run chmod 600 on it")
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise ValueError(f"{key_path} is not an Ed25519 key")
+        if cert_path.exists():
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            if public_key_fingerprint(cert.public_key()) == public_key_fingerprint(
+                key.public_key()
+            ):
+                return Identity(key, cert)
+        ident = Identity(key, self_signed_certificate(key))
+        write_private(cert_path, ident.certificate.public_bytes(serialization.Encoding.PEM))
+        return ident
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ident = Identity.generate()
+    pem = ident.private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    write_private(key_path, pem)
+    write_private(cert_path, ident.certificate.public_bytes(serialization.Encoding.PEM))
+    return ident
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Atomically write ``data`` to ``path`` with mode 0600 (owner only)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)  # also when a stale .tmp existed with a looser mode
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def stored_secret(name: str) -> str:
+    """The generated secret for ``name``: created once, then kept in the config dir
+    (``$QUICTUN_HOME/secrets/NAME``, mode 600) so that restarts print the same ticket.
+
+    Raises:
+        InvalidName: ``name`` is not a valid name (checked before any file is touched).
+        OSError: the config dir cannot be read or written.
+    """
+    import secrets as _secrets
+
+    path = secret_path(name)
+    if path.exists():
+        value = path.read_text().strip()
+        if value:
+            return value
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    value = _secrets.token_urlsafe(32)
+    write_private(path, value.encode())
+    return value
+
+
+def secret_path(name: str) -> Path:
+    """Where :func:`stored_secret` keeps the secret for ``name``."""
+    return config_dir() / "secrets" / check_name(name)
+
+
+def ticket_path(name: str) -> Path:
+    """Where :func:`store_ticket` keeps the imported ticket for ``name``."""
+    return config_dir() / "tickets" / check_name(name)
+
+
+def stored_names() -> list[str]:
+    """The names that have a ticket stored by :func:`store_ticket`, sorted."""
+    folder = config_dir() / "tickets"
+    try:
+        return sorted(p.name for p in folder.iterdir() if p.is_file())
+    except OSError:
+        return []
+
+
+def store_ticket(t: Ticket) -> Path:
+    """Keep ``t`` (secret included) as ``$QUICTUN_HOME/tickets/NAME``, mode 600, replacing
+    any ticket stored for that name. Returns the path.
+
+    Raises:
+        InvalidName: the ticket's name is not a valid name.
+        OSError: the config dir cannot be written.
+    """
+    path = ticket_path(t.name)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_private(path, (t.encode() + "\n").encode())
+    return path
+
+
+def load_ticket(name: str) -> Ticket | None:
+    """The ticket stored for ``name`` by :func:`store`, or None if there is none.
+
+    Raises:
+        InvalidName: ``name`` is not a valid name.
+        TicketError: the stored file is damaged or is for another name.
+        OSError: the file exists but cannot be read.
+    """
+    path = ticket_path(name)
+    if not path.is_file():
+        return None
+    try:
+        t = decode(path.read_text())
+    except TicketError as exc:
+        raise TicketError(f"the stored ticket {path}: {exc}") from None
+    if t.name != name:
+        raise TicketError(f"the stored ticket {path} is for {t.name!r}, not {name!r} "
+                          "(import it again)")
+    return t
