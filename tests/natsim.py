@@ -54,7 +54,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from quictun.proto import stun
-from quictun.punch.manager import (
+from quictun.punch import (
     Addr,
     Candidate,
     NetPath,

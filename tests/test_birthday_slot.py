@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from quictun.proto import stun
-from quictun.punch.manager import Candidate, PathConfig, PathManager
+from quictun.punch import Candidate, PathConfig, PathManager
 
 LOCAL_KEY, REMOTE_KEY = b"l" * 32, b"r" * 32
 PEER = ("203.0.113.2", 4000)

@@ -11,7 +11,7 @@ import pytest
 from natsim import NAT_TYPES, Host, Nat, NatType, Network, Peer, Sim, make_site
 
 from quictun.proto import stun
-from quictun.punch.manager import (
+from quictun.punch import (
     MAX_CANDIDATES,
     MAX_PRFLX,
     MAX_TRANSACTIONS,

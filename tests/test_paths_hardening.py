@@ -17,8 +17,7 @@ import pytest
 
 from quictun.proto import stun
 from quictun.proto.limits import ReplayWindow, TokenBucket
-from quictun.punch.birthday import decide_role, edm_ip
-from quictun.punch.manager import (
+from quictun.punch import (
     MAX_CANDIDATES,
     MAX_PRFLX,
     Addr,
@@ -26,6 +25,7 @@ from quictun.punch.manager import (
     PathConfig,
     PathManager,
 )
+from quictun.punch.birthday import decide_role, edm_ip
 from quictun.punch.probes import TransactionTable, Txn, seen_requests
 
 KEY_L, KEY_R = b"local-key", b"remote-key"

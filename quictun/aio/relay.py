@@ -14,10 +14,10 @@ import os
 import ssl
 from collections.abc import Callable
 
-from .. import __version__
 from ..errors import TunnelError, printable
 from ..proto import signalling as sigproto
 from ..proto.addr import parse_relay_url
+from ..version import __version__
 
 log = logging.getLogger("quictun.signal")
 
@@ -153,8 +153,11 @@ class SignalClient:
     ) -> sigproto.Message:
         """Send ``msg`` and return the first message for which ``match`` is true.
 
-        An ``error`` message that is not matched by ``match`` and carries no session, or
-        the session this request is about, fails the request with :class:`RelayError`.
+        The relay answers requests in the order it receives them, so an ``error`` message
+        that carries no session and that no waiting ``match`` accepts is the answer to the
+        *oldest* request still waiting: that one fails with :class:`RelayError`. Errors
+        about a session are for ``match`` to accept (``connect`` does), else they go to
+        :attr:`on_message`.
         """
         fut: asyncio.Future[sigproto.Message] = asyncio.get_running_loop().create_future()
         entry = (match, fut)
@@ -265,7 +268,7 @@ class SignalClient:
                 fut.set_result(msg)
                 return
         if isinstance(msg, sigproto.Error) and msg.session is None and self._waiters:
-            # an error about a request in flight (bad token, name taken...): fail it
+            # the answer to the oldest request in flight (bad token, name taken...)
             match, fut = self._waiters.pop(0)
             fut.set_exception(RelayError(msg.code, msg.message))
             return

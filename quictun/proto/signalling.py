@@ -221,7 +221,7 @@ _U53 = _int(0, 2**53 - 1)
 
 
 @dataclass(frozen=True)
-class _Base:
+class _Message:
     T: ClassVar[str] = ""
     CHECKS: ClassVar[dict[str, Any]] = {}
 
@@ -230,7 +230,7 @@ class _Base:
 
 
 @dataclass(frozen=True)
-class Hello(_Base):
+class Hello(_Message):
     """First message of every connection. ``token`` is the relay's shared secret."""
 
     T: ClassVar[str] = "hello"
@@ -245,7 +245,7 @@ class Hello(_Base):
 
 
 @dataclass(frozen=True)
-class Register(_Base):
+class Register(_Message):
     """Claim ``name``; ``owner`` is a 64-hex-char secret proving ownership."""
 
     T: ClassVar[str] = "register"
@@ -255,7 +255,7 @@ class Register(_Base):
 
 
 @dataclass(frozen=True)
-class Unregister(_Base):
+class Unregister(_Message):
     """Release ``name`` immediately (no grace period, no reply)."""
 
     T: ClassVar[str] = "unregister"
@@ -264,7 +264,7 @@ class Unregister(_Base):
 
 
 @dataclass(frozen=True)
-class Connect(_Base):
+class Connect(_Message):
     """Ask the holder of ``name`` for a session; ``offer`` is opaque to the relay."""
 
     T: ClassVar[str] = "connect"
@@ -274,7 +274,7 @@ class Connect(_Base):
 
 
 @dataclass(frozen=True)
-class Answer(_Base):
+class Answer(_Message):
     """Owner -> relay accepting ``session``; relay -> connector forwarding it."""
 
     T: ClassVar[str] = "answer"
@@ -292,7 +292,7 @@ _REJECT_CHECKS: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
-class Reject(_Base):
+class Reject(_Message):
     """Owner refuses an incoming session.
 
     ``reason`` is free text for humans; ``code`` (optional, one of the ``REJECT_*``
@@ -308,7 +308,7 @@ class Reject(_Base):
 
 
 @dataclass(frozen=True)
-class Close(_Base):
+class Close(_Message):
     """Either member ends a session."""
 
     T: ClassVar[str] = "close"
@@ -318,7 +318,7 @@ class Close(_Base):
 
 
 @dataclass(frozen=True)
-class Ping(_Base):
+class Ping(_Message):
     """Relay answers with ``pong`` carrying the same id (use it as a barrier)."""
 
     T: ClassVar[str] = "ping"
@@ -330,7 +330,7 @@ class Ping(_Base):
 
 
 @dataclass(frozen=True)
-class Welcome(_Base):
+class Welcome(_Message):
     """Reply to ``hello``: STUN UDP ports, whether relaying is allowed, observed address."""
 
     T: ClassVar[str] = "welcome"
@@ -347,7 +347,7 @@ class Welcome(_Base):
 
 
 @dataclass(frozen=True)
-class Registered(_Base):
+class Registered(_Message):
     """``name`` is now held by this connection."""
 
     T: ClassVar[str] = "registered"
@@ -356,7 +356,7 @@ class Registered(_Base):
 
 
 @dataclass(frozen=True)
-class Incoming(_Base):
+class Incoming(_Message):
     """To the owner of ``name``: a connector's offer for ``session``."""
 
     T: ClassVar[str] = "incoming"
@@ -367,7 +367,7 @@ class Incoming(_Base):
 
 
 @dataclass(frozen=True)
-class Go(_Base):
+class Go(_Message):
     """To the owner, at the same moment ``answer`` goes to the connector: start punching."""
 
     T: ClassVar[str] = "go"
@@ -376,7 +376,7 @@ class Go(_Base):
 
 
 @dataclass(frozen=True)
-class Rejected(_Base):
+class Rejected(_Message):
     """To the connector: the owner rejected ``session``; ``reason`` and ``code`` are the
     owner's :class:`Reject` fields, unchanged (``code`` None when the owner sent none)."""
 
@@ -388,7 +388,7 @@ class Rejected(_Base):
 
 
 @dataclass(frozen=True)
-class Closed(_Base):
+class Closed(_Message):
     """The other member closed ``session`` (or disconnected, or it timed out)."""
 
     T: ClassVar[str] = "closed"
@@ -398,7 +398,7 @@ class Closed(_Base):
 
 
 @dataclass(frozen=True)
-class Pong(_Base):
+class Pong(_Message):
     """Reply to ``ping``."""
 
     T: ClassVar[str] = "pong"
@@ -407,7 +407,7 @@ class Pong(_Base):
 
 
 @dataclass(frozen=True)
-class Error(_Base):
+class Error(_Message):
     """Something went wrong; ``session`` is set when the error concerns one session."""
 
     T: ClassVar[str] = "error"
@@ -440,7 +440,7 @@ Message = (
     | Error
 )
 
-CLIENT_MESSAGES: tuple[type[_Base], ...] = (
+CLIENT_MESSAGES: tuple[type[_Message], ...] = (
     Hello,
     Register,
     Unregister,
@@ -450,7 +450,7 @@ CLIENT_MESSAGES: tuple[type[_Base], ...] = (
     Close,
     Ping,
 )
-SERVER_MESSAGES: tuple[type[_Base], ...] = (
+SERVER_MESSAGES: tuple[type[_Message], ...] = (
     Welcome,
     Registered,
     Incoming,
@@ -461,7 +461,7 @@ SERVER_MESSAGES: tuple[type[_Base], ...] = (
     Pong,
     Error,
 )
-_TYPES: dict[str, type[_Base]] = {cls.T: cls for cls in CLIENT_MESSAGES + SERVER_MESSAGES}
+_TYPES: dict[str, type[_Message]] = {cls.T: cls for cls in CLIENT_MESSAGES + SERVER_MESSAGES}
 #: Fields that may be absent on the wire (decoded as None).
 _OPTIONAL = {(Error, "session"), (Reject, "code"), (Rejected, "code")}
 #: Optional fields left out of the JSON when None, so that messages without them are

@@ -54,10 +54,11 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable
+from enum import StrEnum
 
 from .types import Addr, Candidate, PathConfig
 
-__all__ = ["Birthday", "allowed_target", "decide_role", "edm_ip"]
+__all__ = ["Birthday", "Role", "allowed_target", "decide_role", "edm_ip", "start_attempt"]
 
 PORT_LO = 1024  # Linux picks NAT ports in 1024..65535 for unprivileged source ports
 PORT_SPAN = 65536 - PORT_LO
@@ -88,14 +89,23 @@ def edm_ip(cands: Iterable[Candidate], *, any_address: bool = False) -> str | No
     return None
 
 
+class Role(StrEnum):
+    """Which half of a birthday attempt this side plays (see the module docstring)."""
+
+    EASY = "easy"
+    """Our NAT keeps one port: probe random ports of the peer's IP from our one socket."""
+    HARD = "hard"
+    """Our NAT maps per destination: open many sockets, probe the peer from each."""
+
+
 def decide_role(
     peer: list[Candidate],
     local: list[Candidate] | None,
     *,
     multi_socket: bool,
     any_address: bool = False,
-) -> tuple[str | None, list[Addr]]:
-    """Return ``(role, targets)``: role ``"easy"``, ``"hard"`` or None (see module doc).
+) -> tuple[Role | None, list[Addr]]:
+    """Return ``(role, targets)``: :class:`Role` or None (see module doc).
 
     ``targets`` are the peer's public IP (easy: ``[(ip, 0)]``, the port is random) or the
     peer's public IPv4 addresses (hard: at most two, reflexive ones first). The caller
@@ -106,16 +116,16 @@ def decide_role(
     local_edm = None if local is None else edm_ip(local, any_address=True) is not None
     peer_ip = edm_ip(peer, any_address=any_address)
     if peer_ip is not None:
-        return ("easy", [(peer_ip, 0)]) if local_edm is not True else (None, [])
+        return (Role.EASY, [(peer_ip, 0)]) if local_edm is not True else (None, [])
     if local_edm is False or not multi_socket:
         return None, []
     public = [c for c in peer if _v4(c.addr) and c.kind in ("srflx", "host")
               and allowed_target(c.addr[0], any_address)]
     srflx = [c.addr for c in public if c.kind == "srflx"]
     if srflx:
-        return "hard", srflx[:2]
+        return Role.HARD, srflx[:2]
     if local_edm:  # a firewalled (untranslated) peer: its host address is public
-        return ("hard", [c.addr for c in public][:2]) if public else (None, [])
+        return (Role.HARD, [c.addr for c in public][:2]) if public else (None, [])
     return None, []
 
 
@@ -128,26 +138,22 @@ class Birthday:
 
     def __init__(
         self,
-        role: str,
+        role: Role,
         targets: list[Addr],
         now: float,
         cfg: PathConfig,
         random_bytes: Callable[[int], bytes],
     ) -> None:
-        if role not in ("easy", "hard") or not targets:
+        if role not in tuple(Role) or not targets:
             raise ValueError("bad birthday role or no target")
-        self.role = role
+        self.role = Role(role)
         self.targets = targets
         self.until = now + cfg.birthday_duration
-        self.sockets = max(1, cfg.birthday_sockets) if role == "hard" else 0
+        self.sockets = max(1, cfg.birthday_sockets) if role == Role.HARD else 0
         self._gap = 1.0 / max(1.0, cfg.birthday_rate)
         self._random_bytes = random_bytes
         self._next: float | None = now
         self._seq = 0
-        self.sent = 0
-
-    def active(self, now: float) -> bool:
-        return self._next is not None and now < self.until
 
     def stop(self) -> None:
         self._next = None
@@ -161,7 +167,7 @@ class Birthday:
 
     def _one(self) -> tuple[int, Addr]:
         self._seq += 1
-        if self.role == "easy":
+        if self.role == Role.EASY:
             port = PORT_LO + int.from_bytes(self._random_bytes(2), "big") % PORT_SPAN
             return 0, (self.targets[0][0], port)
         i = self._seq - 1
@@ -181,5 +187,18 @@ class Birthday:
             self._next += self._gap
         if self._next <= now:  # far behind: drop the backlog, keep the rate bound
             self._next = now + self._gap
-        self.sent += len(out)
         return out
+
+
+def start_attempt(peer: list[Candidate], ours: list[Candidate] | None, now: float,
+                  cfg: PathConfig, *, multi_socket: bool,
+                  random_bytes: Callable[[int], bytes]) -> Birthday | None:
+    """The birthday attempt to start now (nothing validated by ``birthday_after``), or None
+    when no role applies (:func:`decide_role`) or birthday probing is off."""
+    if cfg.birthday_duration <= 0:
+        return None
+    role, targets = decide_role(peer, ours, multi_socket=multi_socket,
+                                any_address=cfg.birthday_any_address)
+    if role is None:
+        return None
+    return Birthday(role, targets, now, cfg, random_bytes)

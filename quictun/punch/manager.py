@@ -34,10 +34,10 @@ Every candidate has one probe timer (``next_probe``), scheduled by its role: hea
 when selected, fast then slow during a burst, rarely as a validated alternate, else idle
 (:class:`quictun.punch.probes.Cand`).
 
-Selection (see :meth:`PathManager._target`): the best validated candidate is the lowest
-``(rank, rtt at validation)``. Relay or pathless -> upgrade to it as soon as one exists.
-Direct -> switch only to a *strictly* lower rank, never on RTT, so loss and jitter cannot
-make it flap. The selected path is *dead* when nothing (signed response or
+Selection (the rules are :mod:`quictun.punch.selection`): the best validated candidate is
+the lowest ``(rank, rtt at validation)``. Relay or pathless -> upgrade to it as soon as one
+exists. Direct -> switch only to a *strictly* lower rank, never on RTT, so loss and jitter
+cannot make it flap. The selected path is *dead* when nothing (signed response or
 :meth:`note_direct_traffic`) came for ``dead_after`` while probes went unanswered for at
 least one heartbeat; it is then un-validated (its pending transactions are forgotten, so
 coming back needs a response to a probe sent after the fallback), and we fall back to
@@ -52,32 +52,18 @@ that normal form. A shell with a dual-stack socket maps IPv4 back to ``::ffff:a.
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..proto import stun
 from ..proto.limits import Sighting, TokenBucket
-from .birthday import Birthday, decide_role
+from .birthday import Birthday, start_attempt
 from .gather import FIRST_DELAY, GatherSchedule
-from .probes import (
-    ALTERNATE_FACTOR,
-    MAX_TRANSACTIONS,
-    REPLAY_WINDOW,
-    TRANSACTION_LIFETIME,
-    Cand,
-    TransactionTable,
-    Txn,
-    seen_requests,
-)
+from .probes import ALTERNATE_FACTOR, CandidateState, Datagram, Outbox
+from .selection import MAX_CANDIDATES, MAX_PRFLX, CandidateTable, repunch_targets, target
 from .types import (
-    KIND_PREFERENCE,
-    RANK_HOST_IPV4,
-    RANK_IPV6,
     RANK_LAN,
-    RANK_REFLEXIVE,
-    RANK_RELAY,
     RELAY_PATH,
     Addr,
     Candidate,
@@ -90,25 +76,13 @@ from .types import (
     PunchFailed,
     SuspectChanged,
     normalize_addr,
-    rank_of,
 )
 
-__all__ = [
-    "Addr", "Candidate", "NetPath", "PathChanged", "PunchFailed", "SuspectChanged",
-    "GatherWanted", "PathConfig", "PathManager",
-    "normalize_addr", "RANK_LAN", "RANK_IPV6", "RANK_HOST_IPV4", "RANK_REFLEXIVE",
-    "RANK_RELAY", "RELAY_PATH", "MAX_CANDIDATES", "MAX_PRFLX", "MAX_TRANSACTIONS",
-    "TRANSACTION_LIFETIME", "REPLAY_WINDOW",
-]
+__all__ = ["MAX_CANDIDATES", "MAX_PRFLX", "PathManager"]
 
-MAX_CANDIDATES = 32  # signalled candidates kept; the oldest idle one is evicted
-MAX_PRFLX = 8  # peer-reflexive candidates kept; the oldest unvalidated one is evicted
 PRFLX_RATE, PRFLX_BURST = 4.0, 4  # new prflx candidates: per second, at once
 TRIGGER_RATE, TRIGGER_BURST = 4.0, 8  # triggered checks: per second, at once
 TRIGGERED_BURST = 2.0  # seconds a triggered check keeps probing a candidate
-EARLY_MOVE_EXTRA = 1.0  # s of fast probing unanswered before moving off a silent path early
-
-Datagram = tuple[bytes, Addr, "int | None", int]
 
 
 class PathManager:
@@ -145,9 +119,6 @@ class PathManager:
     ) -> None:
         if mode not in ("auto", "direct", "relay"):
             raise ValueError(f"unknown mode: {mode!r}")
-        self._local_key = local_key
-        self._remote_key = remote_key
-        self._networks = tuple(local_networks)
         self._mode = mode
         self._relay_available = relay_available
         self._cfg = config if config is not None else PathConfig()
@@ -157,13 +128,12 @@ class PathManager:
         self._bday: Birthday | None = None
         self._bday_decided = False
 
-        self._cands: dict[Addr, Cand] = {}
-        self._seq = itertools.count(1)
-        self._txns = TransactionTable()
-        self._seen = seen_requests()
+        self._cands = CandidateTable(local_networks)
+        self._outbox = Outbox(local_key=local_key, remote_key=remote_key,
+                              random_bytes=random_bytes)
+        self._txns = self._outbox.txns
         self._prflx_bucket = TokenBucket(PRFLX_RATE, PRFLX_BURST)
         self._trigger_bucket = TokenBucket(TRIGGER_RATE, TRIGGER_BURST)
-        self._out: list[Datagram] = []
         self._events: deque[Event] = deque()
         self._regather = regather and mode != "relay"
         self._gather = GatherSchedule()
@@ -175,7 +145,7 @@ class PathManager:
         self._start_time = 0.0
         self._punch_deadline_done = False
         self._next_repunch: float | None = None
-        self._selected: Cand | None = None
+        self._selected: CandidateState | None = None
         self._on_relay = False
 
         self._stats = dict.fromkeys((
@@ -208,15 +178,11 @@ class PathManager:
         rebinding) can always go direct again.
         """
         for cand in cands:
-            existing = self._cands.get(cand.addr)
+            existing, forgot = self._cands.signalled(cand, self._selected)
+            if forgot is not None:
+                self._txns.forget(forgot)
             if existing is None:
-                if not self._evict_one(False, MAX_CANDIDATES):
-                    continue
-                existing = self._add(cand.addr, cand.kind)
-            elif KIND_PREFERENCE[cand.kind] < KIND_PREFERENCE[existing.kind]:
-                existing.kind = cand.kind
-                existing.rank = rank_of(existing.addr, existing.kind, self._networks)
-            existing.seq = next(self._seq)
+                continue
             if self._started and self._mode != "relay" and not existing.validated:
                 existing.burst(now, now + self._cfg.punch_timeout, fast=True)
         self._reselect(now)
@@ -319,8 +285,7 @@ class PathManager:
         first use, any free port). Only a manager created with ``multi_socket=True`` uses
         slots other than 0; the shell closes the extra sockets not in :meth:`aux_slots`."""
         self._service(now)
-        out, self._out = self._out, []
-        return out
+        return self._outbox.take()
 
     def aux_slots(self) -> set[int]:
         """The extra sockets (slots > 0) that must stay open now; close all others."""
@@ -378,33 +343,15 @@ class PathManager:
 
     # ------------------------------------------------------------------ candidates
 
-    def _add(self, addr: Addr, kind: str) -> Cand:
-        c = Cand(addr, kind, rank_of(addr, kind, self._networks), seq=next(self._seq))
-        self._cands[addr] = c
+    def _learn_prflx(self, addr: Addr) -> CandidateState | None:
+        c, forgot = self._cands.learn_prflx(addr, self._selected)
+        if forgot is not None:
+            self._txns.forget(forgot)
+        if c is not None:
+            self._stats["prflx_learned"] += 1
         return c
 
-    def _evict_one(self, prflx: bool, limit: int) -> bool:
-        """Make room for one more (prflx or signalled) candidate: True if there is room,
-        possibly after forgetting the oldest such candidate that is neither validated nor
-        selected; False if every one of ``limit`` candidates is in use."""
-        same = [c for c in self._cands.values() if (c.kind == "prflx") == prflx]
-        if len(same) < limit:
-            return True
-        victims = [c for c in same if not c.validated and c is not self._selected]
-        if not victims:
-            return False
-        victim = min(victims, key=lambda c: c.seq)
-        self._txns.forget(victim.addr)
-        del self._cands[victim.addr]
-        return True
-
-    def _learn_prflx(self, addr: Addr) -> Cand | None:
-        if not self._evict_one(True, MAX_PRFLX):
-            return None
-        self._stats["prflx_learned"] += 1
-        return self._add(addr, "prflx")
-
-    def _invalidate(self, c: Cand) -> None:
+    def _invalidate(self, c: CandidateState) -> None:
         """Require a fresh validation (a response to a probe sent from now on)."""
         c.validated = False
         c.first_unanswered = None
@@ -421,17 +368,12 @@ class PathManager:
         (same id, source and socket) get the same answer and nothing more; new prflx
         candidates and triggered checks spend a token of their rate limit.
         """
-        if not stun.verify_integrity(data, self._local_key):
+        seen = self._outbox.check_request(data, msg.txid, src, slot, now)
+        if seen is None or seen is Sighting.REPLAY:
             self._stats["invalid_dropped"] += 1
-            return
-        seen = self._seen.check(msg.txid, now, origin=(src, slot))
-        if seen is Sighting.REPLAY:
-            self._stats["invalid_dropped"] += 1
-            self._stats["replays_dropped"] += 1
+            self._stats["replays_dropped"] += seen is Sighting.REPLAY
             return
         self._stats["requests_received"] += 1
-        answer = stun.binding_success(msg.txid, src, key=self._local_key)
-        self._out.append((answer, src, None, slot))
         self._stats["responses_sent"] += 1
         if seen is Sighting.REPEAT:
             self._stats["retransmissions"] += 1
@@ -464,11 +406,10 @@ class PathManager:
     def _handle_response(
         self, data: bytes, msg: stun.StunMessage, src: Addr, now: float, slot: int
     ) -> None:
-        txn = self._txns.match(msg.txid, src, slot, now)
-        if txn is None or not stun.verify_integrity(data, self._remote_key):
+        txn = self._outbox.match_response(data, msg.txid, src, slot, now)
+        if txn is None:
             self._stats["invalid_dropped"] += 1
             return
-        self._txns.remove(msg.txid)
         c = self._cands.get(src)
         if c is None and txn.learn:  # a birthday probe hit: the peer answered a random port
             c = self._learn_prflx(src)
@@ -547,43 +488,38 @@ class PathManager:
         cfg = self._cfg
         if not self._bday_decided and now >= self._start_time + cfg.birthday_after:
             self._bday_decided = True
-            if cfg.birthday_duration > 0 and not any(c.validated for c in self._cands.values()):
+            if not any(c.validated for c in self._cands.values()):
                 peer = [Candidate(c.addr, c.kind) for c in self._cands.values()
                         if c.kind != "prflx" and c.rank > RANK_LAN]
-                role, targets = decide_role(peer, self._local_cands,
-                                            multi_socket=self._multi_socket,
-                                            any_address=cfg.birthday_any_address)
-                if role is not None:
-                    self.birthday_role = role
-                    self._bday = Birthday(role, targets, now, cfg, self._random_bytes)
+                self._bday = start_attempt(peer, self._local_cands, now, cfg,
+                                           multi_socket=self._multi_socket,
+                                           random_bytes=self._random_bytes)
+                if self._bday is not None:
+                    self.birthday_role = self._bday.role
         bday = self._bday
         if bday is None:
             return
         ttl = cfg.low_ttl if bday.role == "hard" and cfg.low_ttl_probes > 0 else None
         for slot, addr in bday.due(now):
-            txid = self._random_bytes(12)
-            self._txns.add(txid, Txn(addr=addr, sent_at=now, slot=slot, learn=True), now)
-            self._out.append((stun.binding_request(txid, key=self._remote_key), addr, ttl, slot))
+            self._outbox.request(addr, slot, now, ttl, learn=True)
             self._stats["birthday_probes"] += 1
         if bday.next_time() is None:
             self._bday = None  # over: aux_slots() keeps only the slots candidates use
 
-    def _send_probe(self, c: Cand, now: float) -> None:
-        txid = self._random_bytes(12)
-        self._txns.add(txid, Txn(addr=c.addr, sent_at=now, slot=c.slot), now)
+    def _send_probe(self, c: CandidateState, now: float) -> None:
         ttl = None
         if c.kind != "prflx" and not c.validated and c.probes < self._cfg.low_ttl_probes:
             ttl = self._cfg.low_ttl  # opens our NAT, dies before the far one (module doc)
             self._stats["low_ttl_probes"] += 1
         c.probes += 1
-        self._out.append((stun.binding_request(txid, key=self._remote_key), c.addr, ttl, c.slot))
+        self._outbox.request(c.addr, c.slot, now, ttl)
         self._stats["probes_sent"] += 1
         if c.validated and c.first_unanswered is None:
             c.first_unanswered = now
         interval = c.interval(self._cfg, c is self._selected, now)
         c.next_probe = None if interval is None else now + interval
 
-    def _path_died(self, c: Cand, now: float) -> None:
+    def _path_died(self, c: CandidateState, now: float) -> None:
         was_selected = c is self._selected
         self._invalidate(c)
         c.next_probe = None
@@ -593,13 +529,10 @@ class PathManager:
         self._selected = None  # _reselect emits the single PathChanged below
         self._repunch(now, previous=c)
 
-    def _repunch_targets(self) -> list[Cand]:
-        """Unvalidated candidates that would beat the current path if they worked."""
-        cur = self._selected
-        limit = cur.rank if cur is not None else RANK_RELAY + 1
-        return [c for c in self._cands.values() if not c.validated and c.rank < limit]
+    def _repunch_targets(self) -> list[CandidateState]:
+        return repunch_targets(self._cands.values(), self._selected)
 
-    def _repunch(self, now: float, previous: Cand | None = None) -> None:
+    def _repunch(self, now: float, previous: CandidateState | None = None) -> None:
         """One re-punch burst; repeats every repunch_interval while on relay or pathless,
         every upgrade_interval while on a direct path that a candidate could beat."""
         until = now + self._cfg.repunch_burst
@@ -638,39 +571,14 @@ class PathManager:
     def _relay_wanted(self) -> bool:
         return self._mode != "direct" and self._relay_available
 
-    def _best(self) -> Cand | None:
-        live = [c for c in self._cands.values() if c.validated]
-        if not live:
-            return None
-        return min(live, key=lambda c: (c.rank, c.validation_rtt or 0.0, c.addr))
-
-    def _target(self, now: float) -> tuple[Cand | None, bool]:
+    def _target(self, now: float) -> tuple[CandidateState | None, bool]:
         """Return (direct candidate, use relay) that should be current now."""
-        if self._mode == "relay":
-            return None, self._relay_available
-        best = self._best()
-        cur = self._selected
-        if cur is not None and cur.validated:
-            if best is not None and best.rank < cur.rank:
-                return best, False
-            if cur.silent(self._cfg, now, EARLY_MOVE_EXTRA):
-                # clear evidence: the selected path went quiet (through a heartbeat and the
-                # fast probes after it) while another of no worse rank answered recently,
-                # e.g. the peer's NAT moved it to a new port: move now, not at dead_after.
-                # Never to a worse rank, so loss on a LAN path cannot flap it.
-                alive = [c for c in self._cands.values()
-                         if c.validated and c is not cur and c.rank <= cur.rank
-                         and not c.silent(self._cfg, now)]
-                if alive:
-                    return min(alive, key=lambda c: (c.rank, c.validation_rtt or 0.0)), False
-            return cur, False
-        if best is not None:
-            return best, False
-        if self._relay_wanted() and now >= self._start_time + self._cfg.relay_after:
-            return None, True
-        return None, False
+        return target(
+            self._cands.values(), self._selected, self._cfg, now,
+            relay_only=self._mode == "relay", relay_usable=self._relay_available,
+            relay_wanted=self._relay_wanted() and now >= self._start_time + self._cfg.relay_after)
 
-    def _reselect(self, now: float, previous_direct: Cand | None = None) -> None:
+    def _reselect(self, now: float, previous_direct: CandidateState | None = None) -> None:
         """Move ``current`` to the target, emitting one PathChanged if it changed."""
         if not self._started:
             return

@@ -2,8 +2,8 @@ r"""Bookkeeping for the path manager's probes (sans-I/O, used by :mod:`quictun.p
 
 Nothing here touches a socket or a clock (the caller passes ``now``).
 
-:class:`Cand` is one remote candidate's state. It has one probe timer (``next_probe``);
-its interval (:meth:`Cand.interval`) depends on its role:
+:class:`CandidateState` is one remote candidate's state. It has one probe timer (``next_probe``);
+its interval (:meth:`CandidateState.interval`) depends on its role:
 
 * selected direct path: ``heartbeat``; once *suspect* (no evidence for 1.5 heartbeats)
   ``probe_interval_slow``, so that one lost heartbeat cannot kill a path;
@@ -31,21 +31,25 @@ other check cannot make us probe arbitrary addresses faster than a fixed rate.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..proto.limits import ReplayWindow
+from ..proto import stun
+from ..proto.limits import ReplayWindow, Sighting
 from .types import Addr, NetPath, PathConfig
 
 __all__ = [
     "ALTERNATE_FACTOR",
     "FAST_PHASE",
     "SUSPECT_FACTOR",
-    "Cand",
+    "CandidateState",
     "MAX_SEEN_REQUESTS",
     "MAX_TRANSACTIONS",
     "REPLAY_WINDOW",
     "TRANSACTION_LIFETIME",
     "seen_requests",
+    "Datagram",
+    "Outbox",
     "TransactionTable",
     "Txn",
 ]
@@ -62,7 +66,7 @@ SUSPECT_FACTOR = 1.5  # selected path with no evidence for 1.5 heartbeats probes
 
 
 @dataclass
-class Cand:
+class CandidateState:
     """Mutable per-candidate state and its probe schedule (see the module docstring)."""
 
     addr: Addr
@@ -181,3 +185,70 @@ def seen_requests() -> ReplayWindow:
     table), the rate limits in :mod:`quictun.punch.manager` bound what a replay can do.
     """
     return ReplayWindow(REPLAY_WINDOW, MAX_SEEN_REQUESTS, evict_when_full=True)
+
+
+Datagram = tuple[bytes, Addr, "int | None", int]
+"""``(data, addr, ttl, slot)``: see :meth:`PathManager.datagrams_to_send_slots`."""
+
+
+class Outbox:
+    """The signed probe exchange with the peer: every datagram the path manager sends,
+    the transactions its requests open (only answers to our own probes can validate a
+    path), and the memory of the peer's requests (replays get nothing).
+
+    ``remote_key`` signs our requests and verifies the peer's answers; ``local_key``
+    verifies the peer's requests and signs our answers. ``random_bytes`` draws
+    transaction ids.
+    """
+
+    def __init__(self, *, local_key: bytes, remote_key: bytes,
+                 random_bytes: Callable[[int], bytes]) -> None:
+        self._local_key = local_key
+        self._remote_key = remote_key
+        self._random_bytes = random_bytes
+        self.txns = TransactionTable()
+        self._seen = seen_requests()
+        self._queue: list[Datagram] = []
+
+    def check_request(self, data: bytes, txid: bytes, src: Addr, slot: int,
+                      now: float) -> Sighting | None:
+        """Verify the peer's Binding request and answer it unless it is a replay.
+
+        Returns None (wrongly signed: dropped), :attr:`Sighting.REPLAY` (dropped
+        unanswered), :attr:`Sighting.REPEAT` (a retransmission: answered, nothing more)
+        or :attr:`Sighting.NEW` (answered).
+        """
+        if not stun.verify_integrity(data, self._local_key):
+            return None
+        seen = self._seen.check(txid, now, origin=(src, slot))
+        if seen is not Sighting.REPLAY:
+            self.answer(txid, src, slot)
+        return seen
+
+    def match_response(self, data: bytes, txid: bytes, src: Addr, slot: int,
+                       now: float) -> Txn | None:
+        """The transaction a signed Binding success answers (and forget it), or None: not
+        ours, expired, from another address or socket, or wrongly signed."""
+        txn = self.txns.match(txid, src, slot, now)
+        if txn is None or not stun.verify_integrity(data, self._remote_key):
+            return None
+        self.txns.remove(txid)
+        return txn
+
+    def request(self, addr: Addr, slot: int, now: float, ttl: int | None = None, *,
+                learn: bool = False) -> None:
+        """Queue a signed Binding request to ``addr`` from socket ``slot``; ``learn``: an
+        answer from ``addr`` may create a candidate (a birthday probe)."""
+        txid = self._random_bytes(12)
+        self.txns.add(txid, Txn(addr=addr, sent_at=now, slot=slot, learn=learn), now)
+        self._queue.append((stun.binding_request(txid, key=self._remote_key), addr, ttl, slot))
+
+    def answer(self, txid: bytes, src: Addr, slot: int) -> None:
+        """Queue a signed Binding success for the peer's request ``txid`` from ``src``."""
+        self._queue.append((stun.binding_success(txid, src, key=self._local_key), src, None,
+                            slot))
+
+    def take(self) -> list[Datagram]:
+        """Return and forget everything queued."""
+        out, self._queue = self._queue, []
+        return out
