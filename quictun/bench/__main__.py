@@ -65,11 +65,8 @@ def _cert_files(d: Path) -> tuple[str, str]:
     return str(cf), str(kf)
 
 
-def engine_ceiling(kind: str, nbytes: int, certs: tuple[str, str],
-                   datagram: int = 1350) -> dict[str, Any]:
-    """Push ``nbytes`` over one stream between two in-memory connections (MB/s)."""
-    import ssl
-
+def _engine_classes(kind: str) -> tuple[Any, Any, Any]:
+    """(events module, QuicConfiguration, QuicConnection) for an engine_ceiling kind."""
     if kind == "qh3":
         from qh3.quic import events as ev_mod
         from qh3.quic.configuration import QuicConfiguration as Cfg
@@ -84,16 +81,29 @@ def engine_ceiling(kind: str, nbytes: int, certs: tuple[str, str],
             from ..quic.flow import connection_class
 
             Conn = connection_class(engines.get("aioquic"))  # type: ignore[misc]
+    return ev_mod, Cfg, Conn
+
+
+def _engine_configs(cfg_class: Any, certs: tuple[str, str], datagram: int) -> tuple[Any, Any]:
+    import ssl
+
     from ..config import TunnelConfig
 
     cfg = TunnelConfig()
-
-    ccfg = Cfg(is_client=True, alpn_protocols=["bench"], max_datagram_size=datagram,
-               max_stream_data=cfg.stream_window, max_data=cfg.connection_window)
+    ccfg = cfg_class(is_client=True, alpn_protocols=["bench"], max_datagram_size=datagram,
+                     max_stream_data=cfg.stream_window, max_data=cfg.connection_window)
     ccfg.verify_mode = ssl.CERT_NONE
-    scfg = Cfg(is_client=False, alpn_protocols=["bench"], max_datagram_size=datagram,
-               max_stream_data=cfg.stream_window, max_data=cfg.connection_window)
+    scfg = cfg_class(is_client=False, alpn_protocols=["bench"], max_datagram_size=datagram,
+                     max_stream_data=cfg.stream_window, max_data=cfg.connection_window)
     scfg.load_cert_chain(certs[0], certs[1])
+    return ccfg, scfg
+
+
+def engine_ceiling(kind: str, nbytes: int, certs: tuple[str, str],
+                   datagram: int = 1350) -> dict[str, Any]:
+    """Push ``nbytes`` over one stream between two in-memory connections (MB/s)."""
+    ev_mod, Cfg, Conn = _engine_classes(kind)
+    ccfg, scfg = _engine_configs(Cfg, certs, datagram)
     ca, sa = ("10.0.0.1", 1), ("10.0.0.2", 2)
     client = Conn(configuration=ccfg)
     client.connect(sa, now=time.monotonic())

@@ -1,4 +1,4 @@
-"""Birthday probing: the role decision and the probe schedule (sans-I/O, used by paths).
+"""Birthday probing: the role decision and the probe schedule (sans-I/O, for the manager).
 
 Theory of operation
 -------------------

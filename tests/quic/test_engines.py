@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from helpers import PY, Proc, TcpServer, base_env, hash_then_reply
-from test_quicconn import (
+from test_flow import (
     STREAM_WINDOW,
     engine_params,
     exchange,

@@ -19,7 +19,7 @@ from helpers import PY, Proc, base_env
 from quictun.aio.relay import CA_ENV, SignalClient
 from quictun.errors import TunnelError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 QT = [PY, "-m", "quictun"]
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,

@@ -382,7 +382,7 @@ def test_version_and_busy_port_are_one_line() -> None:
 async def test_wss_with_make_certs_script(tmp_path: pathlib.Path) -> None:
     import ssl
 
-    script = pathlib.Path(__file__).parent.parent / "certs" / "make-certs.sh"
+    script = pathlib.Path(__file__).resolve().parents[2] / "certs" / "make-certs.sh"
     subprocess.run(["sh", str(script), "localhost", str(tmp_path)], check=True, capture_output=True)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(tmp_path / "relay.crt", tmp_path / "relay.key")
