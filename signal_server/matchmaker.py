@@ -115,6 +115,7 @@ class Matchmaker:
             sp.Answer: self._handle_answer,
             sp.Reject: self._handle_reject,
             sp.Close: self._handle_close,
+            sp.Data: self._handle_data,
             sp.Ping: self._handle_ping,
         }
 
@@ -328,11 +329,13 @@ class Matchmaker:
         handler(conn, msg, now)
 
     def _handle_hello(self, conn: ConnRecord, msg: sp.Hello, now: float) -> None:
-        if msg.v != sp.PROTOCOL_VERSION:
+        if msg.v not in sp.SUPPORTED_VERSIONS:
+            newest = max(sp.SUPPORTED_VERSIONS)
             self._fatal(
                 conn,
                 sp.E_UNSUPPORTED_VERSION,
-                f"relay speaks protocol version {sp.PROTOCOL_VERSION}, client sent {msg.v}",
+                f"relay speaks protocol version {newest}, client sent {msg.v}"
+                + ("; upgrade quictun-signal" if msg.v > newest else "; upgrade quictun"),
                 CLOSE_PROTOCOL,
                 now,
             )
@@ -356,7 +359,7 @@ class Matchmaker:
         self._send(
             conn.id,
             sp.Welcome(
-                v=sp.PROTOCOL_VERSION,
+                v=msg.v,  # the client's version: a version-1 client sees what it expects
                 stun=list(self.config.stun_ports),
                 relay=self.config.relay_enabled,
                 addr=conn.addr,
@@ -491,6 +494,25 @@ class Matchmaker:
         if other != conn.id:
             self._send(other, sp.Closed(session.id, msg.reason))
         self._end_session(session)
+
+    def _handle_data(self, conn: ConnRecord, msg: sp.Data, now: float) -> None:
+        """Forward a sealed message to the other member of an answered session (even
+        when relaying packets is off); at most ``max_data_per_session`` per sender."""
+        session = self._sessions.get(msg.session)
+        if session is None or conn.id not in (session.owner, session.connector) \
+                or not session.answered:
+            # often a late message for a session that just ended: not the sender's fault
+            self._client_error(conn, sp.E_NO_SUCH_SESSION,
+                               f"no answered session {msg.session} of yours", now,
+                               session=msg.session, count=False)
+            return
+        sent = session.data_sent.get(conn.id, 0)
+        if sent >= self.config.max_data_per_session:
+            self._client_error(conn, sp.E_RATE_LIMITED, "too many data messages in one "
+                               "session", now, session=msg.session, count=False)
+            return
+        session.data_sent[conn.id] = sent + 1
+        self._send(session.other(conn.id), sp.Data(session.id, msg.data))
 
     def _handle_ping(self, conn: ConnRecord, msg: sp.Ping, now: float) -> None:
         self._send(conn.id, sp.Pong(msg.id))

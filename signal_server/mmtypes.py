@@ -49,6 +49,7 @@ class MatchmakerConfig:
     max_errors: int = 10
     max_names_per_conn: int = 32
     max_pending_per_conn: int = 32
+    max_data_per_session: int = 16  # `data` messages each member may send in one session
     max_sessions_per_conn: int = 256
     stun_ports: tuple[int, ...] = ()
 
@@ -89,6 +90,7 @@ class SessionRecord:
     answered: bool = False
     relayed_bytes: int = 0
     buckets: dict[int, Bucket] = field(default_factory=dict)
+    data_sent: dict[int, int] = field(default_factory=dict)  # ``data`` messages, by sender
 
     def other(self, conn_id: int) -> int:
         return self.owner if conn_id == self.connector else self.connector

@@ -132,3 +132,14 @@ def free_port() -> int:
     p = s.getsockname()[1]
     s.close()
     return p
+
+
+def v1_ticket(url: str, name: str, secret: str, fingerprint: str) -> str:
+    """A format-1 ticket as quictun 0.1 wrote it (no checks: for malformed fields that
+    a format-2 encoder refuses to write)."""
+    import base64
+    import json
+
+    raw = json.dumps({"u": url, "n": name, "s": secret, "f": fingerprint},
+                     separators=(",", ":")).encode()
+    return "qt1" + base64.b32encode(raw).decode().rstrip("=").lower()

@@ -12,11 +12,13 @@ Example::
 
     asyncio.run(main())
 
-Steps (see docs/architecture.md): open a socket and gather candidates; send the
-:class:`~quictun.proto.offer.Offer` through the relay; verify the
-:class:`~quictun.proto.offer.Answer` and pin the server's fingerprint; start the session
-(QUIC at once over whatever path exists, the relay first if allowed, moving when a better
-path appears); wait until the handshake is done and our proof is sent.
+Steps (see docs/protocol.md, "Peer protocol"): open a socket and gather candidates; run
+the SPAKE2 exchange through the relay (:class:`~quictun.proto.exchange.ClientExchange`:
+our offer, the server's answer whose sealed box proves it knows the secret and names
+its fingerprint, which we pin; then our own sealed hello with our identity key and
+candidates); start the session (QUIC at once over whatever path exists, the relay first
+if allowed, moving when a better path appears); wait until the handshake is done and our
+proof, bound to the TLS channel, is sent.
 """
 
 from __future__ import annotations
@@ -26,16 +28,18 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from ..config import DEFAULT_SIGNAL, TunnelConfig
 from ..errors import AuthError, TunnelError, printable
-from ..proto import auth
+from ..proto import pake
 from ..proto import signalling as sigproto
 from ..proto.addr import Candidate, decode_candidates
+from ..proto.exchange import ClientExchange, MismatchedPin
 from ..proto.identity import Identity
-from ..proto.offer import Answer, Malformed, Offer, OfferError, session_keys
+from ..proto.offer import E_VERSION, OfferError, ServerHello
 from ..punch.types import Mode, NetPath, PathConfig, describe
 from ..store import load_or_create
 from .bridge import StreamBridge
@@ -123,13 +127,15 @@ async def open_tunnel(
     path_config: PathConfig | None = None,
     timeout: float | None = None,
     pin: str | None = None,
+    box_key: bytes | None = None,
     config: TunnelConfig | None = None,
 ) -> Tunnel:
     """Connect to the peer serving ``name``; returns when the tunnel is authenticated.
 
     ``config`` carries every tunable (``path_config`` and ``timeout``, if given, replace
     its ``paths`` and ``connect_timeout``). ``pin``: the server fingerprint a ticket names;
-    any other is refused.
+    any other is refused. ``box_key``: the server's box key from a ticket, which lets the
+    server tell us from strangers before the exchange completes (its guess throttle).
 
     Raises:
         TunnelError: with a one-line reason (relay unreachable, no such name, wrong
@@ -155,7 +161,7 @@ async def open_tunnel(
         ep, cands = await open_and_gather(sc, mode, config.stun_wait)
         try:
             return await _handshake(_Attempt(name, sc, ep, cands, secret, mode, identity,
-                                             status, config, pin))
+                                             status, config, pin, box_key))
         except BaseException:
             ep.close()
             raise
@@ -178,15 +184,21 @@ class _Attempt:
     status: StatusCallback
     config: TunnelConfig
     pin: str | None
+    box_key: bytes | None
 
 
-async def _exchange(at: _Attempt, root: bytes, offer: Offer) -> tuple[int, Answer]:
-    """Send the offer, wait for the answer; returns (session id, verified answer)."""
+def now_ms() -> int:
+    """The wall clock in ms since the epoch (the protocol's timestamps)."""
+    return int(time.time() * 1000)
+
+
+async def _exchange(at: _Attempt, ex: ClientExchange) -> tuple[int, ServerHello]:
+    """Send the offer, wait for the answer; returns (session id, the verified hello)."""
     name = at.name
     at.status(f"asking the relay for {name!r}")
     try:
         reply = await at.sc.request(
-            sigproto.Connect(name=name, offer=offer.to_wire(root)),
+            sigproto.Connect(name=name, offer=ex.offer()),
             lambda m: isinstance(m, (sigproto.Answer, sigproto.Rejected))
             or (isinstance(m, sigproto.Error) and m.session is not None),
             timeout=at.config.connect_timeout,
@@ -199,47 +211,69 @@ async def _exchange(at: _Attempt, root: bytes, offer: Offer) -> tuple[int, Answe
             ) from None
         raise
     if isinstance(reply, sigproto.Rejected):
-        # only the machine-readable code makes it permanent; the reason is free text
-        if reply.code == sigproto.REJECT_AUTH:
-            raise AuthError(
-                f"{name!r} refused the connection: wrong secret "
-                "(check QUICTUN_SECRET / --secret-file, or use the ticket)"
-            )
-        raise TunnelError(f"{name!r} refused the connection: {printable(reply.reason)}")
+        raise _rejected(name, reply)
     if isinstance(reply, sigproto.Error):
         if reply.code == sigproto.E_TIMEOUT:
             raise TunnelError(f"the peer serving {name!r} did not answer (it may be gone)")
         raise TunnelError(f"relay: {printable(reply.message)}")
     assert isinstance(reply, sigproto.Answer)
     try:
-        answer = Answer.from_wire(reply.answer, root, offer)
-    except Malformed:
-        raise TunnelError(f"the answer from {name!r} is malformed") from None
-    except OfferError:
+        return reply.session, ex.answer(reply.answer, now_ms())
+    except MismatchedPin:
+        await _abandon(at.sc, reply.session)
+        raise AuthError(f"the peer answering for {name!r} is not the one in the ticket "
+                        "(fingerprint differs); refusing") from None
+    except pake.PakeError:
+        await _abandon(at.sc, reply.session)
         raise AuthError(
-            f"the answer for {name!r} is not authenticated by our secret: the relay or "
-            "someone else is impersonating the peer; refusing"
-        ) from None
-    if at.pin is not None and answer.server_fp != at.pin:
-        raise AuthError(
-            f"the peer answering for {name!r} is not the one in the ticket "
-            "(fingerprint differs); refusing"
-        )
-    return reply.session, answer
+            f"the answer from {name!r} does not open with our secret: a wrong secret "
+            "(check QUICTUN_SECRET / --secret-file, or use the ticket), or someone else "
+            "is answering for the name; refusing") from None
+    except OfferError as exc:
+        await _abandon(at.sc, reply.session)
+        if exc.code == E_VERSION:
+            raise AuthError(f"{name!r}: {exc.message}") from None  # permanent
+        raise TunnelError(f"the answer from {name!r}: {exc.message}") from None
+
+
+def _rejected(name: str, reply: sigproto.Rejected) -> TunnelError:
+    """The error for a refused offer; only the machine-readable code makes it permanent
+    (the reason is free text)."""
+    reason = printable(reply.reason)
+    if reply.code == sigproto.REJECT_AUTH:
+        return AuthError(f"{name!r} refused the connection: wrong secret "
+                         "(check QUICTUN_SECRET / --secret-file, or use the ticket)")
+    if reply.code == sigproto.REJECT_VERSION:
+        return AuthError(f"{name!r} refused the connection: {reason}")
+    if reply.code == sigproto.REJECT_MALFORMED:
+        return AuthError(f"{name!r} refused our offer as malformed: it most likely runs an "
+                         "older quictun (protocol 1); upgrade quictun on the serving machine")
+    return TunnelError(f"{name!r} refused the connection: {reason}")
+
+
+async def _abandon(sc: SignalClient, session: int) -> None:
+    """Tell the relay (hence the server) that we give up on ``session``."""
+    with contextlib.suppress(TunnelError):
+        await sc.send(sigproto.Close(session=session, reason="authentication failed"))
 
 
 async def _handshake(at: _Attempt) -> Tunnel:
     loop = asyncio.get_running_loop()
-    root = auth.root_key(at.secret, at.name)
-    offer = Offer.create(at.identity.public_bytes, [c.encode() for c in at.cands], os.urandom)
-    sid, answer = await _exchange(at, root, offer)
-    keys = session_keys(root, offer, answer)
+    prepared = pake.prepare(at.secret, at.name, pake.KIND_CONNECT, "client")
+    ex = ClientExchange(prepared, at.identity, name=at.name, pin=at.pin, box_key=at.box_key,
+                        rand=os.urandom(pake.RANDOM_SIZE + 32), now_ms=now_ms())
+    sid, hello = await _exchange(at, ex)
+    keys = ex.keys
+    assert keys is not None
     sc, mode = at.sc, at.mode
-    pm = new_path_manager(local_key=keys.to_client, remote_key=keys.to_server, mode=mode,
-                          relay_available=bool(sc.welcome and sc.welcome.relay),
+    # our identity and candidates, sealed: the server punches once this opens
+    await sc.send(sigproto.Data(session=sid,
+                                data=ex.client_hello([c.encode() for c in at.cands], now_ms())))
+    pm = new_path_manager(local_key=keys.punch_to_client, remote_key=keys.punch_to_server,
+                          mode=mode, relay_available=bool(sc.welcome and sc.welcome.relay),
                           config=at.config)
     pm.set_local_candidates(at.cands)  # lets it tell whether our own NAT is symmetric
-    pm.add_remote_candidates(decode_candidates(list(answer.cands)), loop.time())
+    pm.add_remote_candidates(decode_candidates(list(hello.candidates)), loop.time())
     failed: asyncio.Future[str] = loop.create_future()
     tunnel_box: list[Tunnel] = []
     peer_gone = False
@@ -259,7 +293,7 @@ async def _handshake(at: _Attempt) -> Tunnel:
         endpoint=at.ep, signal=sc, session_id=sid, paths=pm, identity=at.identity,
         config=at.config, is_client=True,
         handler_factory=lambda drv: ClientHandler(drv, config=at.config, identity=at.identity,
-                                                  keys=keys, server_fp=answer.server_fp),
+                                                  keys=keys, server_fp=hello.fingerprint),
         on_path=on_path, on_failed=on_failed,
         regather=lambda: regather(sc, at.ep, mode),
     )

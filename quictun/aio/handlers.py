@@ -16,21 +16,26 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..config import TunnelConfig
-from ..proto import auth
 from ..proto.control import (
     CANDIDATES_LIMIT,
     CONTROL_STREAM,
     ERR_AUTH,
+    ERR_BINDING,
     ERR_FINGERPRINT,
     ERR_TARGET_UNREACHABLE,
+    SERVER_PROOF_SIZE,
     STREAM_PREAMBLE,
     Authenticated,
     ProofGate,
+    Refused,
+    check_server_proof,
     decode_candidates_update,
     encode_candidates,
     make_proof,
 )
 from ..proto.identity import Identity
+from ..proto.pake import SessionKeys
+from ..quic.binding import BindingUnavailable, channel_binding
 from .bridge import StreamBridge
 from .driver import QuicDriver
 from .timer import Timer
@@ -123,19 +128,33 @@ class HandlerBase:
             self.driver.consume(stream_id, len(data))
         self.driver.quic.forget_stream(stream_id)  # no bookkeeping left for it
 
+    def _binding(self) -> bytes | None:
+        """This connection's TLS channel binding, or None after closing it (an engine
+        whose TLS state we cannot read: fail closed, never drop the binding)."""
+        try:
+            return channel_binding(self.driver.quic)
+        except BindingUnavailable as exc:
+            log.error("%s: this QUIC engine version is not supported", exc)
+            self.driver.close(ERR_BINDING, "no TLS channel binding")
+            return None
+
 
 class ClientHandler(HandlerBase):
     """The connecting side: pins the server's fingerprint, proves itself, opens streams."""
 
     def __init__(
         self, driver: QuicDriver, *, config: TunnelConfig, identity: Identity,
-        keys: auth.SessionKeys, server_fp: str,
+        keys: SessionKeys, server_fp: str,
     ) -> None:
         super().__init__(driver, config)
         self.identity = identity
         self.keys = keys
         self.server_fp = server_fp
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.server_proved = False
+        self._cb: bytes | None = None
+        self._server_proof = bytearray()
+        self._proof_timer = Timer(asyncio.get_running_loop(), self._server_proof_overdue)
 
     def on_handshake(self, event: events.HandshakeCompleted) -> None:
         fp = self.driver.quic.engine.peer_fingerprint(self.driver.quic)
@@ -148,13 +167,47 @@ class ClientHandler(HandlerBase):
                 self.ready.set_exception(ConnectionRefusedError(msg))
             self.driver.close(ERR_FINGERPRINT, "fingerprint mismatch")
             return
+        cb = self._binding()
+        if cb is None:
+            if not self.ready.done():
+                self.ready.set_exception(ConnectionRefusedError(
+                    "this QUIC engine version gives no TLS channel binding; install a "
+                    "supported aioquic or qh3"))
+            return
+        self._cb = cb
         sid = self.driver.open_stream()
         assert sid == CONTROL_STREAM
-        self.driver.send(sid, make_proof(self.keys, self.server_fp, self.identity), end=True)
+        self.driver.send(sid, make_proof(self.keys, cb, self.server_fp, self.identity), end=True)
+        # streams may open now (their data is encrypted to the pinned key); the server's
+        # own proof must follow within the deadline, or the connection closes
+        loop = asyncio.get_running_loop()
+        self._proof_timer.set(loop.time() + self.config.proof_deadline)
         if not self.ready.done():
             self.ready.set_result(None)
 
+    def _server_proof_data(self, data: bytes) -> None:
+        self.driver.consume(CONTROL_STREAM, len(data))
+        if self.server_proved or self._cb is None:
+            return
+        self._server_proof.extend(data)
+        if len(self._server_proof) < SERVER_PROOF_SIZE:
+            return
+        self._proof_timer.cancel()
+        if len(self._server_proof) == SERVER_PROOF_SIZE and check_server_proof(
+                self.keys, bytes(self._server_proof), self._cb, self.server_fp,
+                self.identity.fingerprint):
+            self.server_proved = True
+            return
+        log.warning("the server's proof of the secret did not verify; closing")
+        self.driver.close(ERR_AUTH, "server proof did not verify")
+
+    def _server_proof_overdue(self) -> None:
+        if not self.server_proved and not self.driver.closed:
+            log.warning("the server did not prove the secret in time; closing")
+            self.driver.close(ERR_AUTH, "no server proof")
+
     def on_terminated(self, error_code: int, reason: str) -> None:
+        self._proof_timer.cancel()
         if not self.ready.done():
             if error_code == ERR_AUTH:
                 text = "the server refused our proof of the secret (wrong secret?)"
@@ -175,6 +228,8 @@ class ClientHandler(HandlerBase):
         b = self.bridges.get(stream_id)
         if b is not None:
             b.quic_data(data, end)
+        elif stream_id == CONTROL_STREAM:
+            self._server_proof_data(data)
         elif stream_id % 4 == 3 and self.ready.done():
             self._candidate_data(stream_id, data, end)
         else:
@@ -190,7 +245,7 @@ class ServerHandler(HandlerBase):
         *,
         config: TunnelConfig,
         identity: Identity,
-        keys: auth.SessionKeys,
+        keys: SessionKeys,
         client_pub: bytes,
         target: tuple[str, int],
         on_authenticated: Callable[[str], None] | None = None,
@@ -223,7 +278,15 @@ class ServerHandler(HandlerBase):
         super().on_terminated(error_code, reason)
 
     def on_handshake(self, event: events.HandshakeCompleted) -> None:
-        pass
+        cb = self._binding()
+        if cb is not None:
+            self._verdict(self._gate.set_binding(cb))
+
+    def _verdict(self, verdict: Authenticated | Refused | None) -> None:
+        if isinstance(verdict, Authenticated):
+            self._authenticated(verdict)
+        elif verdict is not None:
+            self._refuse(verdict.reason)
 
     def _bridge_done(self, bridge: StreamBridge) -> None:
         super()._bridge_done(bridge)
@@ -235,11 +298,7 @@ class ServerHandler(HandlerBase):
     def on_stream_data(self, stream_id: int, data: bytes, end: bool) -> None:
         if stream_id == CONTROL_STREAM:
             self.driver.consume(CONTROL_STREAM, len(data))
-            verdict = self._gate.control_data(data)
-            if isinstance(verdict, Authenticated):
-                self._authenticated(verdict)
-            elif verdict is not None:
-                self._refuse(verdict.reason)
+            self._verdict(self._gate.control_data(data))
             return
         if not self._gate.authenticated:
             refused = self._gate.hold(stream_id, data, end)
@@ -253,6 +312,7 @@ class ServerHandler(HandlerBase):
 
     def _authenticated(self, verdict: Authenticated) -> None:
         self._timer.cancel()
+        self.driver.send(CONTROL_STREAM, verdict.reply, end=True)
         if self._on_authenticated is not None:
             self._on_authenticated(verdict.client_fp)
         for sid, d, e in verdict.held:

@@ -1,10 +1,13 @@
 """The serving side: :func:`serve`, one registration on the relay and one session per client.
 
 :class:`Server` keeps ``name`` registered (re-registering after the relay restarts or
-the network blips), verifies each :class:`~quictun.proto.offer.Offer` (a wrong secret is
-refused before anything else), refuses replayed offers, answers with our identity's
-fingerprint and fresh candidates, and runs one :class:`~quictun.aio.session.PeerSession`
-per client.
+the network blips). For each offer it runs the server's side of the SPAKE2 exchange
+(:class:`~quictun.proto.exchange.ServerExchange`): version, shape, hint, freshness and
+replay checks first, then one charge to the guess throttle, then the answer (sealed: our
+fingerprint and candidates). Only when the client's sealed hello opens, which proves it
+knows the secret, does it refund the charge, punch and accept QUIC: one
+:class:`~quictun.aio.session.PeerSession` per client. An exchange that never confirms
+keeps its charge (a guess).
 """
 
 from __future__ import annotations
@@ -20,23 +23,37 @@ from typing import Any
 
 from ..config import DEFAULT_SIGNAL, TunnelConfig
 from ..errors import TunnelError
-from ..proto import auth
+from ..proto import auth, pake
 from ..proto import signalling as sigproto
-from ..proto.addr import decode_candidates, parse_hostport
-from ..proto.identity import Identity
+from ..proto.addr import Candidate, decode_candidates, parse_hostport
+from ..proto.exchange import ServerExchange
+from ..proto.identity import Identity, fingerprint_of_raw
 from ..proto.limits import ReplayWindow, Sighting
-from ..proto.offer import Answer, Forged, Offer, OfferError, session_keys
+from ..proto.offer import E_STALE, E_VERSION, SKEW_MS, ClientHello, OfferError
+from ..proto.throttle import Throttle
 from ..punch.types import Mode, NetPath, PathConfig, describe
 from ..store import load_or_create
 from .candidates import open_and_gather, regather
-from .client import StatusCallback, check_mode
+from .client import StatusCallback, check_mode, now_ms
 from .handlers import ServerHandler
 from .relay import RelayError, SignalClient
 from .session import PeerSession, new_path_manager
+from .udp import UdpEndpoint
 
 __all__ = ["Server", "serve"]
 
 log = logging.getLogger("quictun")
+
+
+@dataclass
+class _Pending:
+    """An answered exchange waiting for the client's sealed hello."""
+
+    exchange: ServerExchange
+    endpoint: UdpEndpoint
+    mine: list[Candidate]
+    throttle_key: object
+    timer: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -64,12 +81,18 @@ class Server:
         self.token = token
         self.identity = identity
         self.config = config
-        self.root = auth.root_key(secret, name)
+        # the secret-dependent part of SPAKE2, once (the rest takes secret-independent time)
+        self._prepared = pake.prepare(secret, name, pake.KIND_CONNECT, "server")
+        self._box_private, self.box_key = pake.box_keypair(identity.private_bytes())
+        self.throttle = Throttle()
+        self.known_clients: set[str] = set()  # identities that proved the secret before
         self.emit = on_event or (lambda s: log.info("%s", s))
         self.sessions: dict[int, _ServedSession] = {}
+        self._pending: dict[int, _Pending] = {}
         self._accepting: set[int] = set()
-        # client nonces of authenticated offers; full, it refuses rather than forgets
-        self._nonces = ReplayWindow(config.nonce_memory, 65536, evict_when_full=False)
+        # hints seen (their ephemeral keys): a replayed offer costs no throttle charge.
+        # Full, it refuses rather than forgets.
+        self._hints = ReplayWindow(2 * SKEW_MS / 1000, 65536, evict_when_full=False)
         self._tasks: set[asyncio.Task[None]] = set()
         self.signal: SignalClient | None = None
         self.registered = asyncio.Event()
@@ -159,11 +182,12 @@ class Server:
     def _on_message(self, m: sigproto.Message) -> None:
         if isinstance(m, sigproto.Incoming):
             self._spawn(self._accept(m))
-        elif isinstance(m, sigproto.Go):
-            s = self.sessions.get(m.session)
-            if s is not None:
-                s.session.start()
+        elif isinstance(m, sigproto.Data):
+            self._client_hello(m)
         elif isinstance(m, sigproto.Closed):
+            if m.session in self._pending:
+                self._exchange_failed(m.session, "the client gave up")
+                return
             s = self.sessions.get(m.session)
             if s is not None:
                 s.relay_closed = True
@@ -193,48 +217,116 @@ class Server:
         finally:
             self._accepting.discard(inc.session)
 
-    async def _check_offer(self, inc: sigproto.Incoming) -> Offer | None:
-        """The verified offer, or None after rejecting it (malformed, wrong secret,
-        replayed, or no room)."""
+    async def _check_offer(self, inc: sigproto.Incoming) -> ServerExchange | None:
+        """The offer's exchange, or None after rejecting it: another version, malformed,
+        stale, replayed, throttled, or no room. Nothing here costs PAKE work."""
+        sid = inc.session
         try:
-            offer = Offer.from_wire(inc.offer, self.root)
-        except Forged:
-            self.emit(f"refused a client: wrong secret (session {inc.session})")
-            await self._reject(inc.session, "authentication failed: wrong secret",
-                               sigproto.REJECT_AUTH)
+            ex = ServerExchange.receive(self._prepared, self._box_private, name=self.name,
+                                        offer_obj=inc.offer, now_ms=now_ms())
+        except OfferError as exc:
+            code = {E_VERSION: sigproto.REJECT_VERSION, E_STALE: sigproto.REJECT_STALE}.get(
+                exc.code, sigproto.REJECT_MALFORMED)
+            self.emit(f"refused a client: {exc.message} (session {sid})")
+            await self._reject(sid, exc.message, code)
             return None
-        except OfferError:
-            await self._reject(inc.session, "malformed offer", sigproto.REJECT_MALFORMED)
+        rid = ex.replay_id
+        if rid is not None and self._hints.check(rid, time.monotonic()) is not Sighting.NEW:
+            self.emit(f"refused a replayed offer (session {sid})")
+            await self._reject(sid, "replayed offer", sigproto.REJECT_REPLAY)
             return None
-        # a replayed offer (the relay or an eavesdropper resending one) gets no session,
-        # no sockets, no punching
-        if self._nonces.check(offer.nonce, time.monotonic()) is not Sighting.NEW:
-            self.emit(f"refused a replayed offer (session {inc.session})")
-            await self._reject(inc.session, "replayed offer", sigproto.REJECT_REPLAY)
+        if len(self.sessions) + len(self._pending) + len(self._accepting) > \
+                self.config.max_sessions:
+            await self._reject(sid, "server busy", sigproto.REJECT_BUSY)
             return None
-        if len(self.sessions) + len(self._accepting) > self.config.max_sessions:
-            await self._reject(inc.session, "server busy", sigproto.REJECT_BUSY)
+        key = ex.throttle_key(self.known_clients)
+        verdict = self.throttle.admit(key, time.monotonic())
+        if not verdict.admitted:
+            self.emit(f"throttled guesses on {self.name!r} ({_who(key)}): {verdict.reason}")
+            await self._reject(sid, verdict.reason, sigproto.REJECT_BUSY)
             return None
-        return offer
+        return ex
 
     async def _accept_offer(self, inc: sigproto.Incoming) -> None:
         sc = self.signal
         if sc is None:
             return
-        offer = await self._check_offer(inc)
-        if offer is None:
+        ex = await self._check_offer(inc)
+        if ex is None:
             return
-        ep, mine = await open_and_gather(sc, self.mode, self.config.stun_wait)
-        answer = Answer.create(self.identity.fingerprint, [c.encode() for c in mine],
-                               os.urandom)
-        keys = session_keys(self.root, offer, answer)
-        pm = new_path_manager(local_key=keys.to_server, remote_key=keys.to_client,
+        key = ex.throttle_key(self.known_clients)
+        sid = inc.session
+        try:
+            ep, mine = await open_and_gather(sc, self.mode, self.config.stun_wait)
+        except BaseException:
+            self.throttle.succeeded(key, time.monotonic())  # our failure: no guess happened
+            raise
+        answer = ex.answer(self.identity.fingerprint, [c.encode() for c in mine],
+                           os.urandom(pake.RANDOM_SIZE), now_ms())
+        pending = _Pending(ex, ep, mine, key)
+        self._pending[sid] = pending
+        pending.timer = asyncio.get_running_loop().call_later(
+            self.config.connect_timeout, self._exchange_failed, sid, "no sealed hello")
+        try:
+            await sc.send(sigproto.Answer(session=sid, answer=answer))
+        except TunnelError:
+            self._exchange_failed(sid, "relay lost")
+
+    def _exchange_failed(self, sid: int, why: str) -> None:
+        """An answered exchange that will not confirm: it keeps its throttle charge."""
+        pending = self._pending.pop(sid, None)
+        if pending is None:
+            return
+        if pending.timer is not None:
+            pending.timer.cancel()
+        pending.endpoint.close()
+        now = time.monotonic()
+        self.throttle.failed(pending.throttle_key, now)
+        failures = self.throttle.failures(pending.throttle_key, now)
+        self.emit(f"failed exchange on {self.name!r} ({_who(pending.throttle_key)}, {why}; "
+                  f"{failures:.0f} failures in the window)")
+        if self.signal is not None and self.signal.connected:
+            self._spawn(self._send_close(sid, "authentication failed"))
+
+    async def _send_close(self, sid: int, reason: str) -> None:
+        if self.signal is not None:
+            with contextlib.suppress(TunnelError):
+                await self.signal.send(sigproto.Close(session=sid, reason=reason))
+
+    def _client_hello(self, m: sigproto.Data) -> None:
+        """The client's sealed hello: a right guess opens it; then punch and serve."""
+        pending = self._pending.get(m.session)
+        if pending is None:
+            return
+        try:
+            hello = pending.exchange.client_hello(m.data, now_ms())
+        except pake.PakeError:
+            self._exchange_failed(m.session, "wrong secret")
+            return
+        except OfferError as exc:
+            self._exchange_failed(m.session, exc.message)
+            return
+        del self._pending[m.session]
+        if pending.timer is not None:
+            pending.timer.cancel()
+        fp = fingerprint_of_raw(hello.public)
+        known = pending.throttle_key == ("client", fp)
+        self.throttle.succeeded(pending.throttle_key, time.monotonic(), reset=known)
+        self.known_clients.add(fp)
+        self._start_session(m.session, pending, hello)
+
+    def _start_session(self, sid: int, pending: _Pending, hello: ClientHello) -> None:
+        sc = self.signal
+        assert sc is not None and sc.welcome is not None
+        keys = pending.exchange.keys
+        assert keys is not None
+        ep = pending.endpoint
+        pm = new_path_manager(local_key=keys.punch_to_server, remote_key=keys.punch_to_client,
                               mode=self.mode, relay_available=bool(sc.welcome.relay),
                               config=self.config)
-        pm.set_local_candidates(mine)
-        pm.add_remote_candidates(decode_candidates(list(offer.cands)),
+        pm.set_local_candidates(pending.mine)
+        pm.add_remote_candidates(decode_candidates(list(hello.candidates)),
                                  asyncio.get_running_loop().time())
-        sid = inc.session
         served = _ServedSession(session=None, started=time.monotonic())  # type: ignore[arg-type]
 
         def on_auth(client_fp: str) -> None:
@@ -251,7 +343,7 @@ class Server:
             config=self.config, is_client=False,
             handler_factory=lambda drv: ServerHandler(
                 drv, config=self.config, identity=self.identity, keys=keys,
-                client_pub=offer.client_pub, target=self.target, on_authenticated=on_auth),
+                client_pub=hello.public, target=self.target, on_authenticated=on_auth),
             on_path=on_path,
             on_failed=lambda reason: session.close(reason),
             regather=lambda: regather(sc, ep, self.mode),
@@ -259,10 +351,7 @@ class Server:
         served.session = session
         self.sessions[sid] = served
         self._spawn(self._watch(sid, served))
-        try:
-            await sc.send(sigproto.Answer(session=sid, answer=answer.to_wire(self.root, offer)))
-        except TunnelError:
-            session.close("relay lost")
+        session.start()
 
     async def _watch(self, sid: int, served: _ServedSession) -> None:
         """End a session whose QUIC never starts; log its summary when it ends."""
@@ -291,6 +380,13 @@ class Server:
                 f"{getattr(h, 'connections', 0)} connections, "
                 f"{drv.bytes_in if drv else 0} bytes in, {drv.bytes_out if drv else 0} out"
             )
+
+
+def _who(key: object) -> str:
+    """A throttle key for a log line: a known client's short fingerprint, or strangers."""
+    if isinstance(key, tuple) and key and key[0] == "client":
+        return f"client {str(key[1])[:16]}"
+    return "strangers"
 
 
 class _Permanent(TunnelError):

@@ -98,6 +98,7 @@ async def run_demo(forward: str = "127.0.0.1:22", *, port: int = 8765,
     from ..aio import server as api
     from ..proto import ticket
     from ..proto.addr import parse_hostport
+    from ..proto.pake import box_key_of
 
     try:
         target = parse_hostport(forward)
@@ -121,7 +122,8 @@ async def run_demo(forward: str = "127.0.0.1:22", *, port: int = 8765,
                           "(is another demo or quictun-signal running? try --port)") from None
     try:
         url = relay.url
-        t = ticket.Ticket(url=url, name=NAME, secret=secret, fingerprint=ident.fingerprint)
+        t = ticket.Ticket(url=url, name=NAME, secret=secret, fingerprint=ident.fingerprint,
+                          box_key=box_key_of(ident))
         try:
             path = store.store_ticket(t)  # so that `quictun connect demo` finds relay, secret, pin
         except OSError as exc:

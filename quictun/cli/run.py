@@ -26,7 +26,7 @@ def _status(line: str) -> None:
 
 async def run_connect(
     name: str, *, signal: str, secret: str, mode: str, token: str | None,
-    listen: str | None, stdio: bool, pin: str | None = None,
+    listen: str | None, stdio: bool, pin: str | None = None, box_key: bytes | None = None,
     on_status: Callable[[str], None] | None = None, stats_interval: float = 60.0,
     identity: Identity | None = None, config: TunnelConfig | None = None,
 ) -> None:
@@ -39,7 +39,8 @@ async def run_connect(
 
     def opener() -> Awaitable[Tunnel]:
         return open_tunnel(name, signal=signal, secret=secret, mode=mode, token=token,
-                           on_status=on_status or _status, pin=pin, identity=identity,
+                           on_status=on_status or _status, pin=pin, box_key=box_key,
+                           identity=identity,
                            config=config)
 
     if stdio:

@@ -62,6 +62,7 @@ def serve(name: str, forward: str, signal: str, secret_file: Path | None,
     from ..aio import server as api
     from ..proto import ticket
     from ..proto.addr import parse_hostport
+    from ..proto.pake import box_key_of
 
     check_name(name)
     check_signal(signal)
@@ -79,7 +80,8 @@ def serve(name: str, forward: str, signal: str, secret_file: Path | None,
         except OSError as exc:
             raise UserError(f"cannot keep the secret in {store.config_dir()}: "
                             f"{exc.strerror or one_line(exc)}") from None
-        t = ticket.Ticket(url=signal, name=name, secret=secret, fingerprint=ident.fingerprint)
+        t = ticket.Ticket(url=signal, name=name, secret=secret, fingerprint=ident.fingerprint,
+                          box_key=box_key_of(ident))
         printed: list[bool] = []
 
         def on_registered() -> None:
@@ -142,9 +144,9 @@ def connect(target: str | None, listen: str | None, stdio: bool, ticket_file: Pa
     mode = mode_of(direct_only, relay_only)
     name, t = _connect_ticket(target, ticket_file)
     secret = secret_from(secret_file, secret_arg)
-    pin = None
+    pin = box_key = None
     if t is not None:
-        pin = t.fingerprint
+        pin, box_key = t.fingerprint, t.box_key
         secret = secret or t.secret
         source = click.get_current_context().get_parameter_source("signal")
         if source in (None, click.core.ParameterSource.DEFAULT):
@@ -164,7 +166,8 @@ def connect(target: str | None, listen: str | None, stdio: bool, ticket_file: Pa
     async def go() -> None:
         try:
             await run_connect(name, signal=signal, secret=secret, mode=mode, token=token,
-                              listen=listen, stdio=stdio, pin=pin, on_status=status,
+                              listen=listen, stdio=stdio, pin=pin, box_key=box_key,
+                              on_status=status,
                               identity=ident, config=config)
         finally:
             status.close()

@@ -3,16 +3,22 @@
 Theory of operation
 -------------------
 Stream 0, the client's first bidirectional stream, is the **control stream**. Right after
-the handshake the client writes its **proof** there (:data:`PROOF_SIZE` bytes)::
+the handshake the client writes its **proof** there (:data:`PROOF_SIZE` bytes), and the
+server answers with its own (:data:`SERVER_PROOF_SIZE` bytes) once the client's verified::
 
-    mac (32) = HMAC(session proof key, "client proof", server_fp, client_fp)
-    pub (32) = the client's raw Ed25519 identity key (the one its offer named)
-    sig (64) = Ed25519 signature by that key over mac
+    client: mac (32) = proof key MAC("client proof", cb, server_fp, client_fp)
+            pub (32) = the client's raw Ed25519 identity key (the one its ClientHello named)
+            sig (64) = Ed25519 by that key over ("client signature", cb, TH, server_fp)
+    server: mac (32) = proof key MAC("server proof", cb, server_fp, client_fp)
 
-The session key depends on both peers' fresh nonces, so a recorded proof is useless in
-any other session. The server runs a :class:`ProofGate`: until the proof verifies it
-holds every other stream's data (at most ``hold_limit`` bytes) and connects nothing;
-past ``deadline`` without a proof, or past the limit, it refuses the connection.
+``cb`` is the TLS channel binding of this QUIC connection (:mod:`quictun.quic.binding`),
+TH the exchange's transcript and the proof key comes from the PAKE
+(:meth:`quictun.proto.pake.SessionKeys.proof`): a proof is useless on any other
+connection, and only a peer that knows the secret can make one. The server runs a
+:class:`ProofGate`: until the proof verifies it holds every other stream's data (at most
+``hold_limit`` bytes) and connects nothing; past ``deadline`` without a proof, or past
+the limit, it refuses the connection. The client closes a connection whose server proof
+is wrong or late (:func:`check_server_proof`).
 
 Every other client bidirectional stream is one forwarded connection; it starts with
 :data:`STREAM_PREAMBLE` (the stream format version), so the server learns of it, and
@@ -30,18 +36,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from . import auth
 from .identity import Identity, fingerprint_of_raw, verify_signature
+from .pake import SessionKeys
 
 __all__ = [
-    "CANDIDATES_LIMIT", "CONTROL_STREAM", "ERR_AUTH", "ERR_FINGERPRINT", "ERR_LOCAL_RESET",
-    "ERR_TARGET_UNREACHABLE", "PROOF_SIZE", "STREAM_PREAMBLE", "Authenticated", "ProofGate",
-    "Refused", "decode_candidates_update", "encode_candidates", "make_proof",
+    "CANDIDATES_LIMIT", "CONTROL_STREAM", "ERR_AUTH", "ERR_BINDING", "ERR_FINGERPRINT",
+    "ERR_LOCAL_RESET", "ERR_TARGET_UNREACHABLE", "PROOF_SIZE", "SERVER_PROOF_SIZE",
+    "STREAM_PREAMBLE", "Authenticated", "ProofGate", "Refused", "check_server_proof",
+    "decode_candidates_update", "encode_candidates", "make_proof",
 ]
 
 CONTROL_STREAM = 0
 STREAM_PREAMBLE = b"\x00"  # first byte of every forwarded stream: format version 0
 PROOF_SIZE = 32 + 32 + 64
+SERVER_PROOF_SIZE = 32
 CANDIDATES_LIMIT = 4096
 MAX_UPDATE_CANDIDATES = 32
 
@@ -49,12 +57,20 @@ ERR_TARGET_UNREACHABLE = 0x51  # RESET_STREAM: the server could not connect the 
 ERR_LOCAL_RESET = 0x52  # RESET_STREAM: the local socket was reset
 ERR_AUTH = 0x101  # CONNECTION_CLOSE: the client's proof did not verify (or never came)
 ERR_FINGERPRINT = 0x102  # CONNECTION_CLOSE: the server's certificate is not the pinned one
+ERR_BINDING = 0x103  # CONNECTION_CLOSE: this QUIC engine gives no TLS channel binding
 
 
-def make_proof(keys: auth.SessionKeys, server_fp: str, identity: Identity) -> bytes:
-    """The client's proof for this session (see the module docstring)."""
-    mac = auth.client_proof_message(keys, server_fp, identity.fingerprint)
-    return mac + identity.public_bytes + identity.sign(mac)
+def make_proof(keys: SessionKeys, binding: bytes, server_fp: str, identity: Identity) -> bytes:
+    """The client's proof for this connection (see the module docstring)."""
+    mac = keys.proof("client", binding, server_fp, identity.fingerprint)
+    sig = identity.sign(keys.client_signature_input(binding, server_fp))
+    return mac + identity.public_bytes + sig
+
+
+def check_server_proof(keys: SessionKeys, given: bytes, binding: bytes, server_fp: str,
+                       client_fp: str) -> bool:
+    """Whether ``given`` is the server's proof for this connection."""
+    return keys.check_proof("server", given, binding, server_fp, client_fp)
 
 
 def encode_candidates(cands: list[str]) -> bytes:
@@ -76,11 +92,14 @@ def decode_candidates_update(raw: bytes) -> list[str]:
 
 @dataclass(frozen=True)
 class Authenticated:
-    """The proof verified: deliver ``held`` (in order) and serve the client."""
+    """The proof verified: send ``reply`` on the control stream, deliver ``held`` (in
+    order) and serve the client."""
 
     client_fp: str
     held: tuple[tuple[int, bytes, bool], ...]
     """``(stream_id, data, end)`` of every stream event held before the proof."""
+    reply: bytes
+    """The server's proof, for the control stream."""
 
 
 @dataclass(frozen=True)
@@ -94,13 +113,13 @@ class ProofGate:
     """The server's side of the client proof, for one connection (time passed in).
 
     After creating it, feed :meth:`control_data` (stream 0) and :meth:`hold` (any other
-    stream's data before the proof), arm a timer for :meth:`get_timer` and call
-    :meth:`handle_timer` when it fires. Each returns None, or the one verdict
-    (:class:`Authenticated` or :class:`Refused`); after a verdict the gate is done and
-    returns None for everything.
+    stream's data before the proof), :meth:`set_binding` once the TLS handshake is done,
+    arm a timer for :meth:`get_timer` and call :meth:`handle_timer` when it fires. Each
+    returns None, or the one verdict (:class:`Authenticated` or :class:`Refused`); after
+    a verdict the gate is done and returns None for everything.
     """
 
-    def __init__(self, keys: auth.SessionKeys, server_fp: str, client_pub: bytes, *,
+    def __init__(self, keys: SessionKeys, server_fp: str, client_pub: bytes, *,
                  now: float, deadline: float, hold_limit: int) -> None:
         self._keys = keys
         self._server_fp = server_fp
@@ -110,6 +129,7 @@ class ProofGate:
         self._deadline_secs = deadline
         self._hold_limit = hold_limit
         self._control = bytearray()
+        self._binding: bytes | None = None
         self._held: list[tuple[int, bytes, bool]] = []
         self._held_bytes = 0
         self.done = False
@@ -134,22 +154,33 @@ class ProofGate:
             return self._refuse("too much data before authentication")
         return None
 
+    def set_binding(self, binding: bytes) -> Authenticated | Refused | None:
+        """The TLS channel binding of this connection (the proof may be checked now)."""
+        self._binding = binding
+        return self._verify()
+
     def control_data(self, data: bytes) -> Authenticated | Refused | None:
         """Bytes of the control stream (the caller has consumed them)."""
         if self.done:
             return None
         self._control.extend(data)
-        if len(self._control) < PROOF_SIZE:
+        if len(self._control) > PROOF_SIZE:
+            return self._refuse("more than a proof on the control stream")
+        return self._verify()
+
+    def _verify(self) -> Authenticated | Refused | None:
+        if self.done or self._binding is None or len(self._control) < PROOF_SIZE:
             return None
-        blob = bytes(self._control[:PROOF_SIZE])
+        blob, cb = bytes(self._control), self._binding
         mac, pub, sig = blob[:32], blob[32:64], blob[64:]
-        expected = auth.client_proof_message(self._keys, self._server_fp, self.client_fp)
-        if not (auth.check(expected.hex(), mac.hex()) and pub == self.client_pub
-                and verify_signature(pub, sig, mac)):
+        keys, fp = self._keys, self._server_fp
+        if not (keys.check_proof("client", mac, cb, fp, self.client_fp)
+                and pub == self.client_pub
+                and verify_signature(pub, sig, keys.client_signature_input(cb, fp))):
             return self._refuse("client proof did not verify")
         self.done = self.authenticated = True
         held, self._held = tuple(self._held), []
-        return Authenticated(self.client_fp, held)
+        return Authenticated(self.client_fp, held, keys.proof("server", cb, fp, self.client_fp))
 
     def _refuse(self, reason: str) -> Refused:
         self.done = True

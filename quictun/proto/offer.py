@@ -1,154 +1,343 @@
-"""The offer and the answer: the one message pair the two peers exchange through the relay.
+"""What the peers of quictun protocol 2 send each other through the relay (pure codec).
 
-The relay forwards both as opaque JSON objects (``connect.offer`` / ``answer.answer`` in
-docs/protocol.md). Each is MAC'd with the root key both peers derive from the shared
-secret (:func:`quictun.proto.auth.root_key`), so the relay can neither forge nor alter
-one without being caught:
+Theory of operation
+-------------------
+The relay carries three JSON objects between the two peers of a session, opaque to it
+(see docs/protocol-v2-draft.md):
 
-* the **offer** (connector -> server): the client's identity public key, a fresh nonce and
-  its candidates. A wrong secret fails its MAC: the server refuses it before anything
-  else happens.
-* the **answer** (server -> connector): the server's identity fingerprint, a fresh nonce
-  and its candidates, MAC'd together with the offer's nonce and key. The client pins the
-  fingerprint it authenticated.
+* :class:`Offer` in ``connect``/``incoming``: ``{"v": 2, "kind": "connect"|"pair",
+  "pake": B64, "hint": B64}`` (``hint`` optional). The only field in clear that means
+  anything is the kind; ``pake`` is the client's SPAKE2 message and ``hint`` is sealed
+  to the server's box key.
+* :class:`Answer` in ``answer``: ``{"v": 2, "pake": B64, "box": B64}``: the server's
+  SPAKE2 message and box 0 of the server-to-client direction.
+* :class:`Data` in the relay's ``data`` message: ``{"v": 2, "n": N, "box": B64}``: box
+  number N of the sender's direction (the client's first is 0, the server's is 1, since
+  its box 0 rode in the answer).
 
-Wire form (JSON objects; every candidate is ``"kind ip port"``, see
-:class:`~quictun.proto.addr.Candidate`)::
+``B64`` is unpadded base64url, canonical (re-encoding gives the same text). Boxes are
+sealed with :meth:`quictun.proto.pake.SessionKeys.seal`; inside each is one *payload*,
+compact JSON padded with spaces to a multiple of :data:`PAD` bytes so that the relay
+cannot count candidates: :class:`ServerHello`, :class:`ClientHello`,
+:class:`CandidateUpdate` or :class:`TicketGrant` (:func:`encode_payload`,
+:func:`decode_payload`).
 
-    offer  = {"v": 1, "pub": hex(32 bytes), "nonce": hex, "cands": [str, ...], "mac": hex}
-    answer = {"v": 1, "fp": hex, "nonce": hex, "cands": [str, ...], "mac": hex}
-
-Decoding checks the shape first (:class:`Malformed`), then the MAC (:class:`Forged`).
-Pure: nonces come from the caller's random source.
+Every decoder is strict: exactly the documented keys, exact types (a bool is not an int),
+bounded sizes, canonical base64. Anything else raises :class:`OfferError`, the one error
+type of this module; its ``code`` says what to do: :data:`E_VERSION` (the peer speaks
+another protocol version: the message names who must upgrade), :data:`E_MALFORMED`,
+:data:`E_STALE` (a timestamp outside the window, :func:`check_fresh`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import base64
+import binascii
+import json
+import math
+import re
 from dataclasses import dataclass
+from typing import Any
 
-from . import auth
+from .pake import HINT_SIZE, KINDS, MESSAGE_SIZE, TAG_SIZE, VERSION
 
-__all__ = ["VERSION", "Answer", "Forged", "Malformed", "Offer", "OfferError", "session_keys"]
+__all__ = [
+    "VERSION",
+    "E_VERSION",
+    "E_MALFORMED",
+    "E_STALE",
+    "PAD",
+    "SKEW_MS",
+    "MAX_CANDIDATES",
+    "OfferError",
+    "Offer",
+    "Answer",
+    "Data",
+    "ServerHello",
+    "ClientHello",
+    "CandidateUpdate",
+    "TicketGrant",
+    "Payload",
+    "decode_offer",
+    "decode_answer",
+    "decode_data",
+    "encode_payload",
+    "decode_payload",
+    "check_fresh",
+]
 
-VERSION = 1
-NONCE_BYTES = 16
+E_VERSION = "version"
+E_MALFORMED = "malformed"
+E_STALE = "stale"
+PAD = 256  # payloads are padded to a multiple of this many bytes
+MAX_BOX = 6 * 1024  # a box, before base64 (the relay's limit is 8 KiB of JSON)
+MAX_CANDIDATES = 32
+MAX_CANDIDATE_TEXT = 128
+MAX_TICKET_TEXT = 2048
+#: A timestamp may differ from our clock by this much either way (5 minutes, as
+#: Kerberos allows). A server keeps its replay memory for twice this long.
+SKEW_MS = 5 * 60 * 1000
+_B64 = re.compile(r"[A-Za-z0-9_-]*")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_CAND = re.compile(rf"[ -~]{{1,{MAX_CANDIDATE_TEXT}}}")
 
 
 class OfferError(ValueError):
-    """An offer or answer that must be refused (the message says why, for a log)."""
+    """A peer message could not be accepted.
+
+    Attributes:
+        code: :data:`E_VERSION`, :data:`E_MALFORMED` or :data:`E_STALE`.
+        message: one line for people (who must do what), safe to log and to send back
+            as a reject reason.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
-class Malformed(OfferError):
-    """Not an offer/answer of this version: wrong shape or types."""
+def _bad(what: str) -> OfferError:
+    return OfferError(E_MALFORMED, f"malformed {what}")
 
 
-class Forged(OfferError):
-    """Well-formed, but its MAC does not verify: another secret, or a tampering relay."""
+def b64(data: bytes) -> str:
+    """Unpadded base64url text of ``data``."""
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
-def _strings(raw: object) -> tuple[str, ...] | None:
-    if isinstance(raw, list) and all(isinstance(c, str) for c in raw):
-        return tuple(raw)
-    return None
+def _unb64(value: object, what: str, size: int | None = None, max_size: int = MAX_BOX) -> bytes:
+    if not isinstance(value, str) or len(value) > (max_size * 4 + 2) // 3 + 1:
+        raise _bad(what)
+    if not _B64.fullmatch(value) or len(value) % 4 == 1:
+        raise _bad(what)
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        raise _bad(what) from None
+    if b64(raw) != value or (size is not None and len(raw) != size) or len(raw) > max_size:
+        raise _bad(what)  # non-canonical (stray low bits) or the wrong size
+    return raw
+
+
+def _version(obj: object, what: str, peer: str) -> dict[str, Any]:
+    """Check the object and its ``v`` before anything else, so that another version
+    gets the upgrade message, not "malformed". ``peer`` names the sender's machine."""
+    if not isinstance(obj, dict):
+        raise _bad(what)
+    v = obj.get("v")
+    if v == VERSION and type(v) is int:
+        return obj
+    old_shape = v is None and ("mac" in obj or "nonce" in obj)  # protocol 1's fields
+    if (type(v) is int and v < VERSION) or old_shape:
+        raise OfferError(E_VERSION, f"the {peer} runs an older quictun (protocol "
+                         f"{v if v is not None else 1}); upgrade quictun on the {peer} "
+                         f"(this one speaks protocol {VERSION})")
+    if type(v) is int:
+        raise OfferError(E_VERSION, f"the {peer} speaks quictun protocol {v}, this one "
+                         f"{VERSION}; upgrade quictun on this machine")
+    raise _bad(what)
+
+
+def _keys(obj: dict[str, Any], required: set[str], optional: set[str], what: str) -> None:
+    keys = set(obj)
+    if not required <= keys or not keys <= required | optional:
+        raise _bad(what)
 
 
 @dataclass(frozen=True)
 class Offer:
-    """What the connector sends: who it is, a fresh nonce, where it may be reached."""
+    """The client's first message (rides in ``connect``, arrives in ``incoming``)."""
 
-    client_pub: bytes
-    """The client's raw 32-byte Ed25519 identity public key."""
-    nonce: str
-    """Hex of :data:`NONCE_BYTES` fresh random bytes (also the replay-detection key)."""
-    cands: tuple[str, ...]
-    """The client's candidates, in wire form (as MAC'd)."""
+    kind: str
+    pake: bytes
+    hint: bytes | None = None
 
-    @classmethod
-    def create(cls, client_pub: bytes, cands: list[str],
-               random_bytes: Callable[[int], bytes]) -> Offer:
-        return cls(client_pub, random_bytes(NONCE_BYTES).hex(), tuple(cands))
+    def to_json(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {"v": VERSION, "kind": self.kind, "pake": b64(self.pake)}
+        if self.hint is not None:
+            obj["hint"] = b64(self.hint)
+        return obj
 
-    @property
-    def pub_hex(self) -> str:
-        return self.client_pub.hex()
 
-    def to_wire(self, root: bytes) -> dict[str, object]:
-        """The JSON object for ``connect.offer``, MAC'd with ``root``."""
-        cands = list(self.cands)
-        return {"v": VERSION, "pub": self.pub_hex, "nonce": self.nonce, "cands": cands,
-                "mac": auth.offer_mac(root, self.nonce, self.pub_hex, cands)}
-
-    @classmethod
-    def from_wire(cls, raw: object, root: bytes) -> Offer:
-        """Parse and verify ``incoming.offer``.
-
-        Raises:
-            Malformed: wrong shape, or a public key that is not 32 bytes of hex.
-            Forged: the MAC does not verify under ``root`` (wrong secret).
-        """
-        if not isinstance(raw, dict):
-            raise Malformed("the offer is not an object")
-        pub, nonce, cands = raw.get("pub"), raw.get("nonce"), _strings(raw.get("cands"))
-        if not (isinstance(pub, str) and isinstance(nonce, str) and cands is not None):
-            raise Malformed("malformed offer")
-        if not auth.check(auth.offer_mac(root, nonce, pub, list(cands)), raw.get("mac")):
-            raise Forged("authentication failed: wrong secret")
-        try:
-            client_pub = bytes.fromhex(pub)
-        except ValueError:
-            raise Malformed("malformed offer") from None
-        if len(client_pub) != 32:
-            raise Malformed("malformed offer")
-        return cls(client_pub, nonce, cands)
+def decode_offer(obj: object) -> Offer:
+    """The :class:`Offer` in an ``incoming``'s offer object. Raises :class:`OfferError`
+    (:data:`E_VERSION` for a client of another protocol version)."""
+    d = _version(obj, "offer", "connecting machine")
+    _keys(d, {"v", "kind", "pake"}, {"hint"}, "offer")
+    if d["kind"] not in KINDS:
+        raise _bad("offer (unknown kind)")
+    pake = _unb64(d["pake"], "offer (pake)", MESSAGE_SIZE)
+    hint = _unb64(d["hint"], "offer (hint)", HINT_SIZE) if "hint" in d else None
+    return Offer(kind=d["kind"], pake=pake, hint=hint)
 
 
 @dataclass(frozen=True)
 class Answer:
-    """What the server answers: its identity, a fresh nonce, where it may be reached."""
+    """The server's reply (rides in ``answer``): its PAKE message and box 0."""
 
-    server_fp: str
-    """The server's identity fingerprint (hex SHA-256 of its public key), to pin."""
-    nonce: str
-    """Hex of :data:`NONCE_BYTES` fresh random bytes."""
-    cands: tuple[str, ...]
-    """The server's candidates, in wire form (as MAC'd)."""
+    pake: bytes
+    box: bytes
 
-    @classmethod
-    def create(cls, server_fp: str, cands: list[str],
-               random_bytes: Callable[[int], bytes]) -> Answer:
-        return cls(server_fp, random_bytes(NONCE_BYTES).hex(), tuple(cands))
-
-    def to_wire(self, root: bytes, offer: Offer) -> dict[str, object]:
-        """The JSON object for ``answer.answer``, MAC'd with ``root`` over this answer and
-        the offer it answers."""
-        cands = list(self.cands)
-        mac = auth.answer_mac(root, offer.nonce, self.nonce, self.server_fp, offer.pub_hex,
-                              cands)
-        return {"v": VERSION, "fp": self.server_fp, "nonce": self.nonce, "cands": cands,
-                "mac": mac}
-
-    @classmethod
-    def from_wire(cls, raw: object, root: bytes, offer: Offer) -> Answer:
-        """Parse and verify the answer to ``offer``.
-
-        Raises:
-            Malformed: wrong shape.
-            Forged: the MAC does not verify: someone without the secret (the relay, or
-                whoever holds the name) wrote or altered it.
-        """
-        if not isinstance(raw, dict):
-            raise Malformed("the answer is not an object")
-        fp, nonce, cands = raw.get("fp"), raw.get("nonce"), _strings(raw.get("cands"))
-        if not (isinstance(fp, str) and isinstance(nonce, str) and cands is not None):
-            raise Malformed("malformed answer")
-        mac = auth.answer_mac(root, offer.nonce, nonce, fp, offer.pub_hex, list(cands))
-        if not auth.check(mac, raw.get("mac")):
-            raise Forged("the answer is not authenticated by our secret")
-        return cls(fp, nonce, cands)
+    def to_json(self) -> dict[str, Any]:
+        return {"v": VERSION, "pake": b64(self.pake), "box": b64(self.box)}
 
 
-def session_keys(root: bytes, offer: Offer, answer: Answer) -> auth.SessionKeys:
-    """The session's keys (punch keys both ways, the client-proof key), the same on both
-    peers: they depend on both fresh nonces and both identities."""
-    return auth.session_keys(root, offer.nonce, answer.nonce, offer.pub_hex, answer.server_fp)
+def decode_answer(obj: object) -> Answer:
+    """The :class:`Answer` in an ``answer``'s object. Raises :class:`OfferError`."""
+    d = _version(obj, "answer", "serving machine")
+    _keys(d, {"v", "pake", "box"}, set(), "answer")
+    box = _unb64(d["box"], "answer (box)")
+    if len(box) < TAG_SIZE:
+        raise _bad("answer (box)")
+    return Answer(pake=_unb64(d["pake"], "answer (pake)", MESSAGE_SIZE), box=box)
+
+
+@dataclass(frozen=True)
+class Data:
+    """One later box (rides in the relay's ``data`` message), numbered ``n``."""
+
+    n: int
+    box: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"v": VERSION, "n": self.n, "box": b64(self.box)}
+
+
+def decode_data(obj: object) -> Data:
+    """The :class:`Data` in a ``data`` message. Raises :class:`OfferError`."""
+    d = _version(obj, "data", "other machine")
+    _keys(d, {"v", "n", "box"}, set(), "data")
+    n = d["n"]
+    if type(n) is not int or not 0 <= n < 1 << 32:
+        raise _bad("data (n)")
+    box = _unb64(d["box"], "data (box)")
+    if len(box) < TAG_SIZE:
+        raise _bad("data (box)")
+    return Data(n=n, box=box)
+
+
+# -- payloads (inside boxes) -------------------------------------------------------------
+@dataclass(frozen=True)
+class ServerHello:
+    """Server box 0: who it is (pinned against the ticket), where it is, when."""
+
+    fingerprint: str  # 64 lowercase hex: SHA-256 of the server identity's SPKI
+    candidates: tuple[str, ...]
+    ts_ms: int
+    box_key: bytes | None = None  # the server's X25519 box key (sent when pairing)
+
+
+@dataclass(frozen=True)
+class ClientHello:
+    """Client box 0: its identity public key (raw Ed25519), candidates, time."""
+
+    public: bytes
+    candidates: tuple[str, ...]
+    ts_ms: int
+
+
+@dataclass(frozen=True)
+class CandidateUpdate:
+    """A later box: fresh candidates (after a network change)."""
+
+    candidates: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TicketGrant:
+    """Pairing only, server box 1: the ticket (text) the client keeps."""
+
+    ticket: str
+
+
+Payload = ServerHello | ClientHello | CandidateUpdate | TicketGrant
+_TYPES: dict[str, type] = {"server": ServerHello, "client": ClientHello,
+                           "cands": CandidateUpdate, "ticket": TicketGrant}
+
+
+def encode_payload(p: Payload) -> bytes:
+    """Compact JSON of ``p``, padded with spaces to a multiple of :data:`PAD` bytes."""
+    if isinstance(p, ServerHello):
+        obj: dict[str, Any] = {"t": "server", "fp": p.fingerprint,
+                               "cands": list(p.candidates), "ts": p.ts_ms}
+        if p.box_key is not None:
+            obj["box"] = b64(p.box_key)
+    elif isinstance(p, ClientHello):
+        obj = {"t": "client", "pub": b64(p.public), "cands": list(p.candidates),
+               "ts": p.ts_ms}
+    elif isinstance(p, CandidateUpdate):
+        obj = {"t": "cands", "cands": list(p.candidates)}
+    elif isinstance(p, TicketGrant):
+        obj = {"t": "ticket", "ticket": p.ticket}
+    else:
+        raise TypeError(f"not a payload: {p!r}")
+    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode()
+    return raw + b" " * (-len(raw) % PAD)
+
+
+def _no_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not a number")
+
+
+def _cands(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_CANDIDATES:
+        raise _bad("payload (cands)")
+    if not all(isinstance(c, str) and _CAND.fullmatch(c) for c in value):
+        raise _bad("payload (cands)")
+    return tuple(value)
+
+
+def _ts(value: object) -> int:
+    if type(value) is not int or not 0 <= value < 1 << 53:
+        raise _bad("payload (ts)")
+    return value
+
+
+def decode_payload(raw: bytes, *expected: type) -> Payload:
+    """Parse an opened box. ``expected`` lists the payload types acceptable at this point
+    of the exchange; any other raises :class:`OfferError` (:data:`E_MALFORMED`)."""
+    if not isinstance(raw, bytes | bytearray) or len(raw) > MAX_BOX:
+        raise _bad("payload")
+    try:
+        obj = json.loads(bytes(raw).rstrip(b" ").decode("utf-8"),
+                         parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise _bad("payload") from None
+    t = obj.get("t") if isinstance(obj, dict) else None
+    if not isinstance(t, str) or _TYPES.get(t) not in expected:
+        raise _bad("payload (unexpected type)")
+    if t == "server":
+        _keys(obj, {"t", "fp", "cands", "ts"}, {"box"}, "payload")
+        if not isinstance(obj["fp"], str) or not _HEX64.fullmatch(obj["fp"]):
+            raise _bad("payload (fp)")
+        box = _unb64(obj["box"], "payload (box)", 32) if "box" in obj else None
+        return ServerHello(obj["fp"], _cands(obj["cands"]), _ts(obj["ts"]), box)
+    if t == "client":
+        _keys(obj, {"t", "pub", "cands", "ts"}, set(), "payload")
+        return ClientHello(_unb64(obj["pub"], "payload (pub)", 32), _cands(obj["cands"]),
+                           _ts(obj["ts"]))
+    if t == "cands":
+        _keys(obj, {"t", "cands"}, set(), "payload")
+        return CandidateUpdate(_cands(obj["cands"]))
+    _keys(obj, {"t", "ticket"}, set(), "payload")
+    ticket = obj["ticket"]
+    if not isinstance(ticket, str) or not 0 < len(ticket) <= MAX_TICKET_TEXT \
+            or not ticket.isascii() or not ticket.isprintable():
+        raise _bad("payload (ticket)")
+    return TicketGrant(ticket)
+
+
+def check_fresh(ts_ms: int, now_ms: int, skew_ms: int = SKEW_MS) -> None:
+    """Refuse a timestamp more than ``skew_ms`` from ``now_ms`` (both ms since the epoch).
+
+    Raises:
+        OfferError: :data:`E_STALE`, with the difference in the message (a recorded
+            message replayed later, or a clock that is off: the message says both).
+    """
+    diff = now_ms - ts_ms
+    if not math.isfinite(diff) or abs(diff) > skew_ms:
+        way = "behind" if diff > 0 else "ahead of"
+        raise OfferError(E_STALE, f"the peer's timestamp is {abs(diff) / 1000:.0f} s {way} "
+                         f"this clock (more than {skew_ms // 1000} s): a replayed message, "
+                         "or a clock to fix")

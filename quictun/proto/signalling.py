@@ -1,4 +1,4 @@
-"""Pure codec for the quictun signalling protocol, version 1 (see ``docs/protocol.md``).
+"""Pure codec for the quictun signalling protocol, version 2 (see ``docs/protocol.md``).
 
 Theory of operation
 -------------------
@@ -22,13 +22,24 @@ No I/O happens here; both the client and ``signal_server`` import this module.
 from __future__ import annotations
 
 import json
-import re
 import struct
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+from . import fields as fld
+from .fields import (
+    E_BAD_MESSAGE,
+    E_TOO_LARGE,
+    MAX_BLOB_SIZE,
+    MAX_SESSION,
+    ProtocolError,
+    valid_name,
+)
+
 __all__ = [
     "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
+    "Data",
     "MAX_MESSAGE_SIZE",
     "MAX_BLOB_SIZE",
     "RELAY_KIND",
@@ -60,28 +71,28 @@ __all__ = [
     "REJECT_MALFORMED",
     "REJECT_BUSY",
     "REJECT_SERVER_ERROR",
+    "REJECT_VERSION",
+    "REJECT_STALE",
     "REJECT_CODES",
     "CLIENT_MESSAGES",
     "SERVER_MESSAGES",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+#: Hello versions a relay accepts: version 2 only adds ``data``, so a version-1 client
+#: (which never sends it) is served as before.
+SUPPORTED_VERSIONS = (1, 2)
 #: Largest accepted text frame, in bytes of UTF-8 (error code ``too-large``).
 MAX_MESSAGE_SIZE = 16 * 1024
-#: Largest accepted offer/answer object, in bytes of compact JSON (``too-large``).
-MAX_BLOB_SIZE = 8 * 1024
 RELAY_KIND = 0x01
 RELAY_BATCH_KIND = 0x02
-MAX_SESSION = 0xFFFFFFFF
 
 # Error codes.
-E_BAD_MESSAGE = "bad-message"
 E_UNSUPPORTED_VERSION = "unsupported-version"
 E_UNAUTHORIZED = "unauthorized"
 E_NAME_TAKEN = "name-taken"
 E_NO_SUCH_NAME = "no-such-name"
 E_TIMEOUT = "timeout"
-E_TOO_LARGE = "too-large"
 E_RELAY_DISABLED = "relay-disabled"
 E_RATE_LIMITED = "rate-limited"
 E_NOT_REGISTERED = "not-registered"
@@ -109,10 +120,15 @@ ERROR_CODES = frozenset(
 )
 
 # Reject codes (``reject.code`` / ``rejected.code``): why an owner refused a session.
-#: The offer's MAC does not verify: the connector's secret is wrong. Permanent.
+#: The connector's secret is wrong (protocol 1's MAC did not verify). Permanent.
 REJECT_AUTH = "auth"
-#: The offer's nonce was seen before: a replayed (recorded and resent) offer.
+#: The offer was seen before: a replayed (recorded and resent) offer.
 REJECT_REPLAY = "replay"
+#: The peers speak different protocol versions; the reason names who must upgrade.
+#: Permanent.
+REJECT_VERSION = "version"
+#: A timestamp in the offer is outside the allowed window (a replay, or a wrong clock).
+REJECT_STALE = "stale"
 #: The offer is not the shape the owner expects (fields missing or mistyped).
 REJECT_MALFORMED = "malformed"
 #: The owner has too many sessions; trying later may work.
@@ -120,101 +136,10 @@ REJECT_BUSY = "busy"
 #: The owner failed while accepting (e.g. out of sockets); trying later may work.
 REJECT_SERVER_ERROR = "server-error"
 REJECT_CODES = frozenset(
-    {REJECT_AUTH, REJECT_REPLAY, REJECT_MALFORMED, REJECT_BUSY, REJECT_SERVER_ERROR}
+    {REJECT_AUTH, REJECT_REPLAY, REJECT_MALFORMED, REJECT_BUSY, REJECT_SERVER_ERROR,
+     REJECT_VERSION, REJECT_STALE}
 )
 
-_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_OWNER_RE = re.compile(r"[0-9a-fA-F]{64}")
-_SHORT = 256  # token, agent, reason, code, addr
-_LONG = 1024  # error message
-
-
-class ProtocolError(Exception):
-    """A message could not be decoded (or encoded).
-
-    Attributes:
-        code: one of the error-code constants (``bad-message``, ``too-large`` ...).
-        message: human-readable detail, safe to send back to the peer.
-    """
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-def valid_name(name: object) -> bool:
-    """True if ``name`` is a str of 1-64 characters from ``[A-Za-z0-9._-]``."""
-    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
-
-
-# --- field validators: (value, field name) -> value, raising ProtocolError ----------
-
-
-def _bad(msg: str) -> ProtocolError:
-    return ProtocolError(E_BAD_MESSAGE, msg)
-
-
-def _int(lo: int, hi: int):
-    def check(v: Any, f: str) -> int:
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise _bad(f"field {f!r} must be an integer")
-        if not lo <= v <= hi:
-            raise _bad(f"field {f!r} out of range [{lo}, {hi}]")
-        return v
-
-    return check
-
-
-def _str(limit: int, *, optional: bool = False):
-    def check(v: Any, f: str) -> str | None:
-        if v is None and optional:
-            return None
-        if not isinstance(v, str):
-            raise _bad(f"field {f!r} must be a string")
-        if len(v) > limit:
-            raise ProtocolError(E_TOO_LARGE, f"field {f!r} longer than {limit} characters")
-        return v
-
-    return check
-
-
-def _name(v: Any, f: str) -> str:
-    if not valid_name(v):
-        raise _bad(f"field {f!r} must be 1-64 characters of [A-Za-z0-9._-]")
-    return v
-
-
-def _owner(v: Any, f: str) -> str:
-    if not isinstance(v, str) or _OWNER_RE.fullmatch(v) is None:
-        raise _bad(f"field {f!r} must be 64 hex characters")
-    return v
-
-
-def _blob(v: Any, f: str) -> dict[str, Any]:
-    if not isinstance(v, dict):
-        raise _bad(f"field {f!r} must be an object")
-    size = len(json.dumps(v, separators=(",", ":")).encode("utf-8"))
-    if size > MAX_BLOB_SIZE:
-        raise ProtocolError(E_TOO_LARGE, f"field {f!r} is {size} bytes (max {MAX_BLOB_SIZE})")
-    return v
-
-
-def _bool(v: Any, f: str) -> bool:
-    if not isinstance(v, bool):
-        raise _bad(f"field {f!r} must be a boolean")
-    return v
-
-
-def _ports(v: Any, f: str) -> list[int]:
-    if not isinstance(v, list) or len(v) > 8:
-        raise _bad(f"field {f!r} must be a list of at most 8 ports")
-    check = _int(0, 0xFFFF)
-    return [check(p, f) for p in v]
-
-
-_SESSION = _int(0, MAX_SESSION)
-_U53 = _int(0, 2**53 - 1)
 
 
 # --- messages ------------------------------------------------------------------------
@@ -238,9 +163,9 @@ class Hello(_Message):
     token: str | None
     agent: str
     CHECKS: ClassVar[dict[str, Any]] = {
-        "v": _U53,
-        "token": _str(_SHORT, optional=True),
-        "agent": _str(_SHORT),
+        "v": fld.U53,
+        "token": fld.string(fld.SHORT, optional=True),
+        "agent": fld.string(fld.SHORT),
     }
 
 
@@ -251,7 +176,7 @@ class Register(_Message):
     T: ClassVar[str] = "register"
     name: str
     owner: str
-    CHECKS: ClassVar[dict[str, Any]] = {"name": _name, "owner": _owner}
+    CHECKS: ClassVar[dict[str, Any]] = {"name": fld.name, "owner": fld.owner}
 
 
 @dataclass(frozen=True)
@@ -260,7 +185,7 @@ class Unregister(_Message):
 
     T: ClassVar[str] = "unregister"
     name: str
-    CHECKS: ClassVar[dict[str, Any]] = {"name": _name}
+    CHECKS: ClassVar[dict[str, Any]] = {"name": fld.name}
 
 
 @dataclass(frozen=True)
@@ -270,7 +195,7 @@ class Connect(_Message):
     T: ClassVar[str] = "connect"
     name: str
     offer: dict[str, Any]
-    CHECKS: ClassVar[dict[str, Any]] = {"name": _name, "offer": _blob}
+    CHECKS: ClassVar[dict[str, Any]] = {"name": fld.name, "offer": fld.blob}
 
 
 @dataclass(frozen=True)
@@ -280,14 +205,14 @@ class Answer(_Message):
     T: ClassVar[str] = "answer"
     session: int
     answer: dict[str, Any]
-    CHECKS: ClassVar[dict[str, Any]] = {"session": _SESSION, "answer": _blob}
+    CHECKS: ClassVar[dict[str, Any]] = {"session": fld.SESSION, "answer": fld.blob}
 
 
 # ``reject`` (owner -> relay) and ``rejected`` (relay -> connector) carry the same fields
 _REJECT_CHECKS: dict[str, Any] = {
-    "session": _SESSION,
-    "reason": _str(_SHORT),
-    "code": _str(_SHORT, optional=True),
+    "session": fld.SESSION,
+    "reason": fld.string(fld.SHORT),
+    "code": fld.string(fld.SHORT, optional=True),
 }
 
 
@@ -314,7 +239,19 @@ class Close(_Message):
     T: ClassVar[str] = "close"
     session: int
     reason: str
-    CHECKS: ClassVar[dict[str, Any]] = {"session": _SESSION, "reason": _str(_SHORT)}
+    CHECKS: ClassVar[dict[str, Any]] = {"session": fld.SESSION, "reason": fld.string(fld.SHORT)}
+
+
+@dataclass(frozen=True)
+class Data(_Message):
+    """A sealed message between the two members of an answered session (protocol 2), in
+    both directions: the relay forwards it to the other member unchanged (it is opaque
+    to the relay, like ``offer`` and ``answer``), also when it does not relay packets."""
+
+    T: ClassVar[str] = "data"
+    session: int
+    data: dict[str, Any]
+    CHECKS: ClassVar[dict[str, Any]] = {"session": fld.SESSION, "data": fld.blob}
 
 
 @dataclass(frozen=True)
@@ -323,7 +260,7 @@ class Ping(_Message):
 
     T: ClassVar[str] = "ping"
     id: int
-    CHECKS: ClassVar[dict[str, Any]] = {"id": _U53}
+    CHECKS: ClassVar[dict[str, Any]] = {"id": fld.U53}
 
 
 # relay -> client
@@ -339,10 +276,10 @@ class Welcome(_Message):
     relay: bool
     addr: str
     CHECKS: ClassVar[dict[str, Any]] = {
-        "v": _U53,
-        "stun": _ports,
-        "relay": _bool,
-        "addr": _str(_SHORT),
+        "v": fld.U53,
+        "stun": fld.ports,
+        "relay": fld.boolean,
+        "addr": fld.string(fld.SHORT),
     }
 
 
@@ -352,7 +289,7 @@ class Registered(_Message):
 
     T: ClassVar[str] = "registered"
     name: str
-    CHECKS: ClassVar[dict[str, Any]] = {"name": _name}
+    CHECKS: ClassVar[dict[str, Any]] = {"name": fld.name}
 
 
 @dataclass(frozen=True)
@@ -363,7 +300,7 @@ class Incoming(_Message):
     session: int
     name: str
     offer: dict[str, Any]
-    CHECKS: ClassVar[dict[str, Any]] = {"session": _SESSION, "name": _name, "offer": _blob}
+    CHECKS: ClassVar[dict[str, Any]] = {"session": fld.SESSION, "name": fld.name, "offer": fld.blob}
 
 
 @dataclass(frozen=True)
@@ -372,7 +309,7 @@ class Go(_Message):
 
     T: ClassVar[str] = "go"
     session: int
-    CHECKS: ClassVar[dict[str, Any]] = {"session": _SESSION}
+    CHECKS: ClassVar[dict[str, Any]] = {"session": fld.SESSION}
 
 
 @dataclass(frozen=True)
@@ -394,7 +331,7 @@ class Closed(_Message):
     T: ClassVar[str] = "closed"
     session: int
     reason: str
-    CHECKS: ClassVar[dict[str, Any]] = {"session": _SESSION, "reason": _str(_SHORT)}
+    CHECKS: ClassVar[dict[str, Any]] = {"session": fld.SESSION, "reason": fld.string(fld.SHORT)}
 
 
 @dataclass(frozen=True)
@@ -403,7 +340,7 @@ class Pong(_Message):
 
     T: ClassVar[str] = "pong"
     id: int
-    CHECKS: ClassVar[dict[str, Any]] = {"id": _U53}
+    CHECKS: ClassVar[dict[str, Any]] = {"id": fld.U53}
 
 
 @dataclass(frozen=True)
@@ -415,9 +352,9 @@ class Error(_Message):
     message: str
     session: int | None = None
     CHECKS: ClassVar[dict[str, Any]] = {
-        "code": _str(_SHORT),
-        "message": _str(_LONG),
-        "session": lambda v, f: None if v is None else _SESSION(v, f),
+        "code": fld.string(fld.SHORT),
+        "message": fld.string(fld.LONG),
+        "session": lambda v, name: None if v is None else fld.SESSION(v, name),
     }
 
 
@@ -436,6 +373,7 @@ Message = (
     | Go
     | Rejected
     | Closed
+    | Data
     | Pong
     | Error
 )
@@ -448,6 +386,7 @@ CLIENT_MESSAGES: tuple[type[_Message], ...] = (
     Answer,
     Reject,
     Close,
+    Data,
     Ping,
 )
 SERVER_MESSAGES: tuple[type[_Message], ...] = (
@@ -458,6 +397,7 @@ SERVER_MESSAGES: tuple[type[_Message], ...] = (
     Go,
     Rejected,
     Closed,
+    Data,
     Pong,
     Error,
 )
@@ -473,6 +413,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text[:20]} is not a finite number")
+    return value
+
+
 def decode(text: str | bytes) -> Message:
     """Decode one text frame into a message.
 
@@ -486,32 +433,36 @@ def decode(text: str | bytes) -> Message:
         try:
             text = bytes(text).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise _bad("message is not valid UTF-8") from exc
+            raise fld.bad("message is not valid UTF-8") from exc
     elif not isinstance(text, str):
-        raise _bad("message must be text")
+        raise fld.bad("message must be text")
     if len(text) > MAX_MESSAGE_SIZE or len(text.encode("utf-8", "surrogatepass")) > (
         MAX_MESSAGE_SIZE
     ):
         raise ProtocolError(E_TOO_LARGE, f"message over {MAX_MESSAGE_SIZE} bytes")
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite)
+        if "\\u" in text:  # only an escape can make a lone surrogate
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise fld.bad("message holds a lone UTF-16 surrogate") from exc
     except (ValueError, RecursionError) as exc:
-        raise _bad(f"invalid JSON: {str(exc)[:100]}") from exc
+        raise fld.bad(f"invalid JSON: {str(exc)[:100]}") from exc
     if not isinstance(obj, dict):
-        raise _bad("message must be a JSON object")
+        raise fld.bad("message must be a JSON object")
     t = obj.get("t")
     if not isinstance(t, str):
-        raise _bad("missing message type field 't'")
+        raise fld.bad("missing message type field 't'")
     cls = _TYPES.get(t)
     if cls is None:
-        raise _bad(f"unknown message type {t[:40]!r}")
+        raise fld.bad(f"unknown message type {t[:40]!r}")
     kwargs: dict[str, Any] = {}
     for f in fields(cls):
         if f.name not in obj:
             if (cls, f.name) in _OPTIONAL:
                 kwargs[f.name] = None
                 continue
-            raise _bad(f"{t!r} message is missing field {f.name!r}")
+            raise fld.bad(f"{t!r} message is missing field {f.name!r}")
         kwargs[f.name] = cls.CHECKS[f.name](obj[f.name], f.name)
     return cls(**kwargs)  # type: ignore[return-value]
 

@@ -11,7 +11,6 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 
 import quictun
-from quictun.aio.server import Server
 from quictun.errors import AuthError, TunnelError
 from quictun.proto import signalling as sigproto
 from quictun.proto.identity import Identity
@@ -26,6 +25,9 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.close()
 
 
+EVENTS: list[str] = []  # the env server's event lines, per test
+
+
 @pytest.fixture
 async def env(tmp_path: Path):  # type: ignore[no-untyped-def]
     relay = RelayServer(RelayConfig(host="127.0.0.1", port=0))
@@ -33,9 +35,10 @@ async def env(tmp_path: Path):  # type: ignore[no-untyped-def]
     target = await asyncio.start_server(_echo, "127.0.0.1", 0)
     port = target.sockets[0].getsockname()[1]
     server_id = Identity.generate()
+    EVENTS.clear()
     task = asyncio.create_task(quictun.serve(
         "lib", forward=f"127.0.0.1:{port}", signal=relay.url, secret="lib-secret",
-        identity=server_id, on_event=lambda s: None))
+        identity=server_id, on_event=EVENTS.append))
     # wait until the name is registered: a connect before that gets no-such-name
     for _ in range(100):
         if relay.stats.get("names", 0) >= 1:
@@ -70,22 +73,26 @@ async def test_many_connections_over_one_tunnel(env) -> None:  # type: ignore[no
         assert tunnel.path is not None
 
 
-async def test_wrong_secret_raises_a_clear_error(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+async def _until(pred, what: str) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(200):
+        if pred():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_wrong_secret_raises_a_clear_error_and_costs_a_guess(env) -> None:  # type: ignore[no-untyped-def]
+    """The client learns "wrong" from a box that does not open; the server charges the
+    exchange to its guess throttle (and logs it), and nothing else happens."""
     relay, _ = env
-    sent: list[tuple[str, str]] = []
-    original = Server._reject
-
-    async def spy(self, sid, reason, code):  # type: ignore[no-untyped-def]
-        sent.append((reason, code))
-        await original(self, sid, reason, code)
-
-    monkeypatch.setattr(Server, "_reject", spy)
-    with pytest.raises(AuthError, match="wrong secret") as exc:
+    with pytest.raises(AuthError, match="does not open with our secret.*wrong secret") as exc:
         async with quictun.connect("lib", signal=relay.url, secret="nope",
                                    identity=Identity.generate(), on_status=lambda s: None):
             pass
     assert exc.value.permanent  # connect --listen stops retrying
-    assert [code for _, code in sent] == [sigproto.REJECT_AUTH]
+    await _until(lambda: any("failed exchange on 'lib' (strangers" in e for e in EVENTS),
+                 "the failed exchange")
+    assert not any("connected" in e for e in EVENTS)
 
 
 async def _rejecting_owner(url: str, name: str, reason: str, code: str | None,
@@ -111,6 +118,8 @@ async def _rejecting_owner(url: str, name: str, reason: str, code: str | None,
         ("authentication failed: wrong secret", None, False),  # an old server: no code
         ("secret auth", "replay", False),
         ("whatever", "auth", True),  # the code decides, not the text
+        ("upgrade quictun on the connecting machine", "version", True),
+        ("malformed offer", "malformed", True),  # a protocol-1 server
     ],
 )
 async def test_reject_code_decides_auth_error(reason: str, code: str | None,
@@ -187,21 +196,31 @@ async def test_pinned_fingerprint_mismatch_is_refused(env) -> None:  # type: ign
                           pin=Identity.generate().fingerprint)
 
 
-async def test_relay_swapping_the_fingerprint_is_detected(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """A malicious relay that substitutes its own identity in the answer is caught."""
+@pytest.mark.parametrize("field", ["box", "pake"])
+async def test_a_relay_that_rewrites_the_answer_is_caught(env, monkeypatch, field) -> None:  # type: ignore[no-untyped-def]
+    """A relay that alters the answer (its sealed box, or the SPAKE2 message, as a
+    man in the middle would) gets a box that does not open: refused, nothing learnt."""
     relay, _ = env
+    from quictun.proto.offer import b64
     from signal_server import matchmaker
 
     original = matchmaker.Matchmaker._send
-    attacker = Identity.generate().fingerprint
 
     def tampering(self, conn_id, msg, *a, **k):  # type: ignore[no-untyped-def]
         if isinstance(msg, matchmaker.sp.Answer):
-            msg = type(msg)(msg.session, dict(msg.answer, fp=attacker))
+            ans = dict(msg.answer)
+            if field == "box":
+                ans["box"] = b64(os.urandom(512))
+            else:  # a SPAKE2 message the relay made with its own guess
+                from quictun.proto import pake
+                mine = pake.start(pake.prepare("guess", "lib", "connect", "server"),
+                                  os.urandom(64))
+                ans["pake"] = b64(mine.message)
+            msg = type(msg)(msg.session, ans)
         return original(self, conn_id, msg, *a, **k)
 
     monkeypatch.setattr(matchmaker.Matchmaker, "_send", tampering)
-    with pytest.raises(TunnelError, match="not authenticated by our secret"):
+    with pytest.raises(AuthError, match="does not open with our secret"):
         async with quictun.connect("lib", signal=relay.url, secret="lib-secret",
                                    identity=Identity.generate(), on_status=lambda s: None):
             pass
@@ -236,20 +255,30 @@ async def test_replayed_offer_gets_no_session(tmp_path, monkeypatch) -> None:  #
 
     monkeypatch.setattr(matchmaker.Matchmaker, "_send", replaying)
     events: list[str] = []
+    server_id = Identity.generate()
     task = asyncio.create_task(quictun.serve(
         "lib", forward=f"127.0.0.1:{port}", signal=relay.url, secret="lib-secret",
-        identity=Identity.generate(), on_event=events.append))
+        identity=server_id, on_event=events.append))
     try:
         for _ in range(100):
             if relay.stats.get("names", 0) >= 1:
                 break
             await asyncio.sleep(0.05)
-        async with quictun.connect("lib", signal=relay.url, secret="lib-secret",
-                                   identity=Identity.generate(), on_status=lambda s: None) as t:
+        from quictun.aio.client import open_tunnel
+        from quictun.proto.pake import box_key_of
+
+        # a ticket holder sends a hint (sealed to the server's box key): the replayed
+        # copy is recognised before any PAKE work
+        t = await open_tunnel("lib", signal=relay.url, secret="lib-secret",
+                              identity=Identity.generate(), on_status=lambda s: None,
+                              pin=server_id.fingerprint, box_key=box_key_of(server_id))
+        try:
             reader, writer = await t.open_connection()
             writer.write(b"still works\n")
             assert await reader.readline() == b"still works\n"
             writer.close()
+        finally:
+            await t.close()
         assert any("replayed offer" in e for e in events), events
     finally:
         task.cancel()

@@ -18,6 +18,7 @@ from helpers import PY, Proc, base_env
 
 from quictun.aio.relay import CA_ENV, SignalClient
 from quictun.errors import TunnelError
+from quictun.proto import signalling as sigproto
 
 REPO = Path(__file__).resolve().parents[2]
 QT = [PY, "-m", "quictun"]
@@ -79,13 +80,13 @@ async def test_signal_client_trusts_cafile_argument_and_env(tls_relay, tmp_path:
     monkeypatch.delenv(CA_ENV, raising=False)
     sc = SignalClient(url, cafile=str(crt))
     try:
-        assert (await sc.open()).v == 1
+        assert (await sc.open()).v == sigproto.PROTOCOL_VERSION
     finally:
         await sc.close()
     monkeypatch.setenv(CA_ENV, str(crt))
     sc = SignalClient(url)
     try:
-        assert (await sc.open()).v == 1
+        assert (await sc.open()).v == sigproto.PROTOCOL_VERSION
     finally:
         await sc.close()
     monkeypatch.setenv(CA_ENV, str(tmp_path / "missing.crt"))

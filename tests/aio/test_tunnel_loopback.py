@@ -124,7 +124,9 @@ def test_wrong_secret_is_refused_before_the_target(relay, spawn, tmp_path: Path)
         assert "wrong secret" in r.stderr.decode()
         assert "Traceback" not in r.stderr.decode()
         assert target.accepted == 0
-        assert "wrong secret" in serve.wait_for("refused a client: wrong secret").group(0)
+        # the server cannot tell a wrong secret from a lost client until the client's
+        # sealed hello fails to come: the exchange is a guess, charged to the throttle
+        serve.wait_for(r"failed exchange on 'box' \(strangers")
     finally:
         target.close()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from helpers import PY, Proc, base_env, free_port
+from helpers import PY, Proc, base_env, free_port, v1_ticket
 
 from quictun import store
 from quictun.cli.main import main
@@ -151,14 +151,14 @@ def test_bad_relay_url_is_one_line(url: str) -> None:
     one_line_error(run("netcheck", "--signal", url), "bad relay URL")
     r = run("serve", "box", "--forward", "127.0.0.1:22", "--signal", url)
     one_line_error(r, "bad relay URL")
-    assert "qt1" not in r.output  # no ticket naming a relay that cannot work
+    assert "qt2" not in r.output  # no ticket naming a relay that cannot work
 
 
 def test_ticket_with_bad_relay_url_is_one_line() -> None:
-    bad = tk.Ticket(url="ws://h:99999/", name="box", secret="s", fingerprint="ab" * 32)
-    one_line_error(run("connect", "--stdio", env={"QUICTUN_TICKET": bad.encode()}),
+    bad = v1_ticket(url="ws://h:99999/", name="box", secret="s", fingerprint="ab" * 32)
+    one_line_error(run("connect", "--stdio", env={"QUICTUN_TICKET": bad}),
                    "QUICTUN_TICKET: this ticket carries a bad relay URL")
-    one_line_error(run("import", bad.encode()), "bad relay URL")
+    one_line_error(run("import", bad), "bad relay URL")
 
 
 def test_serve_prints_no_ticket_before_the_name_is_registered() -> None:
@@ -272,7 +272,7 @@ def test_ssh_config_from_ticket_imports_it(tmp_path: Path) -> None:
     assert "imported the ticket for 'box'" in r.stderr
     assert "Host box\n" in r.stdout
     assert re.search(r"  ProxyCommand .*quictun connect %h --stdio\n", r.stdout)
-    assert "qt1" not in r.stdout and "s3cret" not in r.stdout and "--signal" not in r.stdout
+    assert "qt2" not in r.stdout and "s3cret" not in r.stdout and "--signal" not in r.stdout
     assert store.load_ticket("box") == t
     # later, by name: the stored ticket is found, the block stays name-only
     r = run("ssh-config", "box")
@@ -284,7 +284,7 @@ T = tk.Ticket(url="ws://127.0.0.1:1/", name="box", secret="s3cret", fingerprint=
 
 
 def _no_secret_in_output(r: Result) -> None:
-    assert "s3cret" not in r.stdout and "qt1" not in r.stdout
+    assert "s3cret" not in r.stdout and "qt2" not in r.stdout
 
 
 def test_import_from_argv(tmp_path: Path) -> None:
@@ -319,8 +319,8 @@ def test_import_errors(tmp_path: Path) -> None:
     one_line_error(CliRunner().invoke(main, ["import"], input="hello\n"),
                    "stdin: this is not a quictun ticket")
     for bad in ("..", ".", "../x", "a/b"):
-        evil = tk.Ticket(url="ws://x/", name=bad, secret="s", fingerprint="ab")
-        one_line_error(run("import", evil.encode()), "not a valid name")
+        evil = v1_ticket(url="ws://x/", name=bad, secret="s", fingerprint="ab" * 32)
+        one_line_error(run("import", evil), "not a valid name")
     assert not (tmp_path / "home").exists()
     # the config dir cannot be written: one line, no traceback
     (tmp_path / "file").write_text("")
@@ -457,7 +457,7 @@ def _serve_ticket(tmp_path: Path, url: str, port: int, log: str) -> tuple[Proc, 
              stdout=subprocess.PIPE)
     assert p.p.stdout is not None
     line = p.p.stdout.readline().decode()
-    m = re.fullmatch(r"(qt1[a-z2-7]+)\n", line)
+    m = re.fullmatch(r"(qt2[a-z2-7]+)\n", line)
     assert m, line + p.text()
     p.wait_for(r"serving 'box'")
     assert "quictun import -" in p.text()
@@ -498,7 +498,7 @@ def test_import_then_connect_by_name(relay, echo_server, tmp_path: Path) -> None
         r = subprocess.run(QT + ["import", "-"], input=t.encode() + b"\n",
                            capture_output=True, env=env, timeout=30)
         assert r.returncode == 0, r.stderr.decode()
-        assert b"connect box --listen 2222" in r.stdout and b"qt1" not in r.stdout
+        assert b"connect box --listen 2222" in r.stdout and b"qt2" not in r.stdout
         payload = os.urandom(100_000)
         r = subprocess.run(QT + ["connect", "box", "--stdio"], input=payload,
                            capture_output=True, env=env, timeout=60)
@@ -569,7 +569,7 @@ def test_demo_end_to_end(echo_server, tmp_path: Path) -> None:
     other_terminal = dict(env, PATH="/usr/bin:/bin")
     try:
         text = _read_instructions(d)
-        assert "qt1" not in text and "--signal" not in text
+        assert "qt2" not in text and "--signal" not in text
         assert "ssh" not in text, "not an ssh service: no ssh commands"
         stdio = re.search(r"^  (.+ connect demo --stdio)$", text, re.M)
         listen = re.search(r"^  (.+ connect demo --listen 2222)$", text, re.M)

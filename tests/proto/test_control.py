@@ -1,62 +1,87 @@
-"""The control protocol's server gate: nothing passes before a valid proof, within limits."""
+"""The control protocol: the client's and the server's proofs, bound to the TLS channel,
+and the server's gate (nothing passes before a valid proof, within limits)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from quictun.proto import auth
+from quictun.proto import pake
 from quictun.proto.control import (
     PROOF_SIZE,
     Authenticated,
     ProofGate,
     Refused,
+    check_server_proof,
     decode_candidates_update,
     encode_candidates,
     make_proof,
 )
 from quictun.proto.identity import Identity
 
-KEYS = auth.session_keys(auth.root_key("s", "box"), "cn", "sn", "pub", "fp")
 SERVER_FP = "ab" * 32
+CB = b"c" * 32  # a TLS channel binding
 
 
-def gate(client: Identity, **kw: object) -> ProofGate:
+def keys_pair(secret: str = "s", server_secret: str = "s") -> tuple[pake.SessionKeys,
+                                                                     pake.SessionKeys]:
+    c = pake.start(pake.prepare(secret, "box", "connect", "client"), os.urandom(64))
+    s = pake.start(pake.prepare(server_secret, "box", "connect", "server"), os.urandom(64))
+    return pake.finish(c, s.message), pake.finish(s, c.message)
+
+
+CLIENT_KEYS, SERVER_KEYS = keys_pair()
+
+
+def gate(client: Identity, keys: pake.SessionKeys = SERVER_KEYS, **kw: object) -> ProofGate:
     args: dict = {"now": 0.0, "deadline": 10.0, "hold_limit": 100} | kw
-    return ProofGate(KEYS, SERVER_FP, client.public_bytes, **args)
+    g = ProofGate(keys, SERVER_FP, client.public_bytes, **args)
+    return g
 
 
-def test_a_valid_proof_releases_what_was_held_in_order() -> None:
+def test_a_valid_proof_releases_what_was_held_in_order_and_the_server_proves_back() -> None:
     client = Identity.generate()
     g = gate(client)
     assert g.hold(4, b"\x00ssh", False) is None
     assert g.hold(8, b"\x00more", True) is None
-    proof = make_proof(KEYS, SERVER_FP, client)
+    proof = make_proof(CLIENT_KEYS, CB, SERVER_FP, client)
     assert len(proof) == PROOF_SIZE
     assert g.control_data(proof[:50]) is None  # proofs may arrive in pieces
-    verdict = g.control_data(proof[50:])
+    assert g.control_data(proof[50:]) is None  # no TLS binding yet: nothing is decided
+    verdict = g.set_binding(CB)
     assert isinstance(verdict, Authenticated)
     assert verdict.client_fp == client.fingerprint
     assert verdict.held == ((4, b"\x00ssh", False), (8, b"\x00more", True))
+    assert check_server_proof(CLIENT_KEYS, verdict.reply, CB, SERVER_FP, client.fingerprint)
+    assert not check_server_proof(CLIENT_KEYS, verdict.reply, b"x" * 32, SERVER_FP,
+                                  client.fingerprint)  # another connection
     assert g.get_timer() is None and g.handle_timer(99.0) is None  # the deadline is gone
 
 
-@pytest.mark.parametrize("tamper", ["another key", "other session", "byte flipped"])
+@pytest.mark.parametrize("tamper", ["another key", "wrong secret", "other channel",
+                                    "byte flipped", "too long"])
 def test_a_bad_proof_is_refused(tamper: str) -> None:
     client = Identity.generate()
-    if tamper == "another key":
-        proof = make_proof(KEYS, SERVER_FP, Identity.generate())
-    elif tamper == "other session":
-        other = auth.session_keys(auth.root_key("s", "box"), "cn2", "sn", "pub", "fp")
-        proof = make_proof(other, SERVER_FP, client)
-    else:
-        raw = bytearray(make_proof(KEYS, SERVER_FP, client))
+    keys, cb = CLIENT_KEYS, CB
+    if tamper == "wrong secret":
+        keys = keys_pair("guess", "s")[0]
+    elif tamper == "other channel":
+        cb = b"d" * 32  # e.g. a relay that terminated QUIC on both sides
+    proof = make_proof(keys, cb, SERVER_FP,
+                       Identity.generate() if tamper == "another key" else client)
+    if tamper == "byte flipped":
+        raw = bytearray(proof)
         raw[100] ^= 1
         proof = bytes(raw)
+    if tamper == "too long":
+        proof += b"x"
     g = gate(client)
+    g.set_binding(CB)
     g.hold(4, b"\x00x", False)
     verdict = g.control_data(proof)
-    assert isinstance(verdict, Refused) and "did not verify" in verdict.reason
-    assert g.control_data(make_proof(KEYS, SERVER_FP, client)) is None  # done: no 2nd try
+    assert isinstance(verdict, Refused)
+    assert g.control_data(make_proof(CLIENT_KEYS, CB, SERVER_FP, client)) is None  # no 2nd try
 
 
 def test_the_deadline_and_the_hold_limit() -> None:

@@ -63,7 +63,20 @@ def test_reject_code_is_optional_and_backward_compatible(cls: type) -> None:
 
 
 def test_reject_codes() -> None:
-    assert sp.REJECT_CODES == {"auth", "replay", "malformed", "busy", "server-error"}
+    assert sp.REJECT_CODES == {"auth", "replay", "malformed", "busy", "server-error",
+                               "version", "stale"}
+
+
+@pytest.mark.parametrize("text", [
+    '{"t":"ping","id":1e400}',  # infinite: the relay could not encode it again
+    '{"t":"ping","id":-1e400}',
+    '{"t":"hello","v":1,"token":null,"agent":"\\ud800"}',  # a lone surrogate
+    '{"t":"close","session":1,"reason":"\\udfff x"}',
+])
+def test_numbers_and_strings_that_cannot_be_encoded_again_are_refused(text: str) -> None:
+    with pytest.raises(sp.ProtocolError) as info:
+        sp.decode(text)
+    assert info.value.code == "bad-message"
 
 
 def test_error_session_optional_and_extra_fields_ignored() -> None:

@@ -117,7 +117,7 @@ def test_hello_deadline() -> None:
     [
         (sp.encode(sp.Ping(1)), "hello-required", 1008),
         ("garbage", "hello-required", 1002),
-        (sp.encode(sp.Hello(v=2, token=None, agent="x")), "unsupported-version", 1002),
+        (sp.encode(sp.Hello(v=3, token=None, agent="x")), "unsupported-version", 1002),
     ],
 )
 def test_first_message_must_be_hello(first: str, code: str, close: int) -> None:
