@@ -30,12 +30,15 @@ from ..proto.exchange import ServerExchange
 from ..proto.identity import Identity, fingerprint_of_raw
 from ..proto.limits import ReplayWindow, Sighting
 from ..proto.offer import E_STALE, E_VERSION, SKEW_MS, ClientHello, OfferError
+from ..proto.pairing import PairingCode
 from ..proto.throttle import Throttle
+from ..proto.ticket import Ticket
 from ..punch.types import Mode, NetPath, PathConfig, describe
 from ..store import load_or_create
 from .candidates import open_and_gather, regather
 from .client import StatusCallback, check_mode, now_ms
 from .handlers import ServerHandler
+from .pairing import PairingHost
 from .relay import RelayError, SignalClient
 from .session import PeerSession, new_path_manager
 from .udp import UdpEndpoint
@@ -72,6 +75,7 @@ class Server:
         mode: Mode, token: str | None, identity: Identity,
         on_event: StatusCallback | None, config: TunnelConfig,
         on_registered: Callable[[], None] | None = None,
+        pairing: tuple[PairingCode, Ticket] | None = None,
     ) -> None:
         self.name = name
         self.on_registered = on_registered
@@ -96,6 +100,11 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self.signal: SignalClient | None = None
         self.registered = asyncio.Event()
+        self.pairing: PairingHost | None = None
+        if pairing is not None:
+            self.pairing = PairingHost(pairing[0], pairing[1], identity, send=self._send_soon,
+                                       emit=self.emit, paired=self._paired,
+                                       timeout=config.connect_timeout)
 
     async def run(self) -> None:
         """Register and serve; re-register with backoff after the relay is lost.
@@ -133,6 +142,11 @@ class Server:
             owner = auth.owner_token(self.identity.private_bytes(), self.name)
             await sc.request(sigproto.Register(name=self.name, owner=owner),
                              lambda m: isinstance(m, sigproto.Registered), timeout=10)
+            if self.pairing is not None and self.pairing.live():
+                name = self.pairing.name
+                owner = auth.owner_token(self.identity.private_bytes(), name)
+                await sc.request(sigproto.Register(name=name, owner=owner),
+                                 lambda m: isinstance(m, sigproto.Registered), timeout=10)
         except RelayError as exc:
             if exc.code == sigproto.E_NAME_TAKEN:
                 raise _Permanent(f"the name {self.name!r} is held by another identity on "
@@ -180,13 +194,23 @@ class Server:
             s.session.relay_received(data)
 
     def _on_message(self, m: sigproto.Message) -> None:
+        host = self.pairing
         if isinstance(m, sigproto.Incoming):
-            self._spawn(self._accept(m))
+            if host is not None and m.name == host.name:
+                host.incoming(m)
+            else:
+                self._spawn(self._accept(m))
         elif isinstance(m, sigproto.Data):
-            self._client_hello(m)
+            if host is not None and host.owns(m.session):
+                host.data(m)
+            else:
+                self._client_hello(m)
         elif isinstance(m, sigproto.Closed):
+            if host is not None:
+                host.closed(m.session)
             if m.session in self._pending:
-                self._exchange_failed(m.session, "the client gave up")
+                self._exchange_failed(
+                    m.session, "the client did not confirm: a wrong secret, or it gave up")
                 return
             s = self.sessions.get(m.session)
             if s is not None:
@@ -285,13 +309,23 @@ class Server:
         failures = self.throttle.failures(pending.throttle_key, now)
         self.emit(f"failed exchange on {self.name!r} ({_who(pending.throttle_key)}, {why}; "
                   f"{failures:.0f} failures in the window)")
-        if self.signal is not None and self.signal.connected:
-            self._spawn(self._send_close(sid, "authentication failed"))
+        self._send_soon(sigproto.Close(session=sid, reason="authentication failed"))
 
-    async def _send_close(self, sid: int, reason: str) -> None:
+    def _send_soon(self, msg: sigproto.Message) -> None:
+        """Send ``msg`` to the relay from synchronous code (order kept per call site)."""
+        if self.signal is not None and self.signal.connected:
+            self._spawn(self._send_quietly(msg))
+
+    async def _send_quietly(self, msg: sigproto.Message) -> None:
         if self.signal is not None:
             with contextlib.suppress(TunnelError):
-                await self.signal.send(sigproto.Close(session=sid, reason=reason))
+                await self.signal.send(msg)
+
+    def _paired(self, client_fp: str) -> None:
+        """A client paired: it is known from now on, and the code's name is released."""
+        self.known_clients.add(client_fp)
+        if self.pairing is not None:
+            self._send_soon(sigproto.Unregister(self.pairing.name))
 
     def _client_hello(self, m: sigproto.Data) -> None:
         """The client's sealed hello: a right guess opens it; then punch and serve."""
@@ -408,12 +442,14 @@ async def serve(
     path_config: PathConfig | None = None,
     on_registered: Callable[[], None] | None = None,
     config: TunnelConfig | None = None,
+    pairing: tuple[PairingCode, Ticket] | None = None,
 ) -> None:
     """Make ``forward`` (``HOST:PORT``) reachable as ``name`` until cancelled.
 
     Re-registers after the relay restarts or the network blips; ``on_registered`` is
     called after each successful registration. ``config`` carries every tunable
-    (``path_config``, if given, replaces its ``paths``).
+    (``path_config``, if given, replaces its ``paths``). ``pairing``: a code and the
+    ticket to hand to whoever types it (see :mod:`quictun.aio.pairing`).
 
     Raises:
         TunnelError: the first registration failed (relay unreachable, name taken by
@@ -431,5 +467,5 @@ async def serve(
         config = config.replace(paths=path_config)
     server = Server(name, target, signal=signal, secret=secret, mode=checked, token=token,
                     identity=identity or load_or_create(), on_event=on_event, config=config,
-                    on_registered=on_registered)
+                    on_registered=on_registered, pairing=pairing)
     await server.run()

@@ -13,7 +13,7 @@ import click
 from .common import setup_logging
 from .demo import demo
 from .netcheck import netcheck
-from .tickets import import_ticket, ssh_config
+from .tickets import import_ticket, pair, ssh_config
 from .tunnels import connect, serve
 
 
@@ -47,5 +47,5 @@ def main(ctx: click.Context, verbose: int, log_format: str) -> None:
     setup_logging(verbose, log_format)
 
 
-for _command in (serve, connect, import_ticket, demo, netcheck, ssh_config):
+for _command in (serve, connect, import_ticket, pair, demo, netcheck, ssh_config):
     main.add_command(_command)

@@ -1,8 +1,9 @@
-"""``quictun import`` and ``quictun ssh-config``: tickets kept by name, and ssh set up."""
+"""``quictun import``, ``pair`` and ``ssh-config``: tickets kept by name, and ssh set up."""
 
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
@@ -12,14 +13,20 @@ from .common import (
     SIGNAL_HELP,
     UserError,
     check_name,
+    check_signal,
     decode_ticket,
     is_ticket,
+    load_identity,
     load_stored,
     prog,
+    run,
     store_ticket,
     verbose_option,
     warn_argv_ticket,
 )
+
+if TYPE_CHECKING:
+    from ..proto.ticket import Ticket
 
 
 @click.command("import")
@@ -58,6 +65,11 @@ def import_ticket(source: str) -> None:
     t = decode_ticket(text, where)
     if source != "-":
         warn_argv_ticket(t.name)
+    _stored(t)
+
+
+def _stored(t: Ticket) -> None:
+    """Store ``t`` and print what to do with it."""
     path = store_ticket(t)
     exe = prog()
     click.echo(f"quictun: stored the ticket for {t.name!r} (relay {t.url}) in {path}", err=True)
@@ -68,6 +80,53 @@ def import_ticket(source: str) -> None:
     ]))
 
 
+
+
+@click.command("pair")
+@verbose_option
+@click.argument("code", metavar="[CODE]", required=False)
+@click.option("--signal", "signal", envvar=ENV_SIGNAL, show_envvar=True,
+              default=DEFAULT_SIGNAL, show_default=True, help=SIGNAL_HELP)
+def pair(code: str | None, signal: str) -> None:
+    """Turn the pairing code that `quictun serve NAME --pair` printed into a stored ticket.
+
+    Without CODE it asks for it (so that it lands neither in the process list nor in the
+    shell history). Case, spaces and one typo per word are forgiven. The code is single
+    use: a wrong code costs one of its 3 tries, and a right one the code itself.
+
+    \b
+    Examples:
+      quictun pair --signal wss://relay.example.org/     # then type 7-crossover-clockwork
+      quictun connect laptop --listen 2222
+
+    \b
+    Environment:
+      QUICTUN_SIGNAL     the relay the serving machine uses (see the option)
+      QUICTUN_HOME       where the ticket is stored (default ~/.config/quictun)
+      QUICTUN_SIGNAL_CA  CA file to trust for a wss:// relay (e.g. certs/relay.crt)
+    """
+    from ..aio.pairing import pair as run_pair
+    from ..proto.pairing import PairingCodeError, parse
+
+    check_signal(signal)
+    if code is None:
+        if sys.stdin.isatty():
+            click.echo("quictun: type the pairing code, then press Enter:", err=True)
+        code = sys.stdin.readline()
+        if not code.strip():
+            raise UserError("no pairing code given")
+    try:
+        parsed = parse(code)
+    except PairingCodeError as exc:
+        raise UserError(f"the pairing code: {exc}") from None
+    ident = load_identity()
+    got: list[Ticket] = []
+
+    async def go() -> None:
+        got.append(await run_pair(parsed, signal=signal, identity=ident))
+
+    run(go())
+    _stored(got[0])
 
 
 @click.command("ssh-config")

@@ -37,18 +37,24 @@ if TYPE_CHECKING:
 @click.argument("name")
 @click.option("--forward", required=True, metavar="HOST:PORT",
               help="The local TCP service to make reachable, e.g. 127.0.0.1:22.")
+@click.option("--pair", "pair", is_flag=True,
+              help="Also print a short pairing code: `quictun pair` on the other machine "
+                   "turns it into the ticket (single use, 10 minutes, 3 tries).")
 @common_options
-def serve(name: str, forward: str, signal: str, secret_file: Path | None,
+def serve(name: str, forward: str, pair: bool, signal: str, secret_file: Path | None,
           secret_arg: str | None, token: str | None, direct_only: bool,
           relay_only: bool) -> None:
     """Make a local TCP service reachable as NAME.
 
     \b
-    Example:
+    Examples:
+      quictun serve laptop --forward 127.0.0.1:22 --pair
       QUICTUN_SECRET=$(cat ~/.tunnel-secret) quictun serve laptop --forward 127.0.0.1:22
 
     Without a secret, one is generated (and kept, per name) and a ticket is printed on
-    stdout: run `quictun import -` on the other machine and paste it there.
+    stdout: run `quictun import -` on the other machine and paste it there. With --pair
+    a short code is printed as well: `quictun pair` on the other machine, type the code,
+    and it receives the ticket through the encrypted exchange.
 
     \b
     Environment:
@@ -73,31 +79,46 @@ def serve(name: str, forward: str, signal: str, secret_file: Path | None,
         parse_hostport(forward)
     except ValueError as exc:
         raise UserError(f"--forward: {exc}") from None
-    on_registered = None
+    generated = secret is None
     if secret is None:
         try:
             secret = store.stored_secret(name)
         except OSError as exc:
             raise UserError(f"cannot keep the secret in {store.config_dir()}: "
                             f"{exc.strerror or one_line(exc)}") from None
-        t = ticket.Ticket(url=signal, name=name, secret=secret, fingerprint=ident.fingerprint,
-                          box_key=box_key_of(ident))
-        printed: list[bool] = []
+    t = ticket.Ticket(url=signal, name=name, secret=secret, fingerprint=ident.fingerprint,
+                      box_key=box_key_of(ident))
+    pairing = None
+    if pair:
+        from ..proto.pairing import generate
 
-        def on_registered() -> None:
-            """Print the ticket once the name is registered (so it is known to work)."""
-            if printed:
-                return
-            printed.append(True)
+        pairing = (generate(os.urandom(32)), t)
+    printed: list[bool] = []
+
+    def on_registered() -> None:
+        """Print the ticket (and the pairing code) once the name is registered, so that
+        what is printed is known to work."""
+        if printed:
+            return
+        printed.append(True)
+        if generated:
             click.echo(f"quictun: the ticket for {name!r} (it holds the secret: pass it on "
                        "privately). On the other machine run `quictun import -`, paste it, "
                        f"then `quictun connect {name} --listen PORT` (or --stdio):", err=True)
             click.echo(t.encode())
             sys.stdout.flush()
+        if pairing is not None:
+            code = pairing[0]
+            from ..proto.pairing import describe_odds
+
+            click.echo(f"quictun: pairing code for {name!r}: {code}  (single use, valid 10 "
+                       f"minutes, 3 tries; a guesser's odds: {describe_odds()}). On the "
+                       f"other machine run `quictun pair` and type it.", err=True)
+        if generated or pairing is not None:
             warn_if_local_relay(signal)
 
     run(api.serve(name, forward=forward, signal=signal, secret=secret, mode=mode,
-                  token=token, identity=ident, on_registered=on_registered,
+                  token=token, identity=ident, on_registered=on_registered, pairing=pairing,
                   config=tunnel_config()))
 
 

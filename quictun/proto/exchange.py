@@ -23,6 +23,11 @@ Server (:class:`ServerExchange`, one per offer)::
     answer(ex.answer(fp, cands, rand, now_ms))
     hello = ex.client_hello(data_obj, now_ms)         # ClientHello, or PakeError: a guess
 
+Pairing (kind ``pair``, the secret a short code) runs the same steps with no candidates;
+the server's ServerHello also carries its box key, and after the client's hello opened
+the server sends one more box, the ticket (``data(ex.grant(ticket))`` ->
+``ex.grant(data_obj)`` on the client).
+
 A wrong secret on either side shows as a box that does not open (:class:`PakeError`);
 nothing else tells a guesser whether its guess was right. Every method raises only
 :class:`~quictun.proto.offer.OfferError` (version, malformed, stale) or
@@ -34,12 +39,10 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
 from . import offer as wire
 from . import pake
 from .identity import Identity, fingerprint_of_raw
-from .offer import ClientHello, OfferError, ServerHello
+from .offer import ClientHello, OfferError, ServerHello, TicketGrant
 
 __all__ = ["ClientExchange", "ServerExchange", "MismatchedPin"]
 
@@ -59,6 +62,8 @@ class ClientExchange:
 
     def __init__(self, prepared: pake.Prepared, identity: Identity, *, name: str,
                  pin: str | None, box_key: bytes | None, rand: bytes, now_ms: int) -> None:
+        if prepared.role != "client" or prepared.name != name:
+            raise ValueError("prepared for another role or name")
         if len(rand) != pake.RANDOM_SIZE + 32:
             raise ValueError(f"ClientExchange needs {pake.RANDOM_SIZE + 32} random bytes")
         self.name = name
@@ -69,7 +74,7 @@ class ClientExchange:
         if box_key is not None:
             self._hint = pake.seal_hint(box_public=box_key, name=name,
                                         message=self._started.message,
-                                        identity=_ed25519(identity), ts_ms=now_ms,
+                                        identity=identity.private_key, ts_ms=now_ms,
                                         rand=rand[pake.RANDOM_SIZE:])
         self.keys: pake.SessionKeys | None = None
         self.server: ServerHello | None = None
@@ -104,6 +109,20 @@ class ClientExchange:
         assert self.keys is not None, "answer() first"
         hello = ClientHello(self.identity.public_bytes, tuple(cands), now_ms)
         return wire.Data(0, self.keys.seal(0, wire.encode_payload(hello))).to_json()
+
+    def grant(self, obj: object) -> TicketGrant:
+        """Pairing: the server's second box, the ticket.
+
+        Raises:
+            PakeError: it does not open. OfferError: malformed, or not box 1.
+        """
+        assert self.keys is not None, "answer() first"
+        data = wire.decode_data(obj)
+        if data.n != 1:
+            raise OfferError(wire.E_MALFORMED, "the ticket must come in box 1")
+        grant = wire.decode_payload(self.keys.open(1, data.box), TicketGrant)
+        assert isinstance(grant, TicketGrant)
+        return grant
 
 
 @dataclass(frozen=True)
@@ -171,12 +190,13 @@ class ServerExchange:
             return ("client", fp)
         return ("name", self.name)
 
-    def answer(self, fingerprint: str, cands: list[str], rand: bytes,
-               now_ms: int) -> dict[str, object]:
-        """Our answer: our SPAKE2 message and box 0 (our fingerprint and candidates)."""
+    def answer(self, fingerprint: str, cands: list[str], rand: bytes, now_ms: int, *,
+               box_key: bytes | None = None) -> dict[str, object]:
+        """Our answer: our SPAKE2 message and box 0 (our fingerprint and candidates, and
+        our box key when pairing)."""
         started = pake.start(self._prepared, rand)
         self.keys = pake.finish(started, self.offer.pake, self.offer.hint or b"")
-        hello = ServerHello(fingerprint, tuple(cands), now_ms)
+        hello = ServerHello(fingerprint, tuple(cands), now_ms, box_key)
         box = self.keys.seal(0, wire.encode_payload(hello))
         self._n_out = 1
         return wire.Answer(pake=started.message, box=box).to_json()
@@ -201,6 +221,10 @@ class ServerExchange:
             raise pake.PakeError("the client's identity is not the one its hint named")
         return hello
 
+    def grant(self, ticket: str) -> dict[str, object]:
+        """Pairing: box 1 of our direction, the ticket (after the client's hello opened)."""
+        assert self.keys is not None and self._n_out == 1, "answer() first, once"
+        self._n_out = 2
+        box = self.keys.seal(1, wire.encode_payload(TicketGrant(ticket)))
+        return wire.Data(1, box).to_json()
 
-def _ed25519(identity: Identity) -> ed25519.Ed25519PrivateKey:
-    return identity.private_key

@@ -20,7 +20,7 @@ from quictun.cli.status import StatusLine, stats_line
 from quictun.proto import ticket as tk
 
 QT = [PY, "-m", "quictun"]
-COMMANDS = ["serve", "connect", "demo", "netcheck", "ssh-config"]
+COMMANDS = ["serve", "connect", "demo", "netcheck", "ssh-config", "pair"]
 
 
 @pytest.fixture(autouse=True)
@@ -76,6 +76,7 @@ HELP_ENV = {
     "demo": ["QUICTUN_DEMO_FORWARD", "QUICTUN_DEMO_PORT", "QUICTUN_HOME"],
     "netcheck": ["QUICTUN_SIGNAL", "QUICTUN_SIGNAL_TOKEN", "QUICTUN_SIGNAL_CA"],
     "ssh-config": ["QUICTUN_SIGNAL", "QUICTUN_HOME"],
+    "pair": ["QUICTUN_SIGNAL", "QUICTUN_HOME", "QUICTUN_SIGNAL_CA"],
 }
 
 
@@ -632,3 +633,32 @@ def test_demo_instructions_mention_overrides(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("QUICTUN_SECRET", "x")
     text = instructions("ws://127.0.0.1:8765/", "/x/tickets/demo", ("127.0.0.1", 22))
     assert "unset QUICTUN_SECRET" in text
+
+
+def test_pair_flow_through_the_cli(relay, echo_server, tmp_path: Path) -> None:
+    """`serve --pair` prints a code once registered; `quictun pair` (the code on stdin)
+    stores the ticket; `connect NAME` then needs nothing else. A mistyped code is one
+    line and costs a try."""
+    _proc, url = relay
+    s = Proc(QT + ["serve", "box", "--forward", f"127.0.0.1:{echo_server.port}", "--pair",
+                   "--signal", url], env=base_env(tmp_path / "srv", secret=None),
+             log=tmp_path / "serve.log")
+    try:
+        code = s.wait_for(r"pairing code for 'box': (\d+-[a-z]+-[a-z]+) ").group(1)
+        cli = base_env(tmp_path / "cli", secret=None)
+        wrong = code.rsplit("-", 1)[0] + "-zzzzz"
+        r = subprocess.run(QT + ["pair", "--signal", url], input=wrong.encode(),
+                           capture_output=True, env=cli, timeout=60)
+        assert r.returncode == 1 and b"Traceback" not in r.stderr
+        assert b"pairing code" in r.stderr  # "zzzzz" is no word: refused before the relay
+        r = subprocess.run(QT + ["pair", "--signal", url], input=code.upper().encode(),
+                           capture_output=True, env=cli, timeout=60)
+        assert r.returncode == 0, r.stderr.decode()
+        assert b"stored the ticket for 'box'" in r.stderr
+        r = subprocess.run(QT + ["connect", "box", "--stdio"], input=b"paired cli",
+                           capture_output=True, env=cli, timeout=60)
+        assert r.returncode == 0, r.stderr.decode()
+        assert r.stdout == b"paired cli"
+        s.wait_for(r"paired client [0-9a-f]{16} for 'box'")
+    finally:
+        s.stop()
