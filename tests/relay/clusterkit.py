@@ -85,7 +85,20 @@ class RedisServer:
         self.kill()
 
     def command(self, *args: str) -> object:
-        """One command over a raw socket (RESP), for checks from the test."""
+        """One command over a raw socket (RESP), for checks from the test; inside a
+        namespace (``wrap``) through ``redis-cli --no-raw``."""
+        if self.wrap:
+            r = subprocess.run(self.wrap + ["redis-cli", "--no-raw", "-h", self.host, "-p",
+                                            str(self.port), *args],
+                               capture_output=True, text=True, timeout=10)
+            text = r.stdout.strip()
+            if r.returncode != 0 or text.startswith("Could not connect"):
+                raise OSError(r.stderr.strip() or text)
+            if text.startswith("(integer) "):
+                return int(text.split()[1])
+            if text == "(nil)":
+                return None
+            return text[1:-1] if text.startswith('"') and text.endswith('"') else text
         out = f"*{len(args)}\r\n".encode() + b"".join(
             f"${len(a.encode())}\r\n".encode() + a.encode() + b"\r\n" for a in args)
         with socket.create_connection((self.host, self.port), timeout=3) as s:
