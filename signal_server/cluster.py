@@ -68,7 +68,7 @@ class ClusterConfig:
     lease: float = 60.0
     peer_link: str = "auto"
     heartbeat: float = 1.0
-    instance_ttl: float = 5.0
+    instance_ttl: float = 6.0
     max_per_ip: int | None = None
     prefix: str = "quictun:"
     timeout: float = 3.0
@@ -103,6 +103,7 @@ class Cluster:
         self._pubsub_only: set[str] = set()
         self._down: set[str] = set()
         self._dirty_ips: set[str] = set()
+        self._missed_releases: list[Release] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.up = False
         self.down_since: float | None = None
@@ -216,21 +217,23 @@ class Cluster:
 
     async def _claim(self, claim: Claim) -> None:
         assert self.registry is not None
-        try:
-            result = await self.registry.claim(claim.name, claim.owner, claim.conn_id)
-        except RegistryUnavailable as exc:
-            self._failed("claim", exc)
-            result = ClaimResult(UNAVAILABLE)
+        result = ClaimResult(UNAVAILABLE)
+        if self.up:  # known down: answer at once, the heartbeat notices the return
+            try:
+                result = await self.registry.claim(claim.name, claim.owner, claim.conn_id)
+            except RegistryUnavailable as exc:
+                self._failed("claim", exc)
         self.feed.claim_result(claim, result)
 
     async def _lookup(self, lookup: Lookup) -> None:
         assert self.registry is not None
-        result: Holder | None | str
+        result: Holder | None | str = UNAVAILABLE
         try:
+            if not self.up:
+                raise RegistryUnavailable("Redis is down")
             found = await self.registry.lookup_with_record(lookup.name)
         except RegistryUnavailable as exc:
             self._failed("lookup", exc)
-            result = UNAVAILABLE
         else:
             result = None
             if found is not None:
@@ -242,10 +245,14 @@ class Cluster:
     async def _release(self, release: Release) -> None:
         assert self.registry is not None
         try:
+            if not self.up:
+                raise RegistryUnavailable("Redis is down")
             await self.registry.release(release.name, release.owner, release.conn_id,
                                         release.grace)
         except RegistryUnavailable as exc:
-            self._failed("release", exc)  # the lease runs out by itself
+            self._failed("release", exc)
+            # replayed on reconciliation (else the lease would run out by itself)
+            self._missed_releases.append(release)
 
     # --- messages to other instances --------------------------------------------------
 
@@ -384,7 +391,11 @@ class Cluster:
                     alive = await self.registry.alive(watched)
                     for instance in watched - alive:
                         self._report_down(instance)
-            except RegistryUnavailable as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # RegistryUnavailable, or a bug: keep supervising
+                if not isinstance(exc, RegistryUnavailable):
+                    logger.exception("cluster supervision failed")
                 self._failed("heartbeat", exc)
                 if self.up:
                     self.up = False
@@ -397,6 +408,10 @@ class Cluster:
     async def _reconcile(self) -> None:
         """Redis answers again: re-assert everything this instance holds."""
         assert self.registry is not None
+        missed, self._missed_releases = self._missed_releases, []
+        for release in missed:
+            await self.registry.release(release.name, release.owner, release.conn_id,
+                                        release.grace)
         held = self.feed.held_names()
         lost = await self.registry.refresh(held)
         counts = self.feed.ip_counts()

@@ -91,7 +91,7 @@ class RelayConfig:
     #: this instance's id in the cluster (None: a random one)
     instance: str | None = None
     cluster_heartbeat: float = 1.0
-    instance_ttl: float = 5.0
+    instance_ttl: float = 6.0
 
 
 def format_addr(ip: str, port: int) -> str:

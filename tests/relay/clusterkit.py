@@ -147,12 +147,7 @@ class Relay:
         self.http = "http" + self.url[2:]
 
     def get(self, path: str) -> tuple[int, str]:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(self.http + path.lstrip("/"), timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+        return http_get(self.http + path.lstrip("/"))
 
     def metrics(self) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
         status, text = self.get("/metrics")
@@ -169,6 +164,16 @@ class Relay:
 
     def stop(self) -> None:
         self.proc.stop()
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """(status, body) of a GET, ignoring proxy variables."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
