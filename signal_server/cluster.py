@@ -25,6 +25,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,6 +51,14 @@ from .types import (
 __all__ = ["ClusterConfig", "ClusterFeed", "Cluster", "ClusterError", "new_instance_id"]
 
 logger = logging.getLogger("quictun.signal.cluster")
+
+
+async def _all(coros: Iterable[Awaitable[object]]) -> None:
+    """Await them all (pipelined together); then raise the first failure, if any."""
+    results = await asyncio.gather(*coros, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 def new_instance_id() -> str:
@@ -386,7 +395,11 @@ class Cluster:
                     lost = await self.registry.refresh(self.feed.held_names())
                     if lost:
                         self.feed.names_lost(lost)
-                watched = self.feed.peer_instances()
+                # instances reached over a link are watched by the link itself (an
+                # instance cut off from Redis, not from us, keeps its sessions)
+                links = self.links
+                watched = {i for i in self.feed.peer_instances()
+                           if links is None or not links.connected(i)}
                 if watched:
                     alive = await self.registry.alive(watched)
                     for instance in watched - alive:
@@ -408,16 +421,15 @@ class Cluster:
     async def _reconcile(self) -> None:
         """Redis answers again: re-assert everything this instance holds."""
         assert self.registry is not None
+        reg = self.registry
         missed, self._missed_releases = self._missed_releases, []
-        for release in missed:
-            await self.registry.release(release.name, release.owner, release.conn_id,
-                                        release.grace)
+        await _all(reg.release(r.name, r.owner, r.conn_id, r.grace) for r in missed)
         held = self.feed.held_names()
-        lost = await self.registry.refresh(held)
+        lost = await reg.refresh(held)
         counts = self.feed.ip_counts()
         if self.config.max_per_ip is not None:
-            for ip in set(counts) | self._dirty_ips:
-                await self.registry.ip_set(ip, counts.get(ip, 0))
+            await _all(reg.ip_set(ip, counts.get(ip, 0))
+                       for ip in set(counts) | self._dirty_ips)
         self._dirty_ips.clear()
         self.up = True
         gone = time.monotonic() - (self.down_since or time.monotonic())

@@ -10,7 +10,8 @@ wait in a queue and go out before anything sent later.
 Relayed packets (``droppable``) are dropped while a link's send buffer is over
 :data:`LINK_BUFFER_LIMIT` (QUIC recovers, as for a slow client); control frames never
 are. TCP keepalive notices a vanished machine within about 15 s; a closed link is
-reported through ``on_down`` once the last link with that instance is gone.
+reported through ``on_down`` once the last link with that instance is gone. An accepted
+connection that sends no valid hello within :data:`HELLO_TIMEOUT` is closed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ logger = logging.getLogger("quictun.signal.cluster")
 
 LINK_BUFFER_LIMIT = 4 * 1024 * 1024
 DIAL_TIMEOUT = 3.0
+HELLO_TIMEOUT = 5.0
 
 
 def split_hostport(text: str) -> tuple[str, int]:
@@ -67,6 +69,13 @@ class _Link(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         _keepalive(transport.get_extra_info("socket"))
+        if self.peer is None:  # accepted: the dialer must say who it is, and soon
+            asyncio.get_running_loop().call_later(HELLO_TIMEOUT, self._hello_deadline)
+
+    def _hello_deadline(self) -> None:
+        if self.peer is None and self.transport is not None and not self.transport.is_closing():
+            logger.warning("closing a peer link that sent no hello within %g s", HELLO_TIMEOUT)
+            self.abort()
 
     def data_received(self, data: bytes) -> None:
         try:
