@@ -52,6 +52,9 @@ __all__ = ["ClusterConfig", "ClusterFeed", "Cluster", "ClusterError", "new_insta
 
 logger = logging.getLogger("quictun.signal.cluster")
 
+#: operations queued for Redis above which relayed packets bound for pub/sub are dropped
+PUBSUB_BACKLOG = 4096
+
 
 async def _all(coros: Iterable[Awaitable[object]]) -> None:
     """Await them all (pipelined together); then raise the first failure, if any."""
@@ -117,7 +120,8 @@ class Cluster:
         self.up = False
         self.down_since: float | None = None
         self.rtt: float | None = None
-        self.counters: dict[str, int] = {"published": 0, "pubsub_received": 0}
+        self.counters: dict[str, int] = {"published": 0, "pubsub_received": 0,
+                                         "pubsub_dropped": 0}
         self.error_kinds: dict[str, int] = {}
 
     # --- lifecycle --------------------------------------------------------------------
@@ -282,6 +286,8 @@ class Cluster:
         address = record.get("link") if instance not in self._pubsub_only else None
         if links is not None and isinstance(address, str) and address:
             links.send(instance, data, droppable, address, str(record.get("token", "")))
+        elif droppable and self.registry is not None and self.registry.backlog > PUBSUB_BACKLOG:
+            self.counters["pubsub_dropped"] += 1  # Redis is behind: shed relayed packets
         else:
             self._publish(instance, data)
 

@@ -174,6 +174,11 @@ class RedisRegistry:
         self.batch_seconds = 0.0
         self.failures = 0
 
+    @property
+    def backlog(self) -> int:
+        """Operations waiting for the next round trip."""
+        return self._queue.qsize()
+
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -101,6 +101,9 @@ def _cluster_families(server: RelayServer) -> list[Family]:
         _fam("pubsub_messages_total", "counter", "Messages to other instances over pub/sub.")
         .add(cluster.counters["published"], direction="out")
         .add(cluster.counters["pubsub_received"], direction="in"),
+        _fam("pubsub_dropped_frames_total", "counter",
+             "Relayed frames dropped because Redis was behind (pub/sub path).")
+        .add(cluster.counters["pubsub_dropped"]),
     ]
     links = cluster.links
     if links is not None:
