@@ -16,7 +16,13 @@ Example:
 
 Clients then use --signal wss://relay.example.org/; `quictun serve` also needs the
 same token (QUICTUN_SIGNAL_TOKEN or --token), `quictun connect` does not.
-Health check: GET /healthz answers 200 "OK".
+Health check: GET /healthz answers 200 "OK" (503 while --redis is unreachable);
+GET /metrics serves Prometheus text.
+
+\b
+Several instances as one relay (behind DNS round robin or a load balancer):
+  QUICTUN_SIGNAL_REDIS=redis://10.0.0.2:6379/0 quictun-signal --port 443 ...
+(needs `pip install 'quictun[redis]'`; see docs/relay-cluster.md).
 """
 
 
@@ -104,6 +110,33 @@ class UserError(click.ClickException):
     show_envvar=True,
     help="Refuse (HTTP 429) more connections than this from one IP address.",
 )
+@click.option(
+    "--redis",
+    "redis_url",
+    metavar="URL",
+    envvar="QUICTUN_SIGNAL_REDIS",
+    show_envvar=True,
+    help="Share names and sessions with every instance using this Redis "
+    "(redis://HOST:PORT/DB). Prefer the variable if the URL has a password.",
+)
+@click.option(
+    "--peer-link",
+    default="auto",
+    show_default=True,
+    envvar="QUICTUN_SIGNAL_PEER_LINK",
+    show_envvar=True,
+    help="With --redis: direct TCP links between instances for relayed packets: auto "
+    "(the address this host uses to reach Redis), HOST:PORT, or off (Redis pub/sub).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="QUICTUN_SIGNAL_LOG_FORMAT",
+    show_envvar=True,
+    help="json: one JSON object per log line (ts, level, logger, msg).",
+)
 @click.option("-v", "--verbose", count=True, help="-v: debug logs; -vv: websockets logs too.")
 @click.version_option(package_name="quictun", prog_name="quictun-signal")
 def main(
@@ -117,17 +150,18 @@ def main(
     relay_rate: float | None,
     stun_port2: int,
     max_per_ip: int,
+    redis_url: str | None,
+    peer_link: str,
+    log_format: str,
     verbose: int,
 ) -> None:
     """Run the quictun signalling relay: peers meet here, swap offers, punch UDP,
     and fall back to relaying QUIC packets over the WebSocket."""
     from .server import RelayConfig, run_relay
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    _setup_logging(verbose, log_format)
+    if redis_url:
+        _check_redis_option(redis_url)
     logging.getLogger("quictun.signal.websockets").setLevel(
         logging.DEBUG if verbose >= 2 else logging.WARNING
     )
@@ -158,13 +192,65 @@ def main(
         relay_rate=relay_rate,
         stun_port2=stun_port2,
         max_per_ip=max_per_ip,
+        redis_url=redis_url or None,
+        peer_link=peer_link,
     )
+    from .types import ClusterError
+
     try:
         asyncio.run(run_relay(config))
     except KeyboardInterrupt:
         pass
+    except ClusterError as exc:
+        raise UserError(str(exc)) from None
     except OSError as exc:
         raise UserError(_listen_error(exc, list(host), port)) from None
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, the same fields as ``quictun --log-format json``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        out = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+               "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def _setup_logging(verbose: int, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _check_redis_option(url: str) -> None:
+    """One line for a missing redis package; a warning for a password on the command
+    line (visible to every user in the process list)."""
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        raise UserError("--redis needs the redis package: pip install 'quictun[redis]'"
+                        ) from None
+    from urllib.parse import urlsplit
+
+    ctx = click.get_current_context()
+    source = ctx.get_parameter_source("redis_url")
+    try:
+        has_password = urlsplit(url).password is not None
+    except ValueError:
+        has_password = False
+    if has_password and source == click.core.ParameterSource.COMMANDLINE:
+        logging.getLogger("quictun.signal").warning(
+            "the Redis password in --redis is visible to other users in the process list; "
+            "set QUICTUN_SIGNAL_REDIS instead")
 
 
 def _listen_error(exc: OSError, hosts: list[str], port: int) -> str:

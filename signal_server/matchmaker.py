@@ -16,6 +16,12 @@ perform each item: :class:`Send` writes one frame, :class:`Disconnect` closes th
 socket with the given close code. After a :class:`Disconnect` the matchmaker has
 already forgotten the connection; later input for it is ignored.
 
+In a cluster (``MatchmakerConfig.instance`` set; see :mod:`signal_server.federation`)
+the outputs also include effects on the shared registry and on other instances
+(:class:`~signal_server.types.Claim`, ``Release``, ``Lookup``, ``ToPeer``); the shell
+performs them and feeds the answers back through the federation methods. Without an
+instance id none of these is ever emitted and the in-memory registry is the truth.
+
 Rules (see ``docs/protocol.md``):
 
 1. A connection must send ``hello`` (version 1) within ``hello_timeout`` seconds and
@@ -26,14 +32,15 @@ Rules (see ``docs/protocol.md``):
    disconnected (constant-time comparison). Connecting to a registered name needs no
    token (pasted tickets carry none); relayed packets still flow only within sessions
    that a registered, hence token-holding, owner answered (rule 4).
-2. Names are owned: the registry keeps sha256(owner) per name. While a name is live or
-   in its grace period after its holder dropped, only the same owner may claim it; the
-   same owner always may, taking it over from a stale live connection.
+2. Names are owned: the registry keeps an owner id (sha256(owner)) per name. While a
+   name is live or in its grace period after its holder dropped, only the same owner may
+   claim it; the same owner always may, taking it over from a stale live connection.
 3. ``connect`` creates a session (u32 counter) and sends ``incoming`` to the holder;
    ``answer`` sends ``answer`` to the connector and ``go`` to the holder back to back;
    ``reject`` sends ``rejected`` (``reason`` and the optional ``code`` passed through
    unchanged); no reply within ``connect_timeout`` gives the connector ``error timeout``.
-   ``close`` or a dropped member sends ``closed`` to the other side.
+   ``close`` or a dropped member sends ``closed`` to the other side. A holder has at most
+   ``max_pending_per_holder`` unanswered sessions; more connects get ``rate-limited``.
 4. Binary relay frames are forwarded unchanged between the two members of an answered
    session, subject to ``relay_enabled`` and a per-session, per-direction token bucket.
 5. Client mistakes produce ``error`` replies and one log line each, never exceptions;
@@ -47,33 +54,30 @@ import heapq
 import hmac
 import itertools
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
 from quictun.proto import signalling as sp
 
-from .mmtypes import (
-    Bucket,
+from . import peerwire as pw
+from .federation import Federation
+from .registry import InMemoryRegistry, Registry
+from .relaying import Relaying
+from .types import (
+    Claim,
     ConnRecord,
     Disconnect,
+    Lookup,
     MatchmakerConfig,
     Output,
+    Release,
     Send,
     SessionRecord,
 )
-from .registry import InMemoryRegistry, Registry
 
-__all__ = [
-    "Send",
-    "Disconnect",
-    "Output",
-    "MatchmakerConfig",
-    "Matchmaker",
-    "CLOSE_POLICY",
-    "CLOSE_PROTOCOL",
-    "NEED_TOKEN_MESSAGE",
-]
+__all__ = ["Send", "Disconnect", "Output", "MatchmakerConfig", "Matchmaker", "CLOSE_POLICY",
+           "CLOSE_PROTOCOL", "NEED_TOKEN_MESSAGE"]
 
 logger = logging.getLogger("quictun.signal")
 
@@ -91,7 +95,14 @@ CLOSE_PROTOCOL = 1002
 _T_HELLO, _T_SESSION, _T_PURGE = "hello", "session", "purge"
 
 
-class Matchmaker:
+def reject_label(code: str | None) -> str:
+    """A bounded metrics label for a client-chosen reject code."""
+    if code is None:
+        return "none"
+    return code if code in sp.REJECT_CODES else "other"
+
+
+class Matchmaker(Relaying, Federation):
     """Pure signalling state machine; see the module docstring for the contract."""
 
     def __init__(
@@ -101,13 +112,20 @@ class Matchmaker:
         self.registry: Registry = registry if registry is not None else InMemoryRegistry()
         self._conns: dict[int, ConnRecord] = {}
         self._sessions: dict[int, SessionRecord] = {}
+        #: (other instance, its session id) -> our session id, for cluster sessions
+        self._remote: dict[tuple[str, int], int] = {}
         self._next_session = 1
         self._timers: list[tuple[float, int, str, Any]] = []
         self._seq = itertools.count()
         self._out: deque[Output] = deque()
         self.relayed_bytes = 0
+        self.relayed_packets = 0
         self.dropped_bytes = 0
         self.sessions_total = 0
+        self.pairings_total = 0
+        #: rejects by (bounded) reject code, and error replies by error code
+        self.rejects: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
         self._handlers: dict[type, Callable[[ConnRecord, Any, float], None]] = {
             sp.Register: self._handle_register,
             sp.Unregister: self._handle_unregister,
@@ -141,6 +159,7 @@ class Matchmaker:
             self._receive_text(conn, text, now)
         except Exception:  # a bug here must not take the relay down
             logger.exception("conn %d: internal error handling a text frame", conn_id)
+            self.errors["internal"] += 1
             self._send(conn.id, sp.Error(sp.E_SERVER_ERROR, "internal error"))
 
     def receive_binary(self, conn_id: int, data: bytes, now: float) -> None:
@@ -152,6 +171,7 @@ class Matchmaker:
             self._receive_binary(conn, data, now)
         except Exception:
             logger.exception("conn %d: internal error handling a binary frame", conn_id)
+            self.errors["internal"] += 1
             self._send(conn.id, sp.Error(sp.E_SERVER_ERROR, "internal error"))
 
     def close(self, conn_id: int, now: float) -> None:
@@ -165,8 +185,10 @@ class Matchmaker:
             if session is None:
                 continue
             other = session.other(conn_id)
-            if other != conn_id:
+            if other is not None and other != conn_id:
                 self._send(other, sp.Closed(sid, "peer disconnected"))
+            elif other is None and session.peer is not None:
+                self._peer_closed(session, "peer disconnected")
             self._end_session(session)
         if conn.names:
             expires = now + self.config.name_grace
@@ -174,6 +196,9 @@ class Matchmaker:
                 record = self.registry.get(name)
                 if record is not None and record.conn_id == conn_id:
                     self.registry.release(name, expires)
+                    if self.cluster:
+                        self._out.append(
+                            Release(conn_id, name, record.owner, self.config.name_grace))
             self._push_timer(expires, _T_PURGE, None)
 
     def handle_timer(self, now: float) -> None:
@@ -205,7 +230,8 @@ class Matchmaker:
         return self._timers[0][0] if self._timers else None
 
     def next_output(self) -> Output | None:
-        """Pop the next pending :class:`Send`/:class:`Disconnect`, or None."""
+        """Pop the next pending output (:class:`Send`, :class:`Disconnect`, or a cluster
+        effect), or None."""
         return self._out.popleft() if self._out else None
 
     def outputs(self) -> list[Output]:
@@ -222,8 +248,12 @@ class Matchmaker:
             "sessions": len(self._sessions),
             "sessions_total": self.sessions_total,
             "names": len(self.registry.list_names()),
+            "names_live": sum(len(c.names) for c in self._conns.values()),
             "relayed_bytes": self.relayed_bytes,
+            "relayed_packets": self.relayed_packets,
             "dropped_bytes": self.dropped_bytes,
+            "pairings_total": self.pairings_total,
+            "peer_sessions": sum(1 for s in self._sessions.values() if s.peer is not None),
         }
 
     def session_relayed_bytes(self, session_id: int) -> int | None:
@@ -252,6 +282,7 @@ class Matchmaker:
     ) -> None:
         """Reply ``error``, log one line, and disconnect after ``max_errors`` mistakes."""
         logger.info("conn %d (%s): %s: %s", conn.id, conn.addr, code, message)
+        self.errors[code] += 1
         self._send(conn.id, sp.Error(code, message[:1000], session))
         if count:
             conn.errors += 1
@@ -262,6 +293,7 @@ class Matchmaker:
     def _fatal(self, conn: ConnRecord, code: str, message: str, close_code: int,
                now: float) -> None:
         logger.info("conn %d (%s): %s: %s", conn.id, conn.addr, code, message)
+        self.errors[code] += 1
         self._send(conn.id, sp.Error(code, message))
         self._disconnect(conn, close_code, message, now)
 
@@ -269,25 +301,43 @@ class Matchmaker:
         self._out.append(Disconnect(conn.id, code, reason.encode()[:120].decode("utf-8", "ignore")))
         self.close(conn.id, now)
 
+    def _new_session(self, connector: int | None, owner: int | None, name: str, now: float,
+                     *, slack: float = 0.0) -> SessionRecord:
+        """Allocate a session between local members (None: on another instance)."""
+        sid = self._allocate_session_id()
+        deadline = now + self.config.connect_timeout + slack
+        session = SessionRecord(sid, connector, owner, name, deadline)
+        self._sessions[sid] = session
+        for member in session.local_members():
+            self._conns[member].sessions.add(sid)
+        self._push_timer(deadline, _T_SESSION, sid)
+        return session
+
     def _end_session(self, session: SessionRecord) -> None:
         self._sessions.pop(session.id, None)
+        if session.peer is not None and session.peer_sid is not None:
+            self._remote.pop((session.peer, session.peer_sid), None)
         for member in (session.connector, session.owner):
-            conn = self._conns.get(member)
+            conn = self._conns.get(member) if member is not None else None
             if conn is not None:
                 conn.sessions.discard(session.id)
 
     def _expire_session(self, session: SessionRecord) -> None:
         logger.info("session %d (%s): not answered in time", session.id, session.name)
-        self._send(
-            session.connector,
-            sp.Error(
-                sp.E_TIMEOUT,
-                f"{session.name!r} did not answer within {self.config.connect_timeout:g}s",
-                session.id,
-            ),
-        )
-        if session.owner != session.connector:
+        if session.connector is not None:
+            self.errors[sp.E_TIMEOUT] += 1
+            self._send(
+                session.connector,
+                sp.Error(
+                    sp.E_TIMEOUT,
+                    f"{session.name!r} did not answer within {self.config.connect_timeout:g}s",
+                    session.id,
+                ),
+            )
+        if session.owner is not None and session.owner != session.connector:
             self._send(session.owner, sp.Closed(session.id, "timeout"))
+        if session.peer is not None:
+            self._peer_closed(session, "timeout")
         self._end_session(session)
 
     def _allocate_session_id(self) -> int:
@@ -296,6 +346,23 @@ class Matchmaker:
             self._next_session = sid + 1 if sid < sp.MAX_SESSION else 1
             if sid not in self._sessions:
                 return sid
+
+    def _holder_busy(self, owner: ConnRecord) -> bool:
+        """Whether the holder already has ``max_pending_per_holder`` unanswered sessions
+        (local and remote connectors alike)."""
+        pending = 0
+        for sid in owner.sessions:
+            s = self._sessions.get(sid)
+            if s is not None and s.owner == owner.id and not s.answered:
+                pending += 1
+        return pending >= self.config.max_pending_per_holder
+
+    def _offer_incoming(self, session: SessionRecord, owner: ConnRecord,
+                        offer: dict[str, Any]) -> None:
+        """Make the local ``owner`` the holder side of ``session`` and tell it."""
+        session.owner = owner.id
+        owner.sessions.add(session.id)
+        self._send(owner.id, sp.Incoming(session.id, session.name, offer))
 
     # --- text frames ------------------------------------------------------------------
 
@@ -370,9 +437,9 @@ class Matchmaker:
         if not conn.may_register:
             self._client_error(conn, sp.E_UNAUTHORIZED, NEED_TOKEN_MESSAGE, now)
             return
-        owner_hash = hashlib.sha256(msg.owner.lower().encode("ascii")).digest()
+        owner = hashlib.sha256(msg.owner.lower().encode("ascii")).digest()
         record = self.registry.get(msg.name)
-        if record is not None and not hmac.compare_digest(record.owner_hash, owner_hash):
+        if record is not None and not hmac.compare_digest(record.owner, owner):
             held = record.conn_id is not None or (
                 record.expires is not None and record.expires > now
             )
@@ -385,7 +452,8 @@ class Matchmaker:
                     count=False,
                 )
                 return
-        if msg.name not in conn.names and len(conn.names) >= self.config.max_names_per_conn:
+        held_or_asked = len(conn.names) + len(conn.claiming - conn.names)
+        if msg.name not in conn.names and held_or_asked >= self.config.max_names_per_conn:
             self._client_error(
                 conn,
                 sp.E_RATE_LIMITED,
@@ -393,14 +461,25 @@ class Matchmaker:
                 now,
             )
             return
+        if self.cluster:  # the shared registry decides; claim_result() finishes
+            if msg.name not in conn.claiming:
+                conn.claiming.add(msg.name)
+                self._out.append(Claim(conn.id, msg.name, owner))
+            return
+        self._grant(conn, msg.name, owner)
+
+    def _grant(self, conn: ConnRecord, name: str, owner: bytes) -> None:
+        """Give ``name`` to ``conn`` locally (taking it over from another local holder)
+        and reply ``registered``."""
+        record = self.registry.get(name)
         if record is not None and record.conn_id is not None and record.conn_id != conn.id:
             old = self._conns.get(record.conn_id)
             if old is not None:
-                old.names.discard(msg.name)
-                logger.info("name %r taken over by conn %d from conn %d", msg.name, conn.id, old.id)
-        self.registry.claim(msg.name, owner_hash, conn.id)
-        conn.names.add(msg.name)
-        self._send(conn.id, sp.Registered(msg.name))
+                old.names.discard(name)
+                logger.info("name %r taken over by conn %d from conn %d", name, conn.id, old.id)
+        self.registry.claim(name, owner, conn.id)
+        conn.names.add(name)
+        self._send(conn.id, sp.Registered(name))
 
     def _handle_unregister(self, conn: ConnRecord, msg: sp.Unregister, now: float) -> None:
         if msg.name not in conn.names:
@@ -412,13 +491,15 @@ class Matchmaker:
         record = self.registry.get(msg.name)
         if record is not None and record.conn_id == conn.id:
             self.registry.release(msg.name, None)
+            if self.cluster:
+                self._out.append(Release(conn.id, msg.name, record.owner, None))
 
     def _handle_connect(self, conn: ConnRecord, msg: sp.Connect, now: float) -> None:
         record = self.registry.get(msg.name)
         owner = (
             None if record is None or record.conn_id is None else self._conns.get(record.conn_id)
         )
-        if owner is None:
+        if owner is None and not self.cluster:
             self._client_error(
                 conn,
                 sp.E_NO_SUCH_NAME,
@@ -435,15 +516,18 @@ class Matchmaker:
         ):
             self._client_error(conn, sp.E_RATE_LIMITED, "too many sessions", now)
             return
-        sid = self._allocate_session_id()
-        deadline = now + self.config.connect_timeout
-        session = SessionRecord(sid, conn.id, owner.id, msg.name, deadline)
-        self._sessions[sid] = session
+        if owner is not None and self._holder_busy(owner):
+            self._client_error(conn, sp.E_RATE_LIMITED,
+                               f"{msg.name!r} has too many pending connections; try again "
+                               "shortly", now, count=False)
+            return
+        session = self._new_session(conn.id, None, msg.name, now)
         self.sessions_total += 1
-        conn.sessions.add(sid)
-        owner.sessions.add(sid)
-        self._push_timer(deadline, _T_SESSION, sid)
-        self._send(owner.id, sp.Incoming(sid, msg.name, msg.offer))
+        if owner is not None:
+            self._offer_incoming(session, owner, msg.offer)
+            return
+        session.offer = msg.offer  # held until lookup_result() finds the holder
+        self._out.append(Lookup(session.id, msg.name))
 
     def _owned_session(self, conn: ConnRecord, sid: int, verb: str,
                        now: float) -> SessionRecord | None:
@@ -469,14 +553,23 @@ class Matchmaker:
         if session is None:
             return
         session.answered = True
-        self._send(session.connector, sp.Answer(session.id, msg.answer))
-        self._send(session.owner, sp.Go(session.id))
+        self.pairings_total += 1
+        if session.connector is not None:
+            self._send(session.connector, sp.Answer(session.id, msg.answer))
+        elif session.peer is not None and session.peer_sid is not None:
+            self._to_peer(session.peer, pw.PeerAnswer(session.peer_sid, session.id, msg.answer))
+        self._send(conn.id, sp.Go(session.id))
 
     def _handle_reject(self, conn: ConnRecord, msg: sp.Reject, now: float) -> None:
         session = self._owned_session(conn, msg.session, "reject", now)
         if session is None:
             return
-        self._send(session.connector, sp.Rejected(session.id, msg.reason, msg.code))
+        self.rejects[reject_label(msg.code)] += 1
+        if session.connector is not None:
+            self._send(session.connector, sp.Rejected(session.id, msg.reason, msg.code))
+        elif session.peer is not None and session.peer_sid is not None:
+            self._to_peer(session.peer, pw.PeerRejected(session.peer_sid, session.id,
+                                                        msg.reason, msg.code))
         self._end_session(session)
 
     def _handle_close(self, conn: ConnRecord, msg: sp.Close, now: float) -> None:
@@ -491,103 +584,11 @@ class Matchmaker:
             )
             return
         other = session.other(conn.id)
-        if other != conn.id:
+        if other is not None and other != conn.id:
             self._send(other, sp.Closed(session.id, msg.reason))
+        elif other is None and session.peer is not None:
+            self._peer_closed(session, msg.reason)
         self._end_session(session)
-
-    def _handle_data(self, conn: ConnRecord, msg: sp.Data, now: float) -> None:
-        """Forward a sealed message to the other member of an answered session (even
-        when relaying packets is off); at most ``max_data_per_session`` per sender."""
-        session = self._sessions.get(msg.session)
-        if session is None or conn.id not in (session.owner, session.connector) \
-                or not session.answered:
-            # often a late message for a session that just ended: not the sender's fault
-            self._client_error(conn, sp.E_NO_SUCH_SESSION,
-                               f"no answered session {msg.session} of yours", now,
-                               session=msg.session, count=False)
-            return
-        sent = session.data_sent.get(conn.id, 0)
-        if sent >= self.config.max_data_per_session:
-            self._client_error(conn, sp.E_RATE_LIMITED, "too many data messages in one "
-                               "session", now, session=msg.session, count=False)
-            return
-        session.data_sent[conn.id] = sent + 1
-        self._send(session.other(conn.id), sp.Data(session.id, msg.data))
 
     def _handle_ping(self, conn: ConnRecord, msg: sp.Ping, now: float) -> None:
         self._send(conn.id, sp.Pong(msg.id))
-
-    # --- binary frames ----------------------------------------------------------------
-
-    def _receive_binary(self, conn: ConnRecord, data: bytes, now: float) -> None:
-        if not conn.hello:
-            self._fatal(
-                conn,
-                sp.E_HELLO_REQUIRED,
-                "first message must be 'hello', got a binary frame",
-                CLOSE_POLICY,
-                now,
-            )
-            return
-        try:
-            sid, payload = sp.decode_relay(data)
-        except sp.ProtocolError as exc:
-            self._client_error(conn, exc.code, exc.message, now)
-            return
-        if not self.config.relay_enabled:
-            self.dropped_bytes += len(payload)
-            if not conn.relay_warned:
-                conn.relay_warned = True
-                self._client_error(
-                    conn,
-                    sp.E_RELAY_DISABLED,
-                    "this relay does not forward packets",
-                    now,
-                    session=sid,
-                    count=False,
-                )
-            return
-        session = self._sessions.get(sid)
-        if session is None or conn.id not in (session.owner, session.connector):
-            self._drop_relay(conn, sid, len(payload), "no such session", now)
-            return
-        if not session.answered:
-            self._drop_relay(conn, sid, len(payload), "session not answered yet", now)
-            return
-        if self.config.relay_rate is not None and not self._take_tokens(
-            session, conn.id, len(payload), now
-        ):
-            self.dropped_bytes += len(payload)
-            return
-        session.relayed_bytes += len(payload)
-        self.relayed_bytes += len(payload)
-        self._out.append(Send(session.other(conn.id), bytes(data)))
-
-    def _drop_relay(self, conn: ConnRecord, sid: int, size: int, why: str, now: float) -> None:
-        """Drop a relay frame; reply once per run of frames for the same bad session
-        (packets in flight after a close are normal, so these do not count as errors)."""
-        self.dropped_bytes += size
-        if conn.last_bad_relay != sid:
-            conn.last_bad_relay = sid
-            self._client_error(
-                conn,
-                sp.E_NO_SUCH_SESSION,
-                f"cannot relay for session {sid}: {why}",
-                now,
-                session=sid,
-                count=False,
-            )
-
-    def _take_tokens(self, session: SessionRecord, conn_id: int, size: int, now: float) -> bool:
-        rate = float(self.config.relay_rate or 0.0)
-        # a burst of at least one maximal frame, or a batched frame could never pass
-        burst = self.config.relay_burst or max(rate, 65536.0)
-        bucket = session.buckets.get(conn_id)
-        if bucket is None:
-            bucket = session.buckets[conn_id] = Bucket(burst, now)
-        bucket.tokens = min(burst, bucket.tokens + max(0.0, now - bucket.last) * rate)
-        bucket.last = now
-        if bucket.tokens < size:
-            return False
-        bucket.tokens -= size
-        return True

@@ -7,6 +7,12 @@ on a second port. Every WebSocket frame is handed to the matchmaker with
 per connection, so a slow reader never blocks anyone else (its relayed packets are
 dropped when its queue is full; a full queue of control messages disconnects it).
 
+With ``RelayConfig.redis_url`` the relay is one instance of a cluster: the matchmaker's
+cluster effects are performed by :class:`signal_server.cluster.Cluster` (Redis and peer
+links), whose answers come back through the ``ClusterFeed`` methods below. ``GET
+/healthz`` then answers 503 while Redis is unreachable; ``GET /metrics`` serves
+Prometheus text either way.
+
 Use :class:`RelayServer` from code and tests, :func:`run_relay` to serve until
 cancelled, or the ``quictun-signal`` command (:mod:`signal_server.cli`).
 """
@@ -22,7 +28,7 @@ import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -34,7 +40,13 @@ from quictun.proto import stun
 from quictun.proto.addr import format_addr, unmap
 
 from .matchmaker import CLOSE_POLICY, Disconnect, Matchmaker, MatchmakerConfig, Send
+from .metrics import CONTENT_TYPE, render
 from .registry import Registry
+from .servermetrics import metric_families
+from .types import Claim, ClaimResult, HeldName, Holder, Lookup, LostName
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
 
 __all__ = ["RelayConfig", "RelayServer", "run_relay"]
 
@@ -71,7 +83,16 @@ class RelayConfig:
     max_queue: int = 4
     ping_interval: float | None = 20.0
     ping_timeout: float | None = 20.0
+    max_pending_per_holder: int = 64
     registry: Registry | None = field(default=None, repr=False)
+    #: ``redis://HOST:PORT/DB``: join the cluster sharing that Redis (None: standalone)
+    redis_url: str | None = field(default=None, repr=False)
+    #: peer links between instances: "auto", "off" (pub/sub only) or "HOST:PORT"
+    peer_link: str = "auto"
+    #: this instance's id in the cluster (None: a random one)
+    instance: str | None = None
+    cluster_heartbeat: float = 1.0
+    instance_ttl: float = 6.0
 
 
 class _StunResponder(asyncio.DatagramProtocol):
@@ -146,6 +167,12 @@ class RelayServer:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.cluster: Cluster | None = None
+        self.instance: str | None = None
+        #: shell-level problems by kind (send-queue-overflow, writer, ...), for metrics
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.send_dropped_total = 0
+        self.connections_total = 0
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -157,6 +184,8 @@ class RelayServer:
         """
         self._loop = asyncio.get_running_loop()
         cfg = self.config
+        if cfg.redis_url:
+            await self._join_cluster()
         if cfg.host is None or cfg.host == "":
             hosts, optional = ["0.0.0.0", "::"], {"::"}
         elif isinstance(cfg.host, str):
@@ -171,6 +200,8 @@ class RelayServer:
             except OSError:
                 await self._unbind()
                 if attempt == attempts - 1:
+                    if self.cluster is not None:
+                        await self.cluster.stop()
                     raise
         self._mm = Matchmaker(
             MatchmakerConfig(
@@ -181,11 +212,28 @@ class RelayServer:
                 connect_timeout=cfg.connect_timeout,
                 name_grace=cfg.name_grace,
                 max_errors=cfg.max_errors,
+                max_pending_per_holder=cfg.max_pending_per_holder,
                 stun_ports=self.stun_ports,
+                instance=self.instance,
             ),
             cfg.registry,
         )
         logger.info("relay started: %s", self.listen_line())
+
+    async def _join_cluster(self) -> None:
+        """Connect to Redis before listening (raises ClusterError with one line)."""
+        from .cluster import Cluster, ClusterConfig, new_instance_id
+
+        cfg = self.config
+        assert cfg.redis_url is not None
+        self.instance = cfg.instance or new_instance_id()
+        self.cluster = Cluster(
+            ClusterConfig(url=cfg.redis_url, instance=self.instance, lease=cfg.name_grace,
+                          peer_link=cfg.peer_link, heartbeat=cfg.cluster_heartbeat,
+                          instance_ttl=cfg.instance_ttl, max_per_ip=cfg.max_per_ip),
+            self,
+        )
+        await self.cluster.start()
 
     async def _bind(self, hosts: list[str], optional: set[str]) -> None:
         cfg = self.config
@@ -235,7 +283,8 @@ class RelayServer:
         self._servers, self._udp = [], []
 
     async def stop(self) -> None:
-        """Close all listeners and connections. Safe to call twice."""
+        """Close all listeners and connections, then leave the cluster (its pending
+        releases are flushed first). Safe to call twice."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -243,6 +292,13 @@ class RelayServer:
         for peer in list(self._peers.values()):
             if peer.writer is not None:
                 peer.writer.cancel()
+        if self.cluster is not None:
+            cluster, self.cluster = self.cluster, None
+            if self._mm is not None and self._loop is not None:
+                for conn_id in list(self._peers):
+                    self._mm.close(conn_id, self._loop.time())
+                self._drain(cluster)
+            await cluster.stop()
 
     async def __aenter__(self) -> RelayServer:
         await self.start()
@@ -268,9 +324,10 @@ class RelayServer:
         """``quictun-signal listening on ws://0.0.0.0:8765/ (stun udp 8765, 40123)``."""
         scheme = "wss" if self.config.ssl_context else "ws"
         urls = ", ".join(f"{scheme}://{format_addr(h, self.port)}/" for h in self.hosts)
+        cluster = f", cluster instance {self.instance}" if self.instance else ""
         return (
             f"quictun-signal listening on {urls} "
-            f"(stun udp {self.stun_ports[0]}, {self.stun_ports[1]})"
+            f"(stun udp {self.stun_ports[0]}, {self.stun_ports[1]}{cluster})"
         )
 
     @property
@@ -281,12 +338,31 @@ class RelayServer:
         stats["send_dropped"] = sum(p.dropped for p in self._peers.values())
         return stats
 
+    @property
+    def matchmaker(self) -> Matchmaker | None:
+        """The matchmaker (None before :meth:`start`)."""
+        return self._mm
+
+    @property
+    def healthy(self) -> bool:
+        """False while this instance needs Redis and cannot reach it."""
+        return self.cluster is None or self.cluster.up
+
+    def metrics_text(self) -> str:
+        """Prometheus text for ``GET /metrics``."""
+        return render(metric_families(self))
+
     # --- WebSocket handling -----------------------------------------------------------
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
+            if not self.healthy:
+                return _plain(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                              "Redis unreachable: this instance cannot reach the cluster.\n")
             return connection.respond(http.HTTPStatus.OK, "OK\n")
+        if path == "/metrics":
+            return _plain(http.HTTPStatus.OK, self.metrics_text(), CONTENT_TYPE)
         if "websocket" not in request.headers.get("Upgrade", "").lower():
             return connection.respond(
                 http.HTTPStatus.UPGRADE_REQUIRED, "This is a quictun WebSocket relay.\n"
@@ -294,8 +370,10 @@ class RelayServer:
         ip = self._remote(connection)[0]
         if self._per_ip[ip] >= self.config.max_per_ip:
             logger.info("refusing %s: more than %d connections", ip, self.config.max_per_ip)
+            self.errors["too-many-per-ip"] += 1
             return _plain(http.HTTPStatus.TOO_MANY_REQUESTS, "Too many connections.\n")
         if len(self._peers) >= self.config.max_connections:
+            self.errors["relay-full"] += 1
             return _plain(http.HTTPStatus.SERVICE_UNAVAILABLE, "Relay is full.\n")
         return None
 
@@ -308,14 +386,26 @@ class RelayServer:
             return "?", 0
         return unmap(ip), port
 
+    async def _admit(self, ws: ServerConnection, ip: str) -> bool:
+        """The per-address cap, here and (in a cluster) over every live instance."""
+        local_ok = self._per_ip[ip] < self.config.max_per_ip
+        if local_ok and self.cluster is not None and not await self.cluster.ip_acquire(ip):
+            logger.info("refusing %s: more than %d connections across the cluster", ip,
+                        self.config.max_per_ip)
+            local_ok = False
+        if not local_ok:  # lost a race in _process_request, or over the cluster-wide cap
+            self.errors["too-many-per-ip"] += 1
+            await ws.send(sp.encode(sp.Error(sp.E_TOO_MANY_CONNECTIONS, "too many connections")))
+            await ws.close(CLOSE_POLICY, "too many connections")
+        return local_ok
+
     async def _handler(self, ws: ServerConnection) -> None:
         assert self._mm is not None and self._loop is not None
         ip, port = self._remote(ws)
-        if self._per_ip[ip] >= self.config.max_per_ip:  # lost a race in _process_request
-            await ws.send(sp.encode(sp.Error(sp.E_TOO_MANY_CONNECTIONS, "too many connections")))
-            await ws.close(CLOSE_POLICY, "too many connections")
+        if not await self._admit(ws, ip):
             return
         self._per_ip[ip] += 1
+        self.connections_total += 1
         conn_id = next(self._ids)
         peer = _Peer(ws, ip, asyncio.Queue(SEND_QUEUE_LIMIT))
         peer.writer = asyncio.create_task(self._writer(conn_id, peer))
@@ -341,6 +431,9 @@ class RelayServer:
             self._per_ip[ip] -= 1
             if self._per_ip[ip] <= 0:
                 del self._per_ip[ip]
+            if self.cluster is not None:
+                self.cluster.ip_release(ip)
+            self.send_dropped_total += peer.dropped
             if peer.writer is not None:
                 peer.writer.cancel()
             logger.info(
@@ -361,12 +454,19 @@ class RelayServer:
             raise
         except Exception:
             logger.exception("conn %d: writer failed", conn_id)
+            self.errors["writer"] += 1
             peer.ws.transport.abort()
 
     def _pump(self) -> None:
-        """Deliver the matchmaker's outputs and re-arm its timer."""
+        """Deliver the matchmaker's outputs (cluster effects to the cluster shell) and
+        re-arm its timer."""
         assert self._mm is not None
-        while (out := self._mm.next_output()) is not None:
+        mm = self._mm
+        while (out := mm.next_output()) is not None:
+            if not isinstance(out, (Send, Disconnect)):
+                if self.cluster is not None:
+                    self.cluster.perform(out)
+                continue
             peer = self._peers.get(out.conn_id)
             if peer is None:
                 continue
@@ -378,11 +478,19 @@ class RelayServer:
                     peer.dropped += 1
                     continue
                 logger.info("conn %d: send queue overflow, disconnecting", out.conn_id)
-                self._mm.close(out.conn_id, self._loop.time() if self._loop else 0.0)
+                self.errors["send-queue-overflow"] += 1
+                mm.close(out.conn_id, self._loop.time() if self._loop else 0.0)
                 if peer.writer is not None:
                     peer.writer.cancel()
                 peer.ws.transport.abort()
         self._arm_timer()
+
+    def _drain(self, cluster: Cluster) -> None:
+        """Hand the outputs still queued to ``cluster`` (shutdown)."""
+        assert self._mm is not None
+        while (out := self._mm.next_output()) is not None:
+            if not isinstance(out, (Send, Disconnect)):
+                cluster.perform(out)
 
     def _arm_timer(self) -> None:
         assert self._mm is not None and self._loop is not None
@@ -401,12 +509,51 @@ class RelayServer:
         self._mm.handle_timer(max(self._loop.time(), when))
         self._pump()
 
+    # --- ClusterFeed: answers from the cluster shell ---------------------------------
 
-def _plain(status: http.HTTPStatus, body: str) -> Response:
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def claim_result(self, claim: Claim, result: ClaimResult) -> None:
+        if self._mm is not None:
+            self._mm.claim_result(claim, result, self._now())
+            self._pump()
+
+    def lookup_result(self, lookup: Lookup, result: Holder | None | str) -> None:
+        if self._mm is not None:
+            self._mm.lookup_result(lookup, result, self._now())
+            self._pump()
+
+    def receive_peer(self, instance: str, data: bytes) -> None:
+        if self._mm is not None:
+            self._mm.receive_peer(instance, data, self._now())
+            self._pump()
+
+    def peer_down(self, instance: str) -> None:
+        if self._mm is not None:
+            self._mm.peer_down(instance, self._now())
+            self._pump()
+
+    def names_lost(self, lost: list[LostName]) -> None:
+        if self._mm is not None:
+            self._mm.names_lost(lost, self._now())
+            self._pump()
+
+    def held_names(self) -> list[HeldName]:
+        return self._mm.held_names() if self._mm is not None else []
+
+    def peer_instances(self) -> set[str]:
+        return self._mm.peer_instances() if self._mm is not None else set()
+
+    def ip_counts(self) -> dict[str, int]:
+        return dict(self._per_ip)
+
+
+def _plain(status: http.HTTPStatus, body: str,
+           content_type: str = "text/plain; charset=utf-8") -> Response:
     data = body.encode()
-    headers = Headers(
-        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))]
-    )
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(data)))])
     return Response(status.value, status.phrase, headers, data)
 
 

@@ -32,6 +32,7 @@ OWN = {"quictun", "signal_server", "tests", "benchmarks", "helpers", "natsim", "
 OPTIONAL = {
     "qh3": ("fast", "the second QUIC engine, loaded only when QUICTUN_ENGINE picks it"),
     "uvloop": ("fast", "a faster event loop, used only when installed"),
+    "redis": ("redis", "the shared registry of a relay cluster, imported only with --redis"),
 }
 
 

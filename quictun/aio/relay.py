@@ -23,6 +23,7 @@ log = logging.getLogger("quictun.signal")
 
 RELAY_QUEUE = 512
 RELAY_BATCH_BYTES = 16 * 1024  # at most this much per WebSocket message (relay max 64 KiB)
+HAPPY_EYEBALLS_DELAY = 0.25  # seconds before trying a relay hostname's next address
 
 
 CA_ENV = "QUICTUN_SIGNAL_CA"
@@ -104,6 +105,11 @@ class SignalClient:
                     open_timeout=timeout,
                     ping_interval=20,
                     ping_timeout=20,
+                    # a relay hostname may resolve to several instances (DNS round
+                    # robin): start the next address after 0.25 s instead of waiting out
+                    # a silent one (RFC 8305), alternating address families
+                    happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
+                    interleave=1,
                 ),
                 timeout,
             )
