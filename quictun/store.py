@@ -12,6 +12,7 @@ the codecs' (:mod:`quictun.proto.identity`, :mod:`quictun.proto.ticket`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -46,8 +47,7 @@ def load_or_create(directory: Path | None = None) -> Identity:
     d = directory or config_dir()
     key_path, cert_path = d / KEY_FILE, d / CERT_FILE
     if key_path.exists():
-        if key_path.stat().st_mode & 0o077:
-            raise ValueError(f"{key_path} is readable by other users; run chmod 600 on it")
+        check_private(key_path)
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(key, ed25519.Ed25519PrivateKey):
             raise ValueError(f"{key_path} is not an Ed25519 key")
@@ -73,13 +73,43 @@ def load_or_create(directory: Path | None = None) -> Identity:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Atomically write ``data`` to ``path`` with mode 0600 (owner only)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)  # also when a stale .tmp existed with a looser mode
-        f.write(data)
-    os.replace(tmp, path)
+    """Atomically write ``data`` to ``path`` with mode 0600 (owner only).
+
+    The data goes to a new temporary file in the same folder, created with
+    ``O_EXCL | O_NOFOLLOW`` (never an existing file, never through a symlink someone
+    planted), then renamed over ``path``: a reader sees the old or the new content, and
+    the secret is never readable by others, not even for an instant.
+    """
+    import secrets as _secrets
+
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    tmp = path.with_name(f".{path.name}.{_secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, flags, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class ExposedFile(ValueError):
+    """A file holding a secret can be read by other users (the message says what to do)."""
+
+
+def check_private(path: Path) -> None:
+    """Refuse a secret file that the group or others may read (as ssh does for keys).
+
+    Raises:
+        ExposedFile: with the ``chmod`` that fixes it.
+    """
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        raise ExposedFile(f"{path} is readable by other users: it holds a secret; run "
+                          f"chmod 600 {path}")
 
 
 def stored_secret(name: str) -> str:
@@ -88,12 +118,14 @@ def stored_secret(name: str) -> str:
 
     Raises:
         InvalidName: ``name`` is not a valid name (checked before any file is touched).
+        ExposedFile: the stored secret is readable by other users.
         OSError: the config dir cannot be read or written.
     """
     import secrets as _secrets
 
     path = secret_path(name)
     if path.exists():
+        check_private(path)
         value = path.read_text().strip()
         if value:
             return value
@@ -142,11 +174,13 @@ def load_ticket(name: str) -> Ticket | None:
     Raises:
         InvalidName: ``name`` is not a valid name.
         TicketError: the stored file is damaged or is for another name.
+        ExposedFile: other users can read it.
         OSError: the file exists but cannot be read.
     """
     path = ticket_path(name)
     if not path.is_file():
         return None
+    check_private(path)
     try:
         t = decode(path.read_text())
     except TicketError as exc:

@@ -129,6 +129,33 @@ class UserError(click.ClickException):
     "(the address this host uses to reach Redis), HOST:PORT, or off (Redis pub/sub).",
 )
 @click.option(
+    "--connect-rate",
+    type=click.FloatRange(min=0),
+    default=20.0,
+    show_default=True,
+    envvar="QUICTUN_SIGNAL_CONNECT_RATE",
+    show_envvar=True,
+    help="connects per second from one client IP (ten seconds' worth at once; 0: off).",
+)
+@click.option(
+    "--register-rate",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    envvar="QUICTUN_SIGNAL_REGISTER_RATE",
+    show_envvar=True,
+    help="registrations per second from one client IP (ten seconds' worth at once; 0: off).",
+)
+@click.option(
+    "--name-token",
+    "name_token_specs",
+    multiple=True,
+    metavar="PREFIX=FILE",
+    help="Reserve the names starting with PREFIX: only a `quictun serve` whose "
+    "QUICTUN_SIGNAL_TOKEN is the token in FILE may register them (repeatable). Works "
+    "on a relay without --token too.",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
     default="text",
@@ -152,12 +179,16 @@ def main(
     max_per_ip: int,
     redis_url: str | None,
     peer_link: str,
+    connect_rate: float,
+    register_rate: float,
+    name_token_specs: tuple[str, ...],
     log_format: str,
     verbose: int,
 ) -> None:
     """Run the quictun signalling relay: peers meet here, swap offers, punch UDP,
     and fall back to relaying QUIC packets over the WebSocket."""
     from .server import RelayConfig, run_relay
+    from .types import MatchmakerConfig
 
     _setup_logging(verbose, log_format)
     if redis_url:
@@ -182,14 +213,15 @@ def main(
             ssl_context.load_cert_chain(cert, key)
         except (OSError, ssl.SSLError) as exc:
             raise click.UsageError(f"cannot load certificate/key: {exc}") from exc
+    name_tokens = _name_tokens(name_token_specs)
     _raise_fd_limit()
     config = RelayConfig(
         host=list(host) or None,
         port=port,
         ssl_context=ssl_context,
-        token=token or None,
-        relay_enabled=not no_relay,
-        relay_rate=relay_rate,
+        matchmaker=MatchmakerConfig(token=token or None, relay_enabled=not no_relay,
+                                    relay_rate=relay_rate, name_tokens=name_tokens,
+                                    connect_rate=connect_rate, register_rate=register_rate),
         stun_port2=stun_port2,
         max_per_ip=max_per_ip,
         redis_url=redis_url or None,
@@ -251,6 +283,24 @@ def _check_redis_option(url: str) -> None:
         logging.getLogger("quictun.signal").warning(
             "the Redis password in --redis is visible to other users in the process list; "
             "set QUICTUN_SIGNAL_REDIS instead")
+
+
+def _name_tokens(specs: tuple[str, ...]) -> dict[str, str]:
+    """``--name-token PREFIX=FILE`` options as {prefix: token}; one-line usage errors."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        prefix, sep, path = spec.partition("=")
+        if not sep or not prefix or not path:
+            raise click.UsageError(f"--name-token {spec!r}: expected PREFIX=FILE")
+        try:
+            token = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise click.UsageError(f"--name-token {prefix}=...: cannot read {path}: "
+                                   f"{exc.strerror}") from None
+        if not token:
+            raise click.UsageError(f"--name-token {prefix}=...: {path} is empty")
+        out[prefix] = token
+    return out
 
 
 def _listen_error(exc: OSError, hosts: list[str], port: int) -> str:

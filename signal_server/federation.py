@@ -266,7 +266,7 @@ class Federation:
             return  # a duplicate
         if self._holder_busy(holder):
             self._to_peer(instance, pw.PeerError(
-                msg.from_sid, sp.E_RATE_LIMITED,
+                msg.from_sid, sp.E_BUSY,
                 f"{msg.name!r} has too many pending connections; try again shortly"))
             return
         # a second of slack: the connector's side times the session out first
@@ -333,6 +333,6 @@ class Federation:
                            now, count=False)
 
     def _busy(self, conn: ConnRecord, name: str, now: float) -> None:
-        self._client_error(conn, sp.E_RATE_LIMITED,
+        self._client_error(conn, sp.E_BUSY,
                            f"{name!r} has too many pending connections; try again shortly",
                            now, count=False)

@@ -49,9 +49,7 @@ Rules (see ``docs/protocol.md``):
 
 from __future__ import annotations
 
-import hashlib
 import heapq
-import hmac
 import itertools
 import logging
 from collections import Counter, deque
@@ -61,11 +59,11 @@ from typing import Any
 from quictun.proto import signalling as sp
 
 from . import peerwire as pw
+from .admission import NEED_TOKEN_MESSAGE, AddressRates, Admitting, decayed_errors, ip_of
 from .federation import Federation
 from .registry import InMemoryRegistry, Registry
 from .relaying import Relaying
 from .types import (
-    Claim,
     ConnRecord,
     Disconnect,
     Lookup,
@@ -81,11 +79,6 @@ __all__ = ["Send", "Disconnect", "Output", "MatchmakerConfig", "Matchmaker", "CL
 
 logger = logging.getLogger("quictun.signal")
 
-#: The ``error unauthorized`` message for a ``register`` without the relay token.
-NEED_TOKEN_MESSAGE = (
-    "this relay requires a token to register a name "
-    "(set QUICTUN_SIGNAL_TOKEN or pass --token)"
-)
 
 #: WebSocket close codes used in :class:`Disconnect`.
 CLOSE_POLICY = 1008
@@ -102,14 +95,19 @@ def reject_label(code: str | None) -> str:
     return code if code in sp.REJECT_CODES else "other"
 
 
-class Matchmaker(Relaying, Federation):
+class Matchmaker(Admitting, Relaying, Federation):
     """Pure signalling state machine; see the module docstring for the contract."""
 
     def __init__(
-        self, config: MatchmakerConfig | None = None, registry: Registry | None = None
+        self, config: MatchmakerConfig | None = None, registry: Registry | None = None, *,
+        random_bytes: Callable[[int], bytes],
     ) -> None:
         self.config = config or MatchmakerConfig()
         self.registry: Registry = registry if registry is not None else InMemoryRegistry()
+        self._random_bytes = random_bytes  # the welcomes' challenges
+        cfg = self.config
+        self._connect_rates = AddressRates(cfg.connect_rate)
+        self._register_rates = AddressRates(cfg.register_rate)
         self._conns: dict[int, ConnRecord] = {}
         self._sessions: dict[int, SessionRecord] = {}
         #: (other instance, its session id) -> our session id, for cluster sessions
@@ -280,12 +278,16 @@ class Matchmaker(Relaying, Federation):
         session: int | None = None,
         count: bool = True,
     ) -> None:
-        """Reply ``error``, log one line, and disconnect after ``max_errors`` mistakes."""
+        """Reply ``error``, log one line, and disconnect after ``max_errors`` mistakes (one
+        is forgiven every ``error_decay`` seconds; ``count=False`` for what is not the
+        client's fault, such as a reply to a session that just ended)."""
         logger.info("conn %d (%s): %s: %s", conn.id, conn.addr, code, message)
         self.errors[code] += 1
         self._send(conn.id, sp.Error(code, message[:1000], session))
         if count:
-            conn.errors += 1
+            errors, conn.errors_at = decayed_errors(conn.errors, conn.errors_at, now,
+                                                    self.config.error_decay)
+            conn.errors = errors + 1
             if conn.errors >= self.config.max_errors:
                 logger.info("conn %d (%s): too many errors, disconnecting", conn.id, conn.addr)
                 self._disconnect(conn, CLOSE_POLICY, "too many errors", now)
@@ -395,106 +397,11 @@ class Matchmaker(Relaying, Federation):
             return
         handler(conn, msg, now)
 
-    def _handle_hello(self, conn: ConnRecord, msg: sp.Hello, now: float) -> None:
-        if msg.v not in sp.SUPPORTED_VERSIONS:
-            newest = max(sp.SUPPORTED_VERSIONS)
-            self._fatal(
-                conn,
-                sp.E_UNSUPPORTED_VERSION,
-                f"relay speaks protocol version {newest}, client sent {msg.v}"
-                + ("; upgrade quictun-signal" if msg.v > newest else "; upgrade quictun"),
-                CLOSE_PROTOCOL,
-                now,
-            )
-            return
-        token = self.config.token
-        if token is None:
-            conn.may_register = True
-        elif msg.token:  # a token was given: it must be right (constant-time compare)
-            if not hmac.compare_digest(msg.token.encode("utf-8"), token.encode("utf-8")):
-                self._fatal(
-                    conn,
-                    sp.E_UNAUTHORIZED,
-                    "wrong relay token (check QUICTUN_SIGNAL_TOKEN / --token)",
-                    CLOSE_POLICY,
-                    now,
-                )
-                return
-            conn.may_register = True
-        # else: no token given; welcome it, but it may only connect, not register
-        conn.hello = True
-        self._send(
-            conn.id,
-            sp.Welcome(
-                v=msg.v,  # the client's version: a version-1 client sees what it expects
-                stun=list(self.config.stun_ports),
-                relay=self.config.relay_enabled,
-                addr=conn.addr,
-            ),
-        )
-
-    def _handle_register(self, conn: ConnRecord, msg: sp.Register, now: float) -> None:
-        if not conn.may_register:
-            self._client_error(conn, sp.E_UNAUTHORIZED, NEED_TOKEN_MESSAGE, now)
-            return
-        owner = hashlib.sha256(msg.owner.lower().encode("ascii")).digest()
-        record = self.registry.get(msg.name)
-        if record is not None and not hmac.compare_digest(record.owner, owner):
-            held = record.conn_id is not None or (
-                record.expires is not None and record.expires > now
-            )
-            if held:
-                self._client_error(
-                    conn,
-                    sp.E_NAME_TAKEN,
-                    f"name {msg.name!r} is registered by another owner",
-                    now,
-                    count=False,
-                )
-                return
-        held_or_asked = len(conn.names) + len(conn.claiming - conn.names)
-        if msg.name not in conn.names and held_or_asked >= self.config.max_names_per_conn:
-            self._client_error(
-                conn,
-                sp.E_RATE_LIMITED,
-                f"at most {self.config.max_names_per_conn} names per connection",
-                now,
-            )
-            return
-        if self.cluster:  # the shared registry decides; claim_result() finishes
-            if msg.name not in conn.claiming:
-                conn.claiming.add(msg.name)
-                self._out.append(Claim(conn.id, msg.name, owner))
-            return
-        self._grant(conn, msg.name, owner)
-
-    def _grant(self, conn: ConnRecord, name: str, owner: bytes) -> None:
-        """Give ``name`` to ``conn`` locally (taking it over from another local holder)
-        and reply ``registered``."""
-        record = self.registry.get(name)
-        if record is not None and record.conn_id is not None and record.conn_id != conn.id:
-            old = self._conns.get(record.conn_id)
-            if old is not None:
-                old.names.discard(name)
-                logger.info("name %r taken over by conn %d from conn %d", name, conn.id, old.id)
-        self.registry.claim(name, owner, conn.id)
-        conn.names.add(name)
-        self._send(conn.id, sp.Registered(name))
-
-    def _handle_unregister(self, conn: ConnRecord, msg: sp.Unregister, now: float) -> None:
-        if msg.name not in conn.names:
-            self._client_error(
-                conn, sp.E_NOT_REGISTERED, f"name {msg.name!r} is not registered here", now
-            )
-            return
-        conn.names.discard(msg.name)
-        record = self.registry.get(msg.name)
-        if record is not None and record.conn_id == conn.id:
-            self.registry.release(msg.name, None)
-            if self.cluster:
-                self._out.append(Release(conn.id, msg.name, record.owner, None))
-
     def _handle_connect(self, conn: ConnRecord, msg: sp.Connect, now: float) -> None:
+        if not self._connect_rates.allow(ip_of(conn.addr), now):
+            self._client_error(conn, sp.E_RATE_LIMITED, "too many connects from this "
+                               "address; try again shortly", now, count=False)
+            return
         record = self.registry.get(msg.name)
         owner = (
             None if record is None or record.conn_id is None else self._conns.get(record.conn_id)
@@ -517,9 +424,7 @@ class Matchmaker(Relaying, Federation):
             self._client_error(conn, sp.E_RATE_LIMITED, "too many sessions", now)
             return
         if owner is not None and self._holder_busy(owner):
-            self._client_error(conn, sp.E_RATE_LIMITED,
-                               f"{msg.name!r} has too many pending connections; try again "
-                               "shortly", now, count=False)
+            self._busy(conn, msg.name, now)
             return
         session = self._new_session(conn.id, None, msg.name, now)
         self.sessions_total += 1
@@ -533,12 +438,15 @@ class Matchmaker(Relaying, Federation):
                        now: float) -> SessionRecord | None:
         session = self._sessions.get(sid)
         if session is None or session.owner != conn.id:
+            # mostly a late reply to a session its connector already closed (a
+            # hit-and-run connector): not a mistake to count against the holder
             self._client_error(
                 conn,
                 sp.E_NO_SUCH_SESSION,
                 f"cannot {verb} session {sid}: no such session offered to you",
                 now,
                 session=sid,
+                count=False,
             )
             return None
         if session.answered:
@@ -581,6 +489,7 @@ class Matchmaker(Relaying, Federation):
                 f"cannot close session {msg.session}: you are not part of it",
                 now,
                 session=msg.session,
+                count=False,
             )
             return
         other = session.other(conn.id)

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import http
 import itertools
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Sequence
@@ -59,31 +61,26 @@ SEND_QUEUE_LIMIT = 256
 
 @dataclass
 class RelayConfig:
-    """Everything :class:`RelayServer` needs. Times in seconds, rates in bytes/s.
+    """Everything :class:`RelayServer` needs: the shell's own settings here, the
+    matchmaker's (token, relaying, limits, timeouts) in ``matchmaker``. Times in seconds.
 
     ``host`` None (default) listens on all IPv4 and IPv6 addresses; a string or a list
     of IP addresses listens on those. ``port`` 0 picks a free port (the same number is
     used for TCP and the first STUN UDP socket). ``stun_port2`` 0 picks any free port.
+    The shell fills in ``matchmaker.stun_ports`` and ``matchmaker.instance``.
     """
 
     host: str | Sequence[str] | None = None
     port: int = 8765
     ssl_context: ssl.SSLContext | None = None
-    token: str | None = None
-    relay_enabled: bool = True
-    relay_rate: float | None = None
+    matchmaker: MatchmakerConfig = field(default_factory=MatchmakerConfig)
     stun_port2: int = 0
     max_per_ip: int = 64
     max_connections: int = 20000
-    hello_timeout: float = 10.0
-    connect_timeout: float = 15.0
-    name_grace: float = 60.0
-    max_errors: int = 10
     max_size: int = 64 * 1024
     max_queue: int = 4
     ping_interval: float | None = 20.0
     ping_timeout: float | None = 20.0
-    max_pending_per_holder: int = 64
     registry: Registry | None = field(default=None, repr=False)
     #: ``redis://HOST:PORT/DB``: join the cluster sharing that Redis (None: standalone)
     redis_url: str | None = field(default=None, repr=False)
@@ -204,19 +201,9 @@ class RelayServer:
                         await self.cluster.stop()
                     raise
         self._mm = Matchmaker(
-            MatchmakerConfig(
-                token=cfg.token,
-                relay_enabled=cfg.relay_enabled,
-                relay_rate=cfg.relay_rate,
-                hello_timeout=cfg.hello_timeout,
-                connect_timeout=cfg.connect_timeout,
-                name_grace=cfg.name_grace,
-                max_errors=cfg.max_errors,
-                max_pending_per_holder=cfg.max_pending_per_holder,
-                stun_ports=self.stun_ports,
-                instance=self.instance,
-            ),
-            cfg.registry,
+            dataclasses.replace(cfg.matchmaker, stun_ports=self.stun_ports,
+                                instance=self.instance),
+            cfg.registry, random_bytes=os.urandom,
         )
         logger.info("relay started: %s", self.listen_line())
 
@@ -228,9 +215,10 @@ class RelayServer:
         assert cfg.redis_url is not None
         self.instance = cfg.instance or new_instance_id()
         self.cluster = Cluster(
-            ClusterConfig(url=cfg.redis_url, instance=self.instance, lease=cfg.name_grace,
-                          peer_link=cfg.peer_link, heartbeat=cfg.cluster_heartbeat,
-                          instance_ttl=cfg.instance_ttl, max_per_ip=cfg.max_per_ip),
+            ClusterConfig(url=cfg.redis_url, instance=self.instance,
+                          lease=cfg.matchmaker.name_grace, peer_link=cfg.peer_link,
+                          heartbeat=cfg.cluster_heartbeat, instance_ttl=cfg.instance_ttl,
+                          max_per_ip=cfg.max_per_ip),
             self,
         )
         await self.cluster.start()

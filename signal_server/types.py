@@ -161,6 +161,14 @@ class MatchmakerConfig:
     max_sessions_per_conn: int = 256
     #: unanswered ``incoming`` per holder, from this instance and others alike
     max_pending_per_holder: int = 64
+    #: one client mistake is forgiven every this many seconds
+    error_decay: float = 60.0
+    #: per client IP: connects and registrations per second (0: no limit), at most
+    #: ten seconds' worth at once
+    connect_rate: float = 20.0
+    register_rate: float = 5.0
+    #: reserved name prefixes -> the hello token a name under them needs
+    name_tokens: dict[str, str] = field(default_factory=dict)
     stun_ports: tuple[int, ...] = ()
     instance: str | None = None
 
@@ -189,6 +197,11 @@ class ConnRecord:
     last_bad_relay: int | None = None
     #: names whose cluster claim is in flight (cluster only)
     claiming: set[str] = field(default_factory=set)
+    #: the hello's token (for reserved name prefixes) and the welcome's challenge
+    token: str | None = None
+    challenge: bytes = b""
+    #: since when ``errors`` has been decaying (see admission.decayed_errors)
+    errors_at: float = 0.0
 
 
 @dataclass

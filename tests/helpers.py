@@ -143,3 +143,24 @@ def v1_ticket(url: str, name: str, secret: str, fingerprint: str) -> str:
     raw = json.dumps({"u": url, "n": name, "s": secret, "f": fingerprint},
                      separators=(",", ":")).encode()
     return "qt1" + base64.b32encode(raw).decode().rstrip("=").lower()
+
+
+_SIGNERS: dict = {}
+
+
+def signer(owner: str):  # type: ignore[no-untyped-def]
+    """The identity that plays the owner called ``owner`` in a test (one per label)."""
+    from quictun.proto.identity import Identity
+
+    return _SIGNERS.setdefault(owner, Identity.generate())
+
+
+def signed_register(name: str, owner: str, challenge: str | None):  # type: ignore[no-untyped-def]
+    """A protocol-2 ``register`` of ``name`` by the identity ``signer(owner)``, signed over
+    the ``welcome``'s ``challenge`` (hex) of the connection it is sent on."""
+    from quictun.proto import signalling as sp
+
+    ident = signer(owner)
+    assert challenge is not None, "a protocol-2 welcome carries a challenge"
+    sig = ident.sign(sp.register_signed(bytes.fromhex(challenge), name))
+    return sp.Register(name=name, key=ident.public_bytes.hex(), sig=sig.hex())

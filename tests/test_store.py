@@ -56,8 +56,12 @@ def test_store_and_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert store.load_ticket("laptop") == other
     # a file that holds another name's ticket (copied by hand) is refused
     (tmp_path / "tickets" / "desk").write_text(T.encode())
+    with pytest.raises(store.ExposedFile, match="readable by other users.*chmod 600"):
+        store.load_ticket("desk")
+    (tmp_path / "tickets" / "desk").chmod(0o600)
     with pytest.raises(tk.TicketError, match="is for 'laptop', not 'desk'"):
         store.load_ticket("desk")
     (tmp_path / "tickets" / "bad").write_text("junk")
+    (tmp_path / "tickets" / "bad").chmod(0o600)
     with pytest.raises(tk.TicketError, match="stored ticket .*bad.*not a quictun ticket"):
         store.load_ticket("bad")

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import DEFAULT_SIGNAL, TunnelConfig
-from ..errors import TunnelError
-from ..proto import auth, pake
+from ..errors import TunnelError, printable
+from ..proto import pake
 from ..proto import signalling as sigproto
 from ..proto.addr import Candidate, decode_candidates, parse_hostport
 from ..proto.exchange import ServerExchange
@@ -101,6 +101,7 @@ class Server:
         self.signal: SignalClient | None = None
         self.registered = asyncio.Event()
         self.pairing: PairingHost | None = None
+        self._taken_over: str | None = None  # the relay gave our name to a newer serve
         if pairing is not None:
             self.pairing = PairingHost(pairing[0], pairing[1], identity, send=self._send_soon,
                                        emit=self.emit, paired=self._paired,
@@ -127,6 +128,10 @@ class Server:
                     first = False
                     delay = 1.0
                     await self._serve_until_lost(sc)
+                    if self._taken_over is not None:
+                        raise _Permanent(f"{self._taken_over} (another `quictun serve "
+                                         f"{self.name}` with this identity started); this "
+                                         "one stops")
                     self.emit("lost the relay; reconnecting")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
@@ -139,14 +144,13 @@ class Server:
         held by another identity or a refused token)."""
         try:
             await sc.open()
-            owner = auth.owner_token(self.identity.private_bytes(), self.name)
-            await sc.request(sigproto.Register(name=self.name, owner=owner),
-                             lambda m: isinstance(m, sigproto.Registered), timeout=10)
+            names = [self.name]
             if self.pairing is not None and self.pairing.live():
-                name = self.pairing.name
-                owner = auth.owner_token(self.identity.private_bytes(), name)
-                await sc.request(sigproto.Register(name=name, owner=owner),
-                                 lambda m: isinstance(m, sigproto.Registered), timeout=10)
+                names.append(self.pairing.name)
+            for name in names:
+                await sc.request(self._register_message(sc, name),
+                                 lambda m, n=name: isinstance(m, sigproto.Registered)
+                                 and m.name == n, timeout=10)
         except RelayError as exc:
             if exc.code == sigproto.E_NAME_TAKEN:
                 raise _Permanent(f"the name {self.name!r} is held by another identity on "
@@ -158,6 +162,17 @@ class Server:
                 raise _Permanent("the relay refused our token (check QUICTUN_SIGNAL_TOKEN "
                                  "/ --token)") from None
             raise
+
+    def _register_message(self, sc: SignalClient, name: str) -> sigproto.Register:
+        """``register`` signed over this connection's challenge: the relay binds the name
+        to our identity key (a recorded message is useless on any other connection)."""
+        challenge = sc.welcome.challenge if sc.welcome is not None else None
+        if challenge is None:
+            raise _Permanent("this relay speaks the old protocol (no registration "
+                             "challenge); upgrade quictun-signal there")
+        sig = self.identity.sign(sigproto.register_signed(bytes.fromhex(challenge), name))
+        return sigproto.Register(name=name, key=self.identity.public_bytes.hex(),
+                                 sig=sig.hex())
 
     async def _serve_until_lost(self, sc: SignalClient) -> None:
         self.signal = sc
@@ -219,7 +234,11 @@ class Server:
                                   or s.session.paths.current.kind == "relay"):
                 s.session.close("peer closed")
         elif isinstance(m, sigproto.Error):
-            log.debug("relay error: %s %s", m.code, m.message)
+            if m.code == sigproto.E_TAKEN_OVER and self.signal is not None:
+                self._taken_over = printable(m.message)
+                self.signal.on_lost(None)  # ends _serve_until_lost, which closes the link
+            else:
+                log.debug("relay error: %s %s", m.code, m.message)
 
     async def _reject(self, sid: int, reason: str, code: str) -> None:
         """Refuse session ``sid``: ``reason`` for humans, ``code`` (a

@@ -8,7 +8,7 @@ Measures, in one run (see docs/benchmark.md for the method and results):
 4. time to first byte of a fresh ``connect --stdio`` process;
 5. added round-trip latency vs direct TCP;
 6. peak RSS of ``serve`` and ``connect`` feeding a slow reader;
-7. the relay: memory per idle peer and pairings per second (``signal_server.loadtest``);
+7. the relay: memory per idle peer and pairings per second (``quictun.bench.loadtest``);
 8. for scale: ssh ``-L`` forwarding and raw loopback TCP.
 
 ``--lever NAME=VALUE`` (repeatable) runs the quictun processes through a small wrapper
@@ -248,7 +248,7 @@ def relay_load(peers: int, pairings: int) -> dict[str, Any]:
     want = 2 * peers + 512
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
-    r = subprocess.run([PY, "-m", "signal_server.loadtest", "--peers", str(peers),
+    r = subprocess.run([PY, "-m", "quictun.bench.loadtest", "--peers", str(peers),
                         "--pairings", str(pairings), "--json"],
                        capture_output=True, text=True, timeout=600)
     if r.returncode != 0:

@@ -126,21 +126,44 @@ def mode_of(direct_only: bool, relay_only: bool) -> str:
     return "direct" if direct_only else "relay" if relay_only else "auto"
 
 
+SHORT_SECRET = 12  # characters: below this, warn (see docs/architecture.md's odds)
+
+
 def secret_from(secret_file: Path | None, secret_arg: str | None) -> str | None:
-    """The secret from --secret-file, else --secret (warns), else $QUICTUN_SECRET."""
+    """The secret from --secret-file, else --secret (warns), else $QUICTUN_SECRET.
+    Warns about a file others can read and about a short secret."""
+    secret = None
     if secret_file is not None:
         try:
-            text = secret_file.read_text().strip()
+            secret = secret_file.read_text().strip()
         except OSError as exc:
             raise UserError(f"cannot read the secret file {secret_file}: {exc.strerror}") from None
-        if not text:
+        if not secret:
             raise UserError(f"the secret file {secret_file} is empty")
-        return text
-    if secret_arg:
+        warn_if_exposed(secret_file)
+    elif secret_arg:
         warn("--secret is visible to other users in the process list; prefer "
-              "QUICTUN_SECRET or --secret-file")
-        return secret_arg
-    return os.environ.get("QUICTUN_SECRET") or None
+             "QUICTUN_SECRET or --secret-file")
+        secret = secret_arg
+    else:
+        secret = os.environ.get("QUICTUN_SECRET") or None
+    if secret is not None and len(secret) < SHORT_SECRET:
+        warn(f"the secret is short ({len(secret)} characters): nobody can test guesses "
+             "offline, but someone can try about 300 a day against the server; prefer "
+             "a generated one (leave QUICTUN_SECRET unset: `serve` makes one, and "
+             "`serve --pair` hands it over)")
+    return secret
+
+
+def warn_if_exposed(path: Path) -> None:
+    """Warn when a secret file the user manages can be read by other users."""
+    from .. import store
+
+    try:
+        store.check_private(path)
+    except (store.ExposedFile, OSError) as exc:
+        if isinstance(exc, store.ExposedFile):
+            warn(str(exc))
 
 
 def one_line(exc: BaseException) -> str:
@@ -238,7 +261,7 @@ def load_stored(name: str) -> Ticket | None:
 
     try:
         return store.load_ticket(name)
-    except tk.TicketError as exc:
+    except (tk.TicketError, store.ExposedFile) as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:
         raise UserError(f"cannot read the stored ticket {exc.filename}: "

@@ -111,6 +111,8 @@ async def run_demo(forward: str = "127.0.0.1:22", *, port: int = 8765,
                           f"{one_line(exc)}") from None
     try:
         secret = store.stored_secret(NAME)
+    except store.ExposedFile as exc:
+        raise TunnelError(str(exc)) from None
     except OSError as exc:
         raise TunnelError(f"cannot keep the secret in {store.config_dir()}: "
                           f"{exc.strerror or one_line(exc)}") from None

@@ -25,10 +25,13 @@ from .common import (
     tunnel_config,
     verbose_option,
     warn_argv_ticket,
+    warn_if_exposed,
     warn_if_local_relay,
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..proto.ticket import Ticket
 
 
@@ -83,6 +86,8 @@ def serve(name: str, forward: str, pair: bool, signal: str, secret_file: Path | 
     if secret is None:
         try:
             secret = store.stored_secret(name)
+        except store.ExposedFile as exc:
+            raise UserError(str(exc)) from None
         except OSError as exc:
             raise UserError(f"cannot keep the secret in {store.config_dir()}: "
                             f"{exc.strerror or one_line(exc)}") from None
@@ -93,11 +98,20 @@ def serve(name: str, forward: str, pair: bool, signal: str, secret_file: Path | 
         from ..proto.pairing import generate
 
         pairing = (generate(os.urandom(32)), t)
+    on_registered = _announcer(name, t, generated, pairing, signal)
+    run(api.serve(name, forward=forward, signal=signal, secret=secret, mode=mode,
+                  token=token, identity=ident, on_registered=on_registered, pairing=pairing,
+                  config=tunnel_config()))
+
+
+def _announcer(name: str, t: Ticket, generated: bool,
+               pairing: tuple[str, Ticket] | None, signal: str
+               ) -> Callable[[], None]:
+    """Return the callback that prints the ticket (and the pairing code) once the name is
+    registered, so that what is printed is known to work; it prints once."""
     printed: list[bool] = []
 
     def on_registered() -> None:
-        """Print the ticket (and the pairing code) once the name is registered, so that
-        what is printed is known to work."""
         if printed:
             return
         printed.append(True)
@@ -108,18 +122,15 @@ def serve(name: str, forward: str, pair: bool, signal: str, secret_file: Path | 
             click.echo(t.encode())
             sys.stdout.flush()
         if pairing is not None:
-            code = pairing[0]
             from ..proto.pairing import describe_odds
 
-            click.echo(f"quictun: pairing code for {name!r}: {code}  (single use, valid 10 "
-                       f"minutes, 3 tries; a guesser's odds: {describe_odds()}). On the "
-                       f"other machine run `quictun pair` and type it.", err=True)
+            click.echo(f"quictun: pairing code for {name!r}: {pairing[0]}  (single use, "
+                       f"valid 10 minutes, 3 tries; a guesser's odds: {describe_odds()}). "
+                       "On the other machine run `quictun pair` and type it.", err=True)
         if generated or pairing is not None:
             warn_if_local_relay(signal)
 
-    run(api.serve(name, forward=forward, signal=signal, secret=secret, mode=mode,
-                  token=token, identity=ident, on_registered=on_registered, pairing=pairing,
-                  config=tunnel_config()))
+    return on_registered
 
 
 @click.command()
@@ -207,6 +218,7 @@ def _connect_ticket(target: str | None, ticket_file: Path | None) -> tuple[str, 
     if ticket_file is not None:
         try:
             text = ticket_file.read_text()
+            warn_if_exposed(ticket_file)
         except OSError as exc:
             raise UserError(f"cannot read the ticket file {ticket_file}: "
                             f"{exc.strerror or one_line(exc)}") from None

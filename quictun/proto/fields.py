@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 __all__ = ["LONG", "MAX_BLOB_SIZE", "MAX_SESSION", "SESSION", "SHORT", "U53", "ProtocolError",
-           "bad", "blob", "boolean", "integer", "name", "owner", "ports", "string",
+           "bad", "blob", "boolean", "hexbytes", "integer", "name", "owner", "ports", "string",
            "valid_name"]
 
 #: Largest accepted offer/answer/data object, in bytes of compact JSON (``too-large``).
@@ -82,6 +82,18 @@ def owner(v: Any, f: str) -> str:
     if not isinstance(v, str) or _OWNER_RE.fullmatch(v) is None:
         raise bad(f"field {f!r} must be 64 hex characters")
     return v
+
+
+def hexbytes(size: int):
+    """A check for ``size`` bytes written as lowercase or uppercase hex."""
+    pattern = re.compile(rf"[0-9a-fA-F]{{{2 * size}}}")
+
+    def check(v: Any, f: str) -> str:
+        if not isinstance(v, str) or pattern.fullmatch(v) is None:
+            raise bad(f"field {f!r} must be {2 * size} hex characters")
+        return v
+
+    return check
 
 
 def blob(v: Any, f: str) -> dict[str, Any]:

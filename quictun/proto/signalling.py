@@ -39,6 +39,7 @@ from .fields import (
 __all__ = [
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
+    "register_signed",
     "Data",
     "MAX_MESSAGE_SIZE",
     "MAX_BLOB_SIZE",
@@ -100,6 +101,8 @@ E_NO_SUCH_SESSION = "no-such-session"
 E_HELLO_REQUIRED = "hello-required"
 E_TOO_MANY_CONNECTIONS = "too-many-connections"
 E_SERVER_ERROR = "server-error"
+E_BUSY = "busy"
+E_TAKEN_OVER = "taken-over"
 ERROR_CODES = frozenset(
     {
         E_BAD_MESSAGE,
@@ -116,6 +119,8 @@ ERROR_CODES = frozenset(
         E_HELLO_REQUIRED,
         E_TOO_MANY_CONNECTIONS,
         E_SERVER_ERROR,
+        E_BUSY,
+        E_TAKEN_OVER,
     }
 )
 
@@ -171,12 +176,21 @@ class Hello(_Message):
 
 @dataclass(frozen=True)
 class Register(_Message):
-    """Claim ``name``; ``owner`` is a 64-hex-char secret proving ownership."""
+    """Claim ``name``: protocol 2 with ``key`` (the server's raw Ed25519 public key, 64
+    hex) and ``sig`` (its signature over the welcome's challenge and the name, 128 hex);
+    protocol 1 with ``owner`` (a fixed token, refused by a protocol-2 relay)."""
 
     T: ClassVar[str] = "register"
     name: str
-    owner: str
-    CHECKS: ClassVar[dict[str, Any]] = {"name": fld.name, "owner": fld.owner}
+    owner: str | None = None
+    key: str | None = None
+    sig: str | None = None
+    CHECKS: ClassVar[dict[str, Any]] = {
+        "name": fld.name,
+        "owner": lambda v, n: None if v is None else fld.owner(v, n),
+        "key": lambda v, n: None if v is None else fld.hexbytes(32)(v, n),
+        "sig": lambda v, n: None if v is None else fld.hexbytes(64)(v, n),
+    }
 
 
 @dataclass(frozen=True)
@@ -268,18 +282,21 @@ class Ping(_Message):
 
 @dataclass(frozen=True)
 class Welcome(_Message):
-    """Reply to ``hello``: STUN UDP ports, whether relaying is allowed, observed address."""
+    """Reply to ``hello``: STUN UDP ports, whether relaying is allowed, observed address,
+    and (protocol 2) the connection's ``challenge`` (64 hex) a ``register`` signs."""
 
     T: ClassVar[str] = "welcome"
     v: int
     stun: list[int]
     relay: bool
     addr: str
+    challenge: str | None = None
     CHECKS: ClassVar[dict[str, Any]] = {
         "v": fld.U53,
         "stun": fld.ports,
         "relay": fld.boolean,
         "addr": fld.string(fld.SHORT),
+        "challenge": lambda v, n: None if v is None else fld.hexbytes(32)(v, n),
     }
 
 
@@ -403,10 +420,12 @@ SERVER_MESSAGES: tuple[type[_Message], ...] = (
 )
 _TYPES: dict[str, type[_Message]] = {cls.T: cls for cls in CLIENT_MESSAGES + SERVER_MESSAGES}
 #: Fields that may be absent on the wire (decoded as None).
-_OPTIONAL = {(Error, "session"), (Reject, "code"), (Rejected, "code")}
+_OPTIONAL = {(Error, "session"), (Reject, "code"), (Rejected, "code"), (Register, "owner"),
+             (Register, "key"), (Register, "sig"), (Welcome, "challenge")}
 #: Optional fields left out of the JSON when None, so that messages without them are
 #: byte-for-byte what older peers sent (``error.session`` is always written, as before).
-_OMIT_NONE = {(Reject, "code"), (Rejected, "code")}
+_OMIT_NONE = {(Reject, "code"), (Rejected, "code"), (Register, "owner"), (Register, "key"),
+              (Register, "sig"), (Welcome, "challenge")}
 
 
 def _reject_constant(name: str) -> Any:
@@ -547,3 +566,10 @@ def relay_packets(data: bytes) -> tuple[int, list[bytes]]:
         out.append(payload[i + 2 : i + 2 + size])
         i += 2 + size
     return session, out
+
+
+def register_signed(challenge: bytes, name: str) -> bytes:
+    """What a server signs with its identity key to register ``name`` on the connection
+    whose ``welcome`` carried ``challenge`` (``register.sig``)."""
+    return b"".join(len(p).to_bytes(4, "big") + p
+                    for p in (b"quictun/2 register", challenge, name.encode()))

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import signed_register
 from websockets.asyncio.client import connect as ws_connect
 
 import quictun
@@ -15,6 +16,7 @@ from quictun.errors import AuthError, TunnelError
 from quictun.proto import signalling as sigproto
 from quictun.proto.identity import Identity
 from signal_server.server import RelayConfig, RelayServer
+from signal_server.types import MatchmakerConfig
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -99,9 +101,10 @@ async def _rejecting_owner(url: str, name: str, reason: str, code: str | None,
                            ready: asyncio.Event) -> None:
     """A bare owner on the relay that rejects every offer with ``reason``/``code``."""
     async with ws_connect(url, proxy=None) as ws:
-        await ws.send(sigproto.encode(sigproto.Hello(v=1, token=None, agent="test")))
-        assert isinstance(sigproto.decode(await ws.recv()), sigproto.Welcome)
-        await ws.send(sigproto.encode(sigproto.Register(name=name, owner="ef" * 32)))
+        await ws.send(sigproto.encode(sigproto.Hello(v=2, token=None, agent="test")))
+        welcome = sigproto.decode(await ws.recv())
+        assert isinstance(welcome, sigproto.Welcome)
+        await ws.send(sigproto.encode(signed_register(name, "ef" * 32, welcome.challenge)))
         assert sigproto.decode(await ws.recv()) == sigproto.Registered(name)
         ready.set()
         async for frame in ws:
@@ -148,7 +151,8 @@ async def test_reject_code_decides_auth_error(reason: str, code: str | None,
 async def test_token_relay_serve_needs_token_connect_does_not(tmp_path: Path) -> None:
     """A token-protected relay: serve without the token is told what to set; serve with
     it works, and a connector without the token (a pasted ticket) reaches it."""
-    relay = RelayServer(RelayConfig(host="127.0.0.1", port=0, token="relay-t0ken"))
+    relay = RelayServer(RelayConfig(host="127.0.0.1", port=0,
+                                     matchmaker=MatchmakerConfig(token="relay-t0ken")))
     await relay.start()
     target = await asyncio.start_server(_echo, "127.0.0.1", 0)
     port = target.sockets[0].getsockname()[1]

@@ -174,7 +174,7 @@ def test_json_log_format_covers_errors_and_warnings() -> None:
     import json
 
     r = runner().invoke(main, ["--log-format", "json", "connect", "box", "--stdio",
-                               "--secret", "x", "--signal", "ws://h:99999/"])
+                               "--secret", "a-long-enough-secret", "--signal", "ws://h:99999/"])
     assert r.exit_code == 1
     records = [json.loads(ln) for ln in r.stderr.splitlines()]  # every line is JSON
     loud = [(x["level"], x["msg"]) for x in records if x["level"] != "info"]
@@ -359,6 +359,11 @@ def test_connect_ticket_file_and_env(tmp_path: Path) -> None:
     t = tk.Ticket(url=url, name="box", secret="s3cret", fingerprint="ab" * 32)
     f = tmp_path / "t.txt"
     f.write_text(t.encode() + "\n")
+    f.chmod(0o644)
+    r = run("connect", "--ticket-file", str(f), "--stdio")
+    assert re.search(r"warning: .*t\.txt is readable by other users.*chmod 600", r.output)
+    one_line_error(r, f"cannot reach the relay at {re.escape(url)}")
+    f.chmod(0o600)
     for args, env in ((["--ticket-file", str(f)], None),
                       (["box", "--ticket-file", str(f)], None),
                       ([], {"QUICTUN_TICKET": t.encode()})):
@@ -378,6 +383,8 @@ def test_stored_ticket_damaged_is_one_line(tmp_path: Path) -> None:
     d = tmp_path / "home" / "tickets"
     d.mkdir(parents=True)
     (d / "box").write_text("qt1garbage")
+    one_line_error(run("connect", "box", "--stdio"), "readable by other users.*chmod 600")
+    (d / "box").chmod(0o600)
     one_line_error(run("connect", "box", "--stdio"), "stored ticket .*box")
 
 
@@ -662,3 +669,32 @@ def test_pair_flow_through_the_cli(relay, echo_server, tmp_path: Path) -> None:
         s.wait_for(r"paired client [0-9a-f]{16} for 'box'")
     finally:
         s.stop()
+
+
+def test_a_second_serve_with_the_same_identity_takes_over_and_the_first_exits(
+        relay, echo_server, tmp_path: Path) -> None:
+    """Never a silent orphan: the relay hands the name to the newer `serve` (the same
+    identity: a restart, or a copy started by mistake) and tells the older one, which
+    stops with one line and exit status 1. Connections then reach the newer one."""
+    _proc, url = relay
+    env = base_env(tmp_path / "same-home", signal=url)
+    argv = QT + ["serve", "box", "--forward", f"127.0.0.1:{echo_server.port}"]
+    first = Proc(argv, env=env, log=tmp_path / "first.log")
+    second = None
+    try:
+        first.wait_for(r"serving 'box'")
+        second = Proc(argv, env=env, log=tmp_path / "second.log")
+        second.wait_for(r"serving 'box'")
+        assert first.p.wait(30) == 1
+        lines = [ln for ln in first.text().splitlines() if ln.startswith("quictun: error:")]
+        assert len(lines) == 1 and "took over 'box'" in lines[0], first.text()
+        assert "Traceback" not in first.text()
+        r = subprocess.run(QT + ["connect", "box", "--stdio"], input=b"to the second",
+                           capture_output=True, env=base_env(tmp_path / "cli", signal=url),
+                           timeout=60)
+        assert r.returncode == 0 and r.stdout == b"to the second", r.stderr.decode()
+        second.wait_for(r"client [0-9a-f]{16} connected")
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()

@@ -198,4 +198,6 @@ def test_error_codes_are_the_documented_set() -> None:
         "hello-required",
         "too-many-connections",
         "server-error",
+        "busy",
+        "taken-over",
     } == sp.ERROR_CODES

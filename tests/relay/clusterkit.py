@@ -136,6 +136,7 @@ class Relay:
                  env: dict[str, str] | None = None) -> None:
         self.tag = tag
         argv = (wrap or []) + [PY, "-m", "signal_server", "--host", host, "--port", str(port),
+                                "--connect-rate", "0", "--register-rate", "0",
                                *extra]
         environ = env or base_env(tmp / f"home-{tag}")
         if redis_url:
@@ -264,6 +265,7 @@ class Client:
 
     def __init__(self, ws) -> None:  # type: ignore[no-untyped-def]
         self.ws = ws
+        self.challenge: str | None = None
 
     @classmethod
     async def open(cls, url: str) -> Client:
@@ -271,10 +273,17 @@ class Client:
 
         ws = await connect(url, proxy=None, compression=None, open_timeout=10)
         c = cls(ws)
-        await c.send(sp.Hello(v=1, token=None, agent="test"))
+        await c.send(sp.Hello(v=2, token=None, agent="test"))
         welcome = await c.recv()
         assert isinstance(welcome, sp.Welcome), welcome
+        c.challenge = welcome.challenge
         return c
+
+    def register(self, name: str, owner: str) -> sp.Register:
+        """A ``register`` of ``name`` by the owner ``owner``, signed for this connection."""
+        from helpers import signed_register
+
+        return signed_register(name, owner, self.challenge)
 
     async def send(self, msg: sp.Message) -> None:
         await self.ws.send(sp.encode(msg))

@@ -147,7 +147,7 @@ def test_ownership_race_has_exactly_one_winner_per_name(
         async def claim(i: int, name: str) -> tuple[str, str]:
             side = i % 2  # clients 0-3 on a, 4-7 on b: one per instance per name
             c = clients[side * 4 + (hash(name) % 4)]
-            await c.send(sp.Register(name=name, owner=owners[side]))
+            await c.send(c.register(name, owners[side]))
             return name, owners[side]
 
         # both instances get the same name in the same instant, for every name

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import deque
 
 import pytest
+from helpers import signed_register
 
 from quictun.proto import signalling as sp
 from signal_server import peerwire as pw
@@ -40,8 +42,9 @@ class Cluster:
 
     def __init__(self, *ids: str, **config: object) -> None:
         self.now = 1000.0
-        self.mms = {i: Matchmaker(MatchmakerConfig(instance=i, **config))  # type: ignore[arg-type]
-                    for i in ids}
+        self.mms = {i: Matchmaker(MatchmakerConfig(instance=i, **config),  # type: ignore[arg-type]
+                                  random_bytes=os.urandom) for i in ids}
+        self.challenges: dict[tuple[str, int], str | None] = {}
         self.names: dict[str, tuple[bytes, str, int]] = {}  # name -> owner, inst, conn ('' free)
         self.inbox: dict[tuple[str, int], list[sp.Message | bytes]] = {}
         self.disconnected: dict[tuple[str, int], Disconnect] = {}
@@ -111,9 +114,15 @@ class Cluster:
     def open(self, inst: str, cid: int) -> None:
         mm = self.mms[inst]
         mm.open(cid, f"10.0.0.{cid}:{5000 + cid}", self.now)
-        mm.receive_text(cid, sp.encode(sp.Hello(v=1, token=None, agent="t")), self.now)
+        mm.receive_text(cid, sp.encode(sp.Hello(v=2, token=None, agent="t")), self.now)
         self.run()
-        assert isinstance(self.pop(inst, cid), sp.Welcome)
+        welcome = self.pop(inst, cid)
+        assert isinstance(welcome, sp.Welcome)
+        self.challenges[(inst, cid)] = welcome.challenge
+
+    def reg(self, inst: str, cid: int, name: str, owner: str) -> sp.Register:
+        """A ``register`` signed by ``owner`` for the conn ``cid`` of instance ``inst``."""
+        return signed_register(name, owner, self.challenges.get((inst, cid), "00" * 32))
 
     def send(self, inst: str, cid: int, msg: sp.Message) -> None:
         self.mms[inst].receive_text(cid, sp.encode(msg), self.now)
@@ -152,7 +161,7 @@ class Cluster:
         return self.inbox.pop((inst, cid), [])
 
     def register(self, inst: str, cid: int, name: str, owner: str = OWNER_A) -> None:
-        self.send(inst, cid, sp.Register(name=name, owner=owner))
+        self.send(inst, cid, self.reg(inst, cid, name, owner))
         assert self.pop(inst, cid) == sp.Registered(name)
 
     def pair(self, holder: tuple[str, int], connector: tuple[str, int],
@@ -262,7 +271,7 @@ def test_ownership_is_global_and_the_same_owner_moves_a_name() -> None:
     c.open("B", 2)
     c.open("B", 3)
     c.register("A", 1, "srv")
-    c.send("B", 2, sp.Register(name="srv", owner=OWNER_B))
+    c.send("B", 2, c.reg("B", 2, "srv", OWNER_B))
     assert c.pop("B", 2).code == "name-taken"  # type: ignore[union-attr]
     c.register("B", 3, "srv")  # same owner, another instance: takes it over
     assert c.mms["A"].held_names() == []  # A was told (moved) and let go
@@ -315,7 +324,7 @@ def test_registry_down_local_peers_keep_working() -> None:
     c.send("B", 2, sp.Connect(name="other", offer={}))
     err = c.pop("B", 2)
     assert isinstance(err, sp.Error) and err.code == "server-error" and "Redis" in err.message
-    c.send("A", 3, sp.Register(name="fresh", owner=OWNER_B))
+    c.send("A", 3, c.reg("A", 3, "fresh", OWNER_B))
     assert c.pop("A", 3).code == "server-error"  # type: ignore[union-attr]
     # the same owner re-registering a name this instance knows is let through
     c.close("A", 1)
@@ -349,8 +358,8 @@ def test_the_holders_pending_limit_holds_across_instances() -> None:
     assert len([m for m in c.pending("A", 1) if isinstance(m, sp.Incoming)]) == 3
     c.send("B", 3, sp.Connect(name="srv", offer={}))
     c.send("A", 2, sp.Connect(name="srv", offer={}))
-    assert c.pop("B", 3).code == "rate-limited"  # type: ignore[union-attr]
-    assert c.pop("A", 2).code == "rate-limited"  # type: ignore[union-attr]
+    assert c.pop("B", 3).code == "busy"  # type: ignore[union-attr]
+    assert c.pop("A", 2).code == "busy"  # type: ignore[union-attr]
     assert c.pending("A", 1) == []
 
 
@@ -358,7 +367,7 @@ def test_a_holder_that_leaves_during_its_claim_is_released() -> None:
     c = Cluster("A")
     mm = c.mms["A"]
     c.open("A", 1)
-    mm.receive_text(1, sp.encode(sp.Register(name="srv", owner=OWNER_A)), c.now)
+    mm.receive_text(1, sp.encode(c.reg("A", 1, "srv", OWNER_A)), c.now)
     claim = mm.outputs()
     assert len(claim) == 1 and isinstance(claim[0], Claim)
     mm.close(1, c.now)
@@ -380,10 +389,12 @@ def test_malformed_peer_messages_are_counted_not_raised(
 
 
 def test_single_relay_emits_no_cluster_effects() -> None:
-    mm = Matchmaker(MatchmakerConfig())
+    mm = Matchmaker(MatchmakerConfig(), random_bytes=os.urandom)
     mm.open(1, "10.0.0.1:1", 0.0)
-    mm.receive_text(1, sp.encode(sp.Hello(v=1, token=None, agent="t")), 0.0)
-    mm.receive_text(1, sp.encode(sp.Register(name="x", owner=OWNER_A)), 0.0)
+    mm.receive_text(1, sp.encode(sp.Hello(v=2, token=None, agent="t")), 0.0)
+    (welcome,) = mm.outputs()
+    challenge = sp.decode(welcome.data).challenge  # type: ignore[union-attr,arg-type]
+    mm.receive_text(1, sp.encode(signed_register("x", OWNER_A, challenge)), 0.0)
     mm.receive_text(1, sp.encode(sp.Connect(name="nope", offer={})), 0.0)
     mm.close(1, 0.0)
     assert all(isinstance(o, (Send, Disconnect)) for o in mm.outputs())

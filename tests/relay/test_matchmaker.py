@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
+from helpers import signed_register
 
 from quictun.proto import signalling as sp
 from signal_server.matchmaker import Disconnect, Matchmaker, MatchmakerConfig, Send
@@ -18,9 +20,11 @@ class Harness:
 
     def __init__(self, **config: object) -> None:
         self.now = 1000.0
-        self.mm = Matchmaker(MatchmakerConfig(stun_ports=(3478, 40000), **config))  # type: ignore[arg-type]
+        self.mm = Matchmaker(MatchmakerConfig(stun_ports=(3478, 40000), **config),
+                             random_bytes=os.urandom)  # type: ignore[arg-type]
         self.inbox: dict[int, list[sp.Message | bytes]] = {}
         self.disconnected: dict[int, Disconnect] = {}
+        self.challenges: dict[int, str | None] = {}
 
     def _drain(self) -> None:
         for out in self.mm.outputs():
@@ -35,8 +39,14 @@ class Harness:
         self.mm.open(cid, f"10.0.0.{cid}:{5000 + cid}", self.now)
         self._drain()
         if hello:
-            self.send(cid, sp.Hello(v=1, token=token, agent="test"))
-            assert isinstance(self.pop(cid), sp.Welcome)
+            self.send(cid, sp.Hello(v=2, token=token, agent="test"))
+            welcome = self.pop(cid)
+            assert isinstance(welcome, sp.Welcome)
+            self.challenges[cid] = welcome.challenge
+
+    def reg(self, cid: int, name: str, owner: str = "aa" * 32) -> sp.Register:
+        """A ``register`` of ``name`` by the owner ``owner``, signed for conn ``cid``."""
+        return signed_register(name, owner, self.challenges.get(cid, "00" * 32))
 
     def send(self, cid: int, msg: sp.Message | str) -> None:
         self.mm.receive_text(cid, msg if isinstance(msg, str) else sp.encode(msg), self.now)
@@ -72,7 +82,7 @@ class Harness:
         return msg
 
     def register(self, cid: int, name: str, owner: str = OWNER_A) -> None:
-        self.send(cid, sp.Register(name=name, owner=owner))
+        self.send(cid, self.reg(cid, name, owner))
         assert self.pop(cid) == sp.Registered(name)
 
     def pair(self, owner: int = 1, connector: int = 2, name: str = "srv") -> int:
@@ -155,7 +165,7 @@ def test_wrong_token_is_refused_at_hello() -> None:
 def test_tokenless_hello_is_welcomed_but_may_not_register(token: str | None) -> None:
     h = Harness(token="s3cret")
     h.open(1, token=token)  # asserts welcome
-    h.send(1, sp.Register(name="srv", owner=OWNER_A))
+    h.send(1, h.reg(1, "srv", OWNER_A))
     err = h.expect_error(1, "unauthorized")
     assert "QUICTUN_SIGNAL_TOKEN" in err.message and "--token" in err.message
     assert 1 not in h.disconnected
@@ -172,7 +182,7 @@ def test_tokenless_registers_count_as_errors() -> None:
     h = Harness(token="s3cret", max_errors=3)
     h.open(1)
     for _ in range(3):
-        h.send(1, sp.Register(name="srv", owner=OWNER_A))
+        h.send(1, h.reg(1, "srv", OWNER_A))
         h.expect_error(1, "unauthorized")
     assert h.disconnected[1].code == 1008
 
@@ -207,7 +217,7 @@ def test_tokenless_clients_cannot_relay_on_their_own() -> None:
     h.open(3)
     h.register(1, "srv")
     # Two token-less clients: nothing to connect to, made-up session ids are dropped.
-    h.send(3, sp.Register(name="mine", owner=OWNER_B))
+    h.send(3, h.reg(3, "mine", OWNER_B))
     h.expect_error(3, "unauthorized")
     h.send(2, sp.Connect(name="mine", offer={}))
     h.expect_error(2, "no-such-name")
@@ -269,12 +279,12 @@ def test_name_ownership_and_grace() -> None:
     h.open(1)
     h.open(2)
     h.register(1, "srv", OWNER_A)
-    h.send(2, sp.Register(name="srv", owner=OWNER_B))
+    h.send(2, h.reg(2, "srv", OWNER_B))
     h.expect_error(2, "name-taken")
     h.close(1)
     # Within the grace period another owner still cannot take it.
     h.advance(59.0)
-    h.send(2, sp.Register(name="srv", owner=OWNER_B))
+    h.send(2, h.reg(2, "srv", OWNER_B))
     h.expect_error(2, "name-taken")
     # ... but nobody can connect to it either.
     h.send(2, sp.Connect(name="srv", offer={}))
@@ -290,10 +300,13 @@ def test_same_owner_reclaims_during_grace_and_takes_over_live() -> None:
     h.register(1, "srv", OWNER_A)
     h.close(1)
     h.open(2)
-    h.register(2, "srv", OWNER_A.upper())  # owner hex is case-insensitive
-    # A stale live registration is replaced by the same owner reconnecting.
+    h.register(2, "srv", OWNER_A)  # the same identity, from another connection
+    # A live registration is handed to the same owner registering again, and the older
+    # connection is told (it must not go on serving a name nobody can reach).
     h.open(3)
     h.register(3, "srv", OWNER_A)
+    told = h.expect_error(2, "taken-over")
+    assert "same identity" in told.message
     h.open(4)
     h.send(4, sp.Connect(name="srv", offer={}))
     assert isinstance(h.pop(3), sp.Incoming)
@@ -325,7 +338,7 @@ def test_name_limit() -> None:
     h.register(1, "a")
     h.register(1, "b")
     h.register(1, "a")  # re-registering one you hold is fine
-    h.send(1, sp.Register(name="c", owner=OWNER_A))
+    h.send(1, h.reg(1, "c", OWNER_A))
     h.expect_error(1, "rate-limited")
 
 
@@ -566,7 +579,7 @@ def test_errors_for_legit_outcomes_do_not_count() -> None:
     h.register(2, "srv", OWNER_B)
     for _ in range(5):
         h.send(1, sp.Connect(name="nobody", offer={}))
-        h.send(1, sp.Register(name="srv", owner=OWNER_A))
+        h.send(1, h.reg(1, "srv", OWNER_A))
     assert 1 not in h.disconnected
 
 
@@ -580,7 +593,7 @@ def test_internal_error_is_contained(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(h.mm._handlers, sp.Ping, boom)
     h.send(1, sp.Ping(1))
     h.expect_error(1, "server-error")
-    h.send(1, sp.Register(name="x", owner=OWNER_A))
+    h.send(1, h.reg(1, "x", OWNER_A))
     assert h.pop(1) == sp.Registered("x")
 
 

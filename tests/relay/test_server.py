@@ -19,12 +19,14 @@ import sys
 from collections.abc import AsyncIterator
 
 import pytest
+from helpers import signed_register
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from quictun.proto import signalling as sp
 from quictun.proto import stun
 from signal_server.server import RelayConfig, RelayServer
+from signal_server.types import MatchmakerConfig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,9 +50,10 @@ async def relay(caplog: pytest.LogCaptureFixture) -> AsyncIterator[RelayServer]:
 async def open_client(server: RelayServer, hello: bool = True, token: str | None = None):
     ws = await connect(server.url, proxy=None, open_timeout=10)
     if hello:
-        await ws.send(sp.encode(sp.Hello(v=1, token=token, agent="pytest")))
+        await ws.send(sp.encode(sp.Hello(v=2, token=token, agent="pytest")))
         welcome = await recv(ws)
         assert isinstance(welcome, sp.Welcome), welcome
+        ws.challenge = welcome.challenge  # type: ignore[attr-defined]
     return ws
 
 
@@ -81,7 +84,7 @@ async def check_pair_works(
     connector = await open_client(server, token=connector_token)
     name = "ok-" + os.urandom(4).hex()
     try:
-        await owner.send(sp.encode(sp.Register(name=name, owner=OWNER)))
+        await owner.send(sp.encode(signed_register(name, OWNER, owner.challenge)))
         assert await recv(owner) == sp.Registered(name)
         await connector.send(sp.encode(sp.Connect(name=name, offer={"c": [1]})))
         incoming = await recv(owner)
@@ -214,7 +217,7 @@ async def test_malformed_unknown_and_out_of_order(relay: RelayServer) -> None:
     await ws.close()
     # Out of order: register before hello is fatal.
     ws = await open_client(relay, hello=False)
-    await ws.send(sp.encode(sp.Register(name="early", owner=OWNER)))
+    await ws.send(sp.encode(sp.Register(name="early", key="00" * 32, sig="00" * 64)))
     await expect_error(ws, "hello-required")
     assert await expect_closed(ws) == 1008
     await check_pair_works(relay)
@@ -222,9 +225,9 @@ async def test_malformed_unknown_and_out_of_order(relay: RelayServer) -> None:
 
 async def test_garbage_flood_disconnects(relay: RelayServer) -> None:
     ws = await open_client(relay)
-    for _ in range(relay.config.max_errors):
+    for _ in range(relay.config.matchmaker.max_errors):
         await ws.send("[]")
-    for _ in range(relay.config.max_errors):
+    for _ in range(relay.config.matchmaker.max_errors):
         await expect_error(ws, "bad-message")
     assert await expect_closed(ws) == 1008
     await check_pair_works(relay)
@@ -245,7 +248,8 @@ async def test_per_ip_cap(relay: RelayServer) -> None:
 
 
 async def test_token_and_hello_timeout() -> None:
-    config = RelayConfig(host="127.0.0.1", port=0, token="t0ken", hello_timeout=0.3)
+    config = RelayConfig(host="127.0.0.1", port=0,
+                         matchmaker=MatchmakerConfig(token="t0ken", hello_timeout=0.3))
     async with RelayServer(config) as server:
         ws = await open_client(server, hello=False)
         await ws.send(sp.encode(sp.Hello(v=1, token="nope", agent="t")))
@@ -262,13 +266,13 @@ async def test_token_restricts_register_not_connect(caplog: pytest.LogCaptureFix
     """With a token-protected relay, a client without the token (a pasted ticket) can
     reach a name a token holder registered, but cannot register one itself."""
     caplog.set_level(logging.INFO)
-    config = RelayConfig(host="127.0.0.1", port=0, token="t0ken")
+    config = RelayConfig(host="127.0.0.1", port=0, matchmaker=MatchmakerConfig(token="t0ken"))
     async with RelayServer(config) as server:
         # The token-less connector pairs with the token-holding owner, relay included.
         await check_pair_works(server, owner_token="t0ken", connector_token=None)
         # A token-less register is refused, the connection stays, the name stays free.
         squatter = await open_client(server)
-        await squatter.send(sp.encode(sp.Register(name="squat", owner=OWNER)))
+        await squatter.send(sp.encode(signed_register("squat", OWNER, squatter.challenge)))
         err = await expect_error(squatter, "unauthorized")
         assert "QUICTUN_SIGNAL_TOKEN" in err.message
         await squatter.send(sp.encode(sp.Connect(name="squat", offer={})))
@@ -288,10 +292,11 @@ async def test_token_restricts_register_not_connect(caplog: pytest.LogCaptureFix
 
 
 async def test_no_relay() -> None:
-    async with RelayServer(RelayConfig(host="127.0.0.1", port=0, relay_enabled=False)) as server:
+    async with RelayServer(RelayConfig(host="127.0.0.1", port=0,
+                                       matchmaker=MatchmakerConfig(relay_enabled=False))) as server:
         owner = await open_client(server)
         connector = await open_client(server)
-        await owner.send(sp.encode(sp.Register(name="srv", owner=OWNER)))
+        await owner.send(sp.encode(signed_register("srv", OWNER, owner.challenge)))
         await recv(owner)
         await connector.send(sp.encode(sp.Connect(name="srv", offer={})))
         sid = (await recv(owner)).session  # type: ignore[union-attr]
@@ -308,7 +313,7 @@ async def test_no_relay() -> None:
 async def test_disconnect_notifies_peer(relay: RelayServer) -> None:
     owner = await open_client(relay)
     connector = await open_client(relay)
-    await owner.send(sp.encode(sp.Register(name="srv", owner=OWNER)))
+    await owner.send(sp.encode(signed_register("srv", OWNER, owner.challenge)))
     await recv(owner)
     await connector.send(sp.encode(sp.Connect(name="srv", offer={})))
     sid = (await recv(owner)).session  # type: ignore[union-attr]

@@ -1,6 +1,6 @@
 """Measure the relay: memory with many idle peers, and time per pairing.
 
-Run ``python -m signal_server.loadtest --peers 1000 --pairings 200``. Without ``--url``
+Run ``python -m quictun.bench.loadtest --peers 1000 --pairings 200``. Without ``--url``
 it starts ``python -m signal_server`` on 127.0.0.1 in a child process (so the server's
 RSS is measured alone, from ``/proc/PID/status``), opens ``--peers`` WebSocket clients
 that each complete ``hello``, then times ``--pairings`` sequential
@@ -27,8 +27,9 @@ import click
 from websockets.asyncio.client import ClientConnection, connect
 
 from quictun.proto import signalling as sp
+from quictun.proto.identity import Identity
 
-OWNER = "ee" * 32
+IDENTITY = Identity.generate()  # the owner of every name the benchmark registers
 
 
 def _raise_fd_limit(wanted: int) -> None:
@@ -58,11 +59,20 @@ async def _recv(ws: ClientConnection) -> sp.Message:
 
 async def _hello(url: str) -> ClientConnection:
     ws = await connect(url, proxy=None, open_timeout=60, compression=None)
-    await ws.send(sp.encode(sp.Hello(v=1, token=None, agent="loadtest")))
+    await ws.send(sp.encode(sp.Hello(v=sp.PROTOCOL_VERSION, token=None, agent="loadtest")))
     msg = await _recv(ws)
     if not isinstance(msg, sp.Welcome):
         raise RuntimeError(f"expected welcome, got {msg}")
+    ws.challenge = msg.challenge  # type: ignore[attr-defined]
     return ws
+
+
+def register(ws: ClientConnection, name: str) -> str:
+    """The text of a ``register`` of ``name`` by this benchmark's identity, signed for the
+    connection ``ws`` (whose welcome's challenge :func:`_hello` kept)."""
+    challenge = bytes.fromhex(ws.challenge)  # type: ignore[attr-defined]
+    sig = IDENTITY.sign(sp.register_signed(challenge, name))
+    return sp.encode(sp.Register(name=name, key=IDENTITY.public_bytes.hex(), sig=sig.hex()))
 
 
 async def open_idle_peers(url: str, count: int, batch: int = 100) -> list[ClientConnection]:
@@ -79,7 +89,7 @@ async def time_pairings(url: str, pairings: int) -> list[float]:
     owner = await _hello(url)
     connector = await _hello(url)
     name = "bench-" + os.urandom(4).hex()
-    await owner.send(sp.encode(sp.Register(name=name, owner=OWNER)))
+    await owner.send(register(owner, name))
     await _recv(owner)
     offer = {"cands": ["192.0.2.1:4433", "[2001:db8::1]:4433"], "fp": "ab" * 32}
     times: list[float] = []
@@ -127,7 +137,8 @@ async def run_loadtest(
 
 def _start_server(max_per_ip: int) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "signal_server", "--host", "127.0.0.1", "--port", "0"]
+        [sys.executable, "-m", "signal_server", "--host", "127.0.0.1", "--port", "0",
+         "--connect-rate", "0", "--register-rate", "0"]
         + ["--max-per-ip", str(max_per_ip)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -2,7 +2,7 @@
 one instance versus across two, and how long a name takes to be reachable again after
 its instance dies.
 
-Run ``python -m signal_server.clusterbench`` (``--json`` for one JSON object). It
+Run ``python -m quictun.bench.clusterbench`` (``--json`` for one JSON object). It
 starts its own ``redis-server`` (Debian's package) on a free loopback port and the
 relay instances as child processes (``python -m signal_server --redis ...``), so RSS is
 measured per process from ``/proc``. Raw WebSocket clients speak the relay protocol
@@ -35,9 +35,8 @@ import click
 
 from quictun.proto import signalling as sp
 
-from .loadtest import _hello, _raise_fd_limit, _recv, rss_kib
+from .loadtest import _hello, _raise_fd_limit, _recv, register, rss_kib
 
-OWNER = "cc" * 32
 FRAME_PACKETS = 13  # ~16 KiB per WebSocket message, as clients batch (RELAY_BATCH_BYTES)
 PACKET = 1252
 WINDOW = 64  # frames in flight
@@ -103,6 +102,7 @@ class Rig:
 
     def start_relay(self, tag: str, *extra: str, redis: bool = True) -> str:
         argv = [sys.executable, "-m", "signal_server", "--host", "127.0.0.1", "--port", "0",
+                "--connect-rate", "0", "--register-rate", "0",
                 "--max-per-ip", "100000", *extra]
         env = dict(os.environ)
         if redis:
@@ -156,8 +156,7 @@ async def idle_peers(rig: Rig, urls: list[str], peers: int) -> dict[str, Any]:
         clients += await asyncio.gather(*(_hello(u) for u in batch))
     for start in range(0, peers, 500):
         group = clients[start : start + 500]
-        await asyncio.gather(*(ws.send(sp.encode(sp.Register(name=f"idle-{start + i}",
-                                                             owner=OWNER)))
+        await asyncio.gather(*(ws.send(register(ws, f"idle-{start + i}"))
                                for i, ws in enumerate(group)))
         for ws in group:
             msg = await _recv(ws)
@@ -184,7 +183,7 @@ async def idle_peers(rig: Rig, urls: list[str], peers: int) -> dict[str, Any]:
 async def _pair_setup(owner_url: str, connector_url: str) -> tuple[Any, Any, str]:
     owner, connector = await _hello(owner_url), await _hello(connector_url)
     name = "bench-" + os.urandom(4).hex()
-    await owner.send(sp.encode(sp.Register(name=name, owner=OWNER)))
+    await owner.send(register(owner, name))
     await _recv(owner)
     return owner, connector, name
 
@@ -243,7 +242,7 @@ def _frame(sid: int) -> bytes:
 
 async def _receiver(url: str, name: str, total: int, ready: Any, result: Any) -> None:
     ws = await _hello(url)
-    await ws.send(sp.encode(sp.Register(name=name, owner=OWNER)))
+    await ws.send(register(ws, name))
     await _recv(ws)
     ready.send("registered")
     incoming = await _recv(ws)
@@ -338,7 +337,7 @@ async def reachable_again(rig: Rig, dead: str, survivor: str) -> dict[str, float
     dead_url, survivor_url = rig.relays[dead][1], rig.relays[survivor][1]
     name = "failover-" + os.urandom(4).hex()
     holder = await _hello(dead_url)
-    await holder.send(sp.encode(sp.Register(name=name, owner=OWNER)))
+    await holder.send(register(holder, name))
     await _recv(holder)
     prober = await _hello(survivor_url)
     t_kill = time.perf_counter()
@@ -349,7 +348,7 @@ async def reachable_again(rig: Rig, dead: str, survivor: str) -> dict[str, float
         pass
     t_lost = time.perf_counter()
     holder = await _hello(survivor_url)
-    await holder.send(sp.encode(sp.Register(name=name, owner=OWNER)))
+    await holder.send(register(holder, name))
     registered = await _recv(holder)
     assert isinstance(registered, sp.Registered), registered
     t_reg = time.perf_counter()
@@ -371,7 +370,7 @@ async def session_end_noticed(rig: Rig, dead: str, survivor: str) -> float:
     reaching the other member on ``survivor``."""
     name = "peerdown-" + os.urandom(4).hex()
     holder = await _hello(rig.relays[dead][1])
-    await holder.send(sp.encode(sp.Register(name=name, owner=OWNER)))
+    await holder.send(register(holder, name))
     await _recv(holder)
     connector = await _hello(rig.relays[survivor][1])
     await connector.send(sp.encode(sp.Connect(name=name, offer={})))
