@@ -110,6 +110,7 @@ class Tunnel:
         """Close the tunnel: CONNECTION_CLOSE to the peer, ``close`` to the relay, and
         the port mapping deleted (waits for that, at most about a second)."""
         self.session.close("client closed")
+        await asyncio.sleep(0)  # the CONNECTION_CLOSE leaves before the relay forgets us
         with contextlib.suppress(TunnelError):
             await self.signal.send(sigproto.Close(session=self.session.session_id,
                                                   reason="client closed"))

@@ -3,10 +3,11 @@ quictun.connect, each side with its own scriptable PCP/NAT-PMP gateway on loopba
 
 Each gateway reports its own loopback address as the "external" one, so a mapped
 address really reaches the tunnel socket (bound to all addresses) and nothing leaves
-this host. Checked here: a mapping is signalled as a ``portmap`` candidate (in the
-offer when it is quick, in-band when it comes late; the server's only after the
-client's proof), the peer's path manager ranks it as one, and every way a tunnel ends
-deletes it (close, a failed connect, the server stopping). Against a real miniupnpd and
+this host. Checked here: a mapping is signalled as a ``portmap`` candidate (the client's
+in its sealed hello when it is quick, in-band when it comes late; the server asks only
+after the client proved the secret, and sends its own in-band), the peer's path manager
+ranks it as one, and every way a tunnel ends deletes it (close, a failed connect, the
+server stopping). Against a real miniupnpd and
 real NATs: tests/lab/test_lab_portmap_tunnel.py.
 """
 
@@ -149,8 +150,9 @@ async def echo_once(t: quictun.Tunnel) -> bytes:
     return line
 
 
-async def test_quick_grants_ride_in_the_offer_and_answer_and_close_deletes(
-        seen: Seen) -> None:
+async def test_quick_grants_are_signalled_and_close_deletes(seen: Seen) -> None:
+    """The client's grant (a millisecond on loopback) rides in its sealed hello; the
+    server asks only once the client proved the secret, so its grant follows in-band."""
     async with rig() as r:
         assert r.server_gw is not None
         async with r.connect() as t:
@@ -158,13 +160,14 @@ async def test_quick_grants_ride_in_the_offer_and_answer_and_close_deletes(
             port = t.session.endpoint.port
             assert r.client_gw.mapped == {port: port}
             mine = Candidate((r.client_gw.ip, port), "portmap")
-            # the server's path manager got our mapping, with the offer or in-band
+            # the server's path manager got our mapping with our hello, not in-band
             server_pm = next(s.session.paths for s in r.server.sessions.values())
             assert await until(lambda: mine in seen.signalled.get(id(server_pm), []))
-            # and ours got the server's
+            assert not portmap_texts(seen.in_band.get(id(server_pm), []))
+            # and ours got the server's, in-band
             assert await until(lambda: any(
-                c.kind == "portmap" and c.addr[0] == r.server_gw.ip  # type: ignore[union-attr]
-                for c in seen.signalled.get(id(t.session.paths), [])))
+                text.startswith(f"portmap {r.server_gw.ip} ")  # type: ignore[union-attr]
+                for text in seen.in_band.get(id(t.session.paths), [])))
             assert len(r.server_gw.mapped) == 1
             r.client_gw.behaviour.delay = 0.3  # deletions confirmed slowly
         # Tunnel.close() returned after our deletion was confirmed...
@@ -227,3 +230,16 @@ async def test_relay_only_and_switched_off_ask_nothing() -> None:
             assert await echo_once(t) == b"ping\n"
             assert t.session.portmap is None
         assert r.client_gw.requests == []
+
+
+async def test_a_wrong_secret_makes_the_server_ask_its_gateway_nothing() -> None:
+    """The server maps only for a client that proved the secret: a stranger's offer must
+    not change the server's router."""
+    async with rig() as r:
+        assert r.server_gw is not None
+        with pytest.raises(TunnelError, match="wrong secret|refused"):
+            await open_tunnel("pm", signal=r.relay.url, secret="not-the-secret",
+                              identity=Identity.generate(), on_status=lambda s: None,
+                              config=tunnel_config(r.client_gw), timeout=10)
+        assert r.server_gw.requests == []
+        assert await until(lambda: r.client_gw.mapped == {})
