@@ -5,11 +5,17 @@ CLI) down to the QUIC configuration, the flow control, the stream bridges, the s
 proof gate and the path manager (:class:`~quictun.punch.types.PathConfig`). Protocol
 constants (ALPN, stream numbers, error codes) are not tunables and stay with their codecs.
 
-The defaults are what ships; the benchmark's levers build other instances. The one
-environment switch is :data:`LAB_ENV` (``QUICTUN_LAB=1``), read by the CLI only
-(:meth:`TunnelConfig.from_environment`): the network lab's addresses are benchmarking
-ranges, not global ones, so it relaxes the checks that exist to protect real networks.
-No user ever needs it.
+The defaults are what ships; the benchmark's levers build other instances. Two
+environment switches are read, by the CLI only (:meth:`TunnelConfig.from_environment`):
+
+* :data:`PORTMAP_ENV` (``QUICTUN_PORTMAP=0``): ask the router for no port mapping. The
+  CLI asks by default; a bare ``TunnelConfig()`` (the library's default) does not: a
+  program embedding quictun changes the router's state only when it says so
+  (``portmap=PortmapConfig(enabled=True)``, or ``from_environment``).
+* :data:`LAB_ENV` (``QUICTUN_LAB=1``): the network lab's addresses are benchmarking
+  ranges, not global ones, so it relaxes the checks that exist to protect real networks
+  (birthday targets, port mappings whose external address is not global). No user ever
+  needs it.
 """
 
 from __future__ import annotations
@@ -20,12 +26,59 @@ from dataclasses import dataclass, field
 
 from .punch.types import PathConfig
 
-__all__ = ["DEFAULT_SIGNAL", "LAB_ENV", "TunnelConfig"]
+__all__ = ["DEFAULT_SIGNAL", "LAB_ENV", "PORTMAP_ENV", "PORTMAP_PROTOCOLS", "PortmapConfig",
+           "TunnelConfig"]
 
 DEFAULT_SIGNAL = "ws://127.0.0.1:8765/"
 """The relay URL when none is given: one on this machine (``quictun demo`` runs it)."""
 
 LAB_ENV = "QUICTUN_LAB"
+PORTMAP_ENV = "QUICTUN_PORTMAP"
+_OFF = ("0", "no", "off", "false")
+
+PORTMAP_PROTOCOLS = ("pcp", "natpmp", "upnp")
+"""The port-mapping protocols :class:`PortmapConfig` may race."""
+
+
+@dataclass(frozen=True)
+class PortmapConfig:
+    """Tunables of the port mapper (:mod:`quictun.aio.portmap`), seconds unless stated."""
+
+    enabled: bool = False
+    """Ask the gateway for a mapping of each tunnel socket (relay-only tunnels never
+    ask). On in :meth:`TunnelConfig.from_environment` (the CLI) unless
+    ``QUICTUN_PORTMAP=0`` or ``--no-portmap``; off in a bare ``TunnelConfig()``."""
+    protocols: tuple[str, ...] = PORTMAP_PROTOCOLS
+    """Which protocols race (any of ``"pcp"``, ``"natpmp"``, ``"upnp"``)."""
+    lifetime: int = 300
+    """Lifetime asked for; renewed at half of what the gateway grants."""
+    retransmits: tuple[float, ...] = (0.0, 0.25, 0.75)
+    """When PCP and NAT-PMP requests are (re)sent, from the attempt's start."""
+    udp_wait: float = 1.5
+    """A PCP or NAT-PMP exchange gives up this long after its first send."""
+    ssdp_wait: float = 1.0
+    """UPnP discovery takes SSDP answers this long."""
+    http_timeout: float = 2.0
+    """Each UPnP HTTP exchange (description, SOAP action)."""
+    close_timeout: float = 1.0
+    """Closing waits at most this long for a gateway that answered to confirm the
+    deletions (one that never answered gets them without waiting)."""
+    retry_after: float = 5.0
+    """After a failed renewal, try again this often (while the mapping lasts)."""
+    description: str = "quictun"
+    """Mapping description shown by the router (UPnP)."""
+    gateway: str | None = None
+    """The gateway's IPv4 address; None reads the default route."""
+    local_ip: str | None = None
+    """Our own address toward the gateway; None lets the kernel pick (the tunnel socket
+    is unbound too). Set it when the tunnel socket is bound to one address."""
+    require_global: bool = True
+    """Ignore (and delete) a mapping whose external address is not globally routable: a
+    second NAT upstream (CGNAT, a provider's box) makes it useless to peers. Off only
+    with the lab switch (:data:`LAB_ENV`)."""
+    ssdp_addr: tuple[str, int] = ("239.255.255.250", 1900)
+    """Where UPnP M-SEARCHes go: the SSDP multicast group, or one device's unicast
+    address (tests; an IGD known in advance)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +127,8 @@ class TunnelConfig:
     """QUIC datagrams kept while there is no path yet."""
     paths: PathConfig = field(default_factory=PathConfig)
     """Punching, keepalive and fallback timing (the path manager's)."""
+    portmap: PortmapConfig = field(default_factory=PortmapConfig)
+    """Asking the gateway for port mappings (UPnP IGD, NAT-PMP, PCP)."""
 
     def replace(self, **changes: object) -> TunnelConfig:
         """A copy with ``changes`` (dataclasses.replace)."""
@@ -81,10 +136,16 @@ class TunnelConfig:
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str]) -> TunnelConfig:
-        """The defaults, with the network lab's exceptions when ``QUICTUN_LAB=1``:
-        birthday probing may aim at non-global addresses (see
-        :attr:`PathConfig.birthday_any_address`)."""
-        cfg = cls()
+        """The CLI's tunables: the defaults with port mapping on (unless
+        ``QUICTUN_PORTMAP`` is ``0``, ``no``, ``off`` or ``false``), and the network lab's
+        exceptions when ``QUICTUN_LAB=1``: birthday probing may aim at non-global
+        addresses (see :attr:`PathConfig.birthday_any_address`), and a port mapping whose
+        external address is not global is used (see
+        :attr:`PortmapConfig.require_global`)."""
+        portmap = environ.get(PORTMAP_ENV, "").strip().lower() not in _OFF
+        cfg = cls(portmap=PortmapConfig(enabled=portmap))
         if environ.get(LAB_ENV) == "1":
-            cfg = cfg.replace(paths=dataclasses.replace(cfg.paths, birthday_any_address=True))
+            cfg = cfg.replace(
+                paths=dataclasses.replace(cfg.paths, birthday_any_address=True),
+                portmap=dataclasses.replace(cfg.portmap, require_global=False))
         return cfg

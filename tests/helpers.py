@@ -62,10 +62,14 @@ class Proc:
 
 
 def base_env(home: Path, secret: str | None = "test-secret", signal: str | None = None) -> dict:
+    """The environment of a quictun process under test. Port mapping is off
+    (``QUICTUN_PORTMAP=0``): tests never ask this machine's router (the lab's tests ask
+    the lab's own miniupnpd)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("QUICTUN_") and k.lower() not in ("http_proxy", "https_proxy",
                                                                   "all_proxy")}
     env["QUICTUN_HOME"] = str(home)
+    env["QUICTUN_PORTMAP"] = "0"
     env["PYTHONUNBUFFERED"] = "1"
     if secret is not None:
         env["QUICTUN_SECRET"] = secret

@@ -2,19 +2,26 @@
 
 Host candidates are the interface addresses (``ifaddr``); server-reflexive ones come
 from STUN Binding queries to the relay's reflectors on the same socket
-(:meth:`~quictun.aio.udp.UdpEndpoint.stun_query`). Used when an offer or answer is made,
-and again, in-band, whenever the path manager asks (:class:`~quictun.punch.types.GatherWanted`).
+(:meth:`~quictun.aio.udp.UdpEndpoint.stun_query`); a port mapping the gateway grants
+(:class:`~quictun.aio.portmap.PortMapper`, started as soon as the socket is bound) is a
+``portmap`` candidate. Used when an offer or answer is made, and again, in-band,
+whenever the path manager asks (:class:`~quictun.punch.types.GatherWanted`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 
-from ..proto.addr import Addr, Candidate
+from ..config import PortmapConfig
+from ..proto.addr import Addr, Candidate, format_addr
+from .portmap import PortMapper
 from .relay import SignalClient
 from .udp import UdpEndpoint
+
+log = logging.getLogger("quictun.portmap")
 
 
 def _interfaces() -> list[tuple[str, int]]:
@@ -96,18 +103,52 @@ async def stun_servers(signal: SignalClient) -> list[Addr]:
     return [(ip, p) for ip in v4 + v6 for p in signal.welcome.stun[:2]]
 
 
-async def open_and_gather(signal: SignalClient, mode: str,
-                          stun_wait: float) -> tuple[UdpEndpoint, list[Candidate]]:
-    """A new socket and its candidates (none in relay mode: no UDP is ever sent). Waits at
-    most ``stun_wait`` for the reflectors: late reflexive candidates follow in-band."""
+def portmap_candidates(mapper: PortMapper | None) -> list[Candidate]:
+    """The ``portmap`` candidates of the mappings ``mapper`` holds now (none without)."""
+    out = []
+    for addr in mapper.external_addresses() if mapper is not None else []:
+        try:
+            out.append(Candidate(addr, "portmap"))
+        except ValueError:  # e.g. a gateway that reports 0.0.0.0: nothing to tell a peer
+            log.debug("portmap: unusable external address %s", format_addr(*addr))
+    return out
+
+
+def start_portmap(ep: UdpEndpoint, mode: str,
+                  config: PortmapConfig | None) -> PortMapper | None:
+    """A started :class:`PortMapper` for ``ep``'s port, or None: relay-only tunnels send
+    no UDP, and ``config.enabled`` may be off. Returns at once (the mapping comes later)."""
+    if mode == "relay" or config is None or not config.enabled:
+        return None
+    mapper = PortMapper(ep.port, config=config)
+    mapper.start()
+    return mapper
+
+
+async def open_and_gather(
+    signal: SignalClient, mode: str, stun_wait: float, portmap: PortmapConfig | None = None,
+) -> tuple[UdpEndpoint, list[Candidate], PortMapper | None]:
+    """A new socket, its candidates (none in relay mode: no UDP is ever sent) and its
+    port mapper (None when off). Waits at most ``stun_wait`` for the reflectors, and
+    never for the mapper: a mapping granted meanwhile is among the candidates, a later
+    one is the session's to send in-band, like late reflexive candidates. The caller
+    closes the mapper with the socket."""
     ep = await UdpEndpoint.bind()
     if mode == "relay":
-        return ep, []
+        return ep, [], None
+    mapper = start_portmap(ep, mode, portmap)
     try:
-        return ep, await gather(ep, await stun_servers(signal), timeout=stun_wait)
+        cands = await gather(ep, await stun_servers(signal), timeout=stun_wait)
     except BaseException:
         ep.close()
+        if mapper is not None:
+            await mapper.close()
         raise
+    mapped = portmap_candidates(mapper)
+    if mapped:
+        log.debug("portmap: %s signalled with the candidates",
+                  ", ".join(format_addr(*c.addr) for c in mapped))
+    return ep, cands + mapped, mapper
 
 
 async def regather(signal: SignalClient, ep: UdpEndpoint, mode: str) -> list[Candidate]:

@@ -43,8 +43,9 @@ from ..proto.offer import E_VERSION, OfferError, ServerHello
 from ..punch.types import Mode, NetPath, PathConfig, describe
 from ..store import load_or_create
 from .bridge import StreamBridge
-from .candidates import open_and_gather, regather
+from .candidates import open_and_gather, portmap_candidates, regather
 from .handlers import ClientHandler
+from .portmap import PortMapper
 from .relay import RelayError, SignalClient
 from .session import PeerSession, new_path_manager
 from .udp import UdpEndpoint
@@ -106,13 +107,16 @@ class Tunnel:
         return self.session.driver.bytes_in if self.session.driver else 0
 
     async def close(self) -> None:
-        """Close the tunnel: CONNECTION_CLOSE to the peer, ``close`` to the relay."""
+        """Close the tunnel: CONNECTION_CLOSE to the peer, ``close`` to the relay, and
+        the port mapping deleted (waits for that, at most about a second)."""
         self.session.close("client closed")
+        await asyncio.sleep(0)  # the CONNECTION_CLOSE leaves before the relay forgets us
         with contextlib.suppress(TunnelError):
             await self.signal.send(sigproto.Close(session=self.session.session_id,
                                                   reason="client closed"))
         await asyncio.sleep(0)
         await self.signal.close()
+        await self.session.released()
 
 
 async def open_tunnel(
@@ -158,12 +162,14 @@ async def open_tunnel(
     try:
         if mode == Mode.RELAY and not welcome.relay:
             raise TunnelError("--relay-only was asked for, but this relay does not relay")
-        ep, cands = await open_and_gather(sc, mode, config.stun_wait)
+        ep, cands, mapper = await open_and_gather(sc, mode, config.stun_wait, config.portmap)
         try:
             return await _handshake(_Attempt(name, sc, ep, cands, secret, mode, identity,
-                                             status, config, pin, box_key))
+                                             status, config, pin, box_key, mapper))
         except BaseException:
             ep.close()
+            if mapper is not None:
+                await mapper.close()
             raise
     except BaseException:
         await sc.close()
@@ -185,6 +191,7 @@ class _Attempt:
     config: TunnelConfig
     pin: str | None
     box_key: bytes | None
+    mapper: PortMapper | None = None
 
 
 def now_ms() -> int:
@@ -266,13 +273,15 @@ async def _handshake(at: _Attempt) -> Tunnel:
     keys = ex.keys
     assert keys is not None
     sc, mode = at.sc, at.mode
-    # our identity and candidates, sealed: the server punches once this opens
+    # our identity and candidates (with a port mapping granted meanwhile), sealed: the
+    # server punches once this opens
+    cands = at.cands + [c for c in portmap_candidates(at.mapper) if c not in at.cands]
     await sc.send(sigproto.Data(session=sid,
-                                data=ex.client_hello([c.encode() for c in at.cands], now_ms())))
+                                data=ex.client_hello([c.encode() for c in cands], now_ms())))
     pm = new_path_manager(local_key=keys.punch_to_client, remote_key=keys.punch_to_server,
                           mode=mode, relay_available=bool(sc.welcome and sc.welcome.relay),
                           config=at.config)
-    pm.set_local_candidates(at.cands)  # lets it tell whether our own NAT is symmetric
+    pm.set_local_candidates(cands)  # lets it tell whether our own NAT is symmetric
     pm.add_remote_candidates(decode_candidates(list(hello.candidates)), loop.time())
     failed: asyncio.Future[str] = loop.create_future()
     tunnel_box: list[Tunnel] = []
@@ -296,6 +305,7 @@ async def _handshake(at: _Attempt) -> Tunnel:
                                                   keys=keys, server_fp=hello.fingerprint),
         on_path=on_path, on_failed=on_failed,
         regather=lambda: regather(sc, at.ep, mode),
+        portmap=at.mapper, signalled=cands,
     )
     handler = session.handler
     assert isinstance(handler, ClientHandler)

@@ -50,7 +50,8 @@ class HandlerBase:
     """What both sides share: bridges by stream, candidate updates, teardown.
 
     The session sets :attr:`on_candidates` (fresh candidates from the peer) and calls
-    :meth:`send_candidates` (ours, after re-gathering).
+    :meth:`send_candidates` (ours, after re-gathering), the server's only once
+    :attr:`ready_for_candidates` (:attr:`on_ready_for_candidates` says when).
     """
 
     def __init__(self, driver: QuicDriver, config: TunnelConfig) -> None:
@@ -59,8 +60,15 @@ class HandlerBase:
         self.bridges: dict[int, StreamBridge] = {}
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.on_candidates: Callable[[list[str]], None] | None = None
+        self.on_ready_for_candidates: Callable[[], None] | None = None
         self._uni: dict[int, bytearray] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def ready_for_candidates(self) -> bool:
+        """Whether our candidates may be sent now (the client's at any time: the server
+        holds them until our proof)."""
+        return True
 
     def send_candidates(self, cands: list[str]) -> None:
         """Tell the peer our current candidates, inside the encrypted connection."""
@@ -310,6 +318,11 @@ class ServerHandler(HandlerBase):
             return
         self._deliver(stream_id, data, end)
 
+    @property
+    def ready_for_candidates(self) -> bool:
+        """Only a client that proved the secret hears of our late candidates."""
+        return self._gate.authenticated
+
     def _authenticated(self, verdict: Authenticated) -> None:
         self._timer.cancel()
         self.driver.send(CONTROL_STREAM, verdict.reply, end=True)
@@ -317,6 +330,8 @@ class ServerHandler(HandlerBase):
             self._on_authenticated(verdict.client_fp)
         for sid, d, e in verdict.held:
             self.on_stream_data(sid, d, e)  # candidate updates as well as connections
+        if self.on_ready_for_candidates is not None:
+            self.on_ready_for_candidates()
 
     def _refuse(self, why: str) -> None:
         log.warning("refusing a client: %s", why)

@@ -35,7 +35,7 @@ from ..proto.throttle import Throttle
 from ..proto.ticket import Ticket
 from ..punch.types import Mode, NetPath, PathConfig, describe
 from ..store import load_or_create
-from .candidates import open_and_gather, regather
+from .candidates import open_and_gather, regather, start_portmap
 from .client import StatusCallback, check_mode, now_ms
 from .handlers import ServerHandler
 from .pairing import PairingHost
@@ -138,6 +138,14 @@ class Server:
         finally:
             for task in list(self._tasks):
                 task.cancel()
+            await self._close_sessions()
+
+    async def _close_sessions(self) -> None:
+        """Close every session and wait for their port mappings to be deleted."""
+        sessions = [s.session for s in self.sessions.values()]
+        for session in sessions:
+            session.close("server stopped")
+        await asyncio.gather(*(s.released() for s in sessions))
 
     async def _register(self, sc: SignalClient) -> None:
         """Connect and register the name. Raises TunnelError (``permanent`` for a name
@@ -300,7 +308,8 @@ class Server:
         key = ex.throttle_key(self.known_clients)
         sid = inc.session
         try:
-            ep, mine = await open_and_gather(sc, self.mode, self.config.stun_wait)
+            # no port mapping yet: a stranger's offer must not change our router's state
+            ep, mine, _ = await open_and_gather(sc, self.mode, self.config.stun_wait)
         except BaseException:
             self.throttle.succeeded(key, time.monotonic())  # our failure: no guess happened
             raise
@@ -380,6 +389,8 @@ class Server:
         pm.set_local_candidates(pending.mine)
         pm.add_remote_candidates(decode_candidates(list(hello.candidates)),
                                  asyncio.get_running_loop().time())
+        # the client proved the secret: ask for a mapping now (sent in-band once granted)
+        mapper = start_portmap(ep, self.mode, self.config.portmap)
         served = _ServedSession(session=None, started=time.monotonic())  # type: ignore[arg-type]
 
         def on_auth(client_fp: str) -> None:
@@ -400,6 +411,7 @@ class Server:
             on_path=on_path,
             on_failed=lambda reason: session.close(reason),
             regather=lambda: regather(sc, ep, self.mode),
+            portmap=mapper, signalled=pending.mine,
         )
         served.session = session
         self.sessions[sid] = served
@@ -419,6 +431,7 @@ class Server:
         else:
             await session.driver.terminated.wait()
         session.close()
+        await session.released()
         if self.sessions.get(sid) is served:
             del self.sessions[sid]
         if self.signal is not None and self.signal.connected and not served.relay_closed:

@@ -8,11 +8,17 @@ where the path manager's current path says (straight to a peer address over the 
 socket, or through the relay as a binary WebSocket frame). QUIC itself always sees the
 same virtual peer, so a path switch never disturbs the connection. The one decision left
 here is I/O bookkeeping: how many extra sockets the process may open (:data:`AUX_SOCKETS`).
+
+The session also owns its socket's port mapping (:class:`~quictun.aio.portmap.PortMapper`,
+if any): a mapping granted after the offer or answer went out is sent to the peer
+in-band, like re-gathered candidates, and closing the session deletes it
+(:meth:`PeerSession.released` waits for that).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections import deque
@@ -20,19 +26,22 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..config import TunnelConfig
-from ..proto.addr import Addr, Candidate, decode_candidates
+from ..proto.addr import Addr, Candidate, decode_candidates, format_addr
 from ..proto.identity import Identity
 from ..punch.manager import PathManager
 from ..punch.types import GatherWanted, NetPath, PathChanged, PunchFailed, SuspectChanged
 from ..quic import engines
 from ..quic.flow import FlowControlledConnection
+from .candidates import portmap_candidates
 from .driver import VIRTUAL_PEER, QuicDriver
 from .handlers import HandlerBase
+from .portmap import Mapping, PortMapper
 from .relay import SignalClient
 from .timer import Timer
 from .udp import AUX_SOCKETS, UdpEndpoint
 
 log = logging.getLogger("quictun.session")
+portmap_log = logging.getLogger("quictun.portmap")
 
 ALPN = "quictun/1"
 
@@ -66,6 +75,8 @@ class PeerSession:
         on_path: called with every new path (None: nowhere to send).
         on_failed: called with a reason when no path can be found (PunchFailed).
         regather: re-learns our candidates on this socket, when the path manager asks.
+        portmap: the socket's port mapper (closed with the session).
+        signalled: our candidates already in the offer or answer (not sent again).
     """
 
     def __init__(
@@ -82,6 +93,8 @@ class PeerSession:
         on_path: Callable[[NetPath | None], None] | None = None,
         on_failed: Callable[[str], None] | None = None,
         regather: Callable[[], Awaitable[list[Candidate]]] | None = None,
+        portmap: PortMapper | None = None,
+        signalled: list[Candidate] | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.endpoint = endpoint
@@ -104,8 +117,14 @@ class PeerSession:
         self._path: NetPath | None = None
         self._dup = False  # also send QUIC over the relay (direct path is suspect)
         self._aux: dict[int, UdpEndpoint] = {}  # birthday sockets by path-manager slot
+        self._birthday_logged = False
+        self.portmap = portmap
+        self._told: set[Addr] = {c.addr for c in signalled or [] if c.kind == "portmap"}
+        self._release: asyncio.Task[None] | None = None
         endpoint.on_stun = self._stun_received
         endpoint.on_quic = self._quic_received
+        if portmap is not None:
+            portmap.on_change = self._mappings_changed
         if is_client:
             self._create_connection(None)
 
@@ -125,11 +144,20 @@ class PeerSession:
             self.driver.close(0, reason)
         self._shutdown()
 
+    async def released(self) -> None:
+        """After :meth:`close`: wait until the port mapping (if any) is deleted (at most
+        its ``close_timeout``). Never raises."""
+        if self._release is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(self._release)
+
     def _shutdown(self) -> None:
         if self.closed:
             return
         self.closed = True
         self._timer.cancel()
+        if self.portmap is not None:
+            self._release = self.loop.create_task(self.portmap.close())
         # give a final CONNECTION_CLOSE a moment to leave before the socket goes
         self.loop.call_later(0.2, self.endpoint.close)
         for slot in list(self._aux):
@@ -194,6 +222,8 @@ class PeerSession:
         self.driver.set_handler(self.handler)
         self.driver.on_closed = self._shutdown
         self.handler.on_candidates = self._remote_candidates
+        self.handler.on_ready_for_candidates = self._tell_mappings
+        self._tell_mappings()
         if self.is_client:
             self.driver.schedule_flush()
         return True
@@ -223,6 +253,9 @@ class PeerSession:
         if self._aux:
             for slot in set(self._aux) - pm.aux_slots():
                 self._close_aux(slot)
+        if pm.birthday_role is not None and not self._birthday_logged:
+            self._birthday_logged = True
+            log.info("birthday probing: %s side", pm.birthday_role)
         while (ev := pm.next_event()) is not None:
             if isinstance(ev, PathChanged):
                 self._path_changed(ev.path)
@@ -288,7 +321,7 @@ class PeerSession:
     async def _gather_and_send(self) -> None:
         try:
             if self._regather is not None:
-                cands = await self._regather()
+                cands = await self._regather() + portmap_candidates(self.portmap)
                 if self.handler is not None and self.driver is not None and not self.closed:
                     self.handler.send_candidates([c.encode() for c in cands])
                     self.driver.schedule_flush()
@@ -298,6 +331,24 @@ class PeerSession:
             if not self.closed:
                 self.paths.gathered(self.loop.time())
                 self._service()
+
+    # -- port mappings: granted after the offer/answer, they follow in-band ------------
+    def _mappings_changed(self, mappings: list[Mapping]) -> None:
+        self._tell_mappings()
+
+    def _tell_mappings(self) -> None:
+        """Send the peer the mapped addresses it has not heard of, once the connection
+        can carry them (the server's, after the client's proof)."""
+        if self.closed or self.handler is None or self.driver is None:
+            return
+        new = [c for c in portmap_candidates(self.portmap) if c.addr not in self._told]
+        if not new or not self.handler.ready_for_candidates:
+            return
+        self._told.update(c.addr for c in new)
+        portmap_log.debug("portmap: telling the peer %s (in-band)",
+                          ", ".join(format_addr(*c.addr) for c in new))
+        self.handler.send_candidates([c.encode() for c in new])
+        self.driver.schedule_flush()
 
     def _remote_candidates(self, texts: list[str]) -> None:
         cands = decode_candidates(texts)

@@ -241,8 +241,10 @@ class Rig:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("QUICTUN_") and k.lower() not in
                ("http_proxy", "https_proxy", "all_proxy")}
+        # loopback tunnels: no router to ask for port mappings (QUICTUN_PORTMAP=0)
         env.update(QUICTUN_HOME=str(self.work / home), QUICTUN_SECRET=SECRET,
-                   PYTHONUNBUFFERED="1", QUICTUN_BENCH_PATCH=json.dumps(self.patch))
+                   PYTHONUNBUFFERED="1", QUICTUN_BENCH_PATCH=json.dumps(self.patch),
+                   QUICTUN_PORTMAP="0")
         if os.environ.get("QUICTUN_ENGINE"):  # the QUIC engine under test (engines.py)
             env["QUICTUN_ENGINE"] = os.environ["QUICTUN_ENGINE"]
         if profile and self.profile_dir is not None:

@@ -73,6 +73,8 @@ def setup_logging(verbose: int, fmt: str) -> None:
     if verbose == 0:
         logging.getLogger("quictun.forward").setLevel(logging.WARNING)
         logging.getLogger("quictun.tunnel").setLevel(logging.WARNING)
+    # -v: what the port mapper tried, was granted, renewed, refused and deleted
+    logging.getLogger("quictun.portmap").setLevel(logging.DEBUG if verbose else logging.NOTSET)
 
 
 
@@ -89,8 +91,22 @@ verbose_option = click.option("-v", "--verbose", count=True, expose_value=False,
                               help="More detail (-vv for debugging).")
 
 
+def _portmap_switch(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.find_root().ensure_object(dict)["no_portmap"] = True
+
+
+portmap_option = click.option(
+    "--no-portmap", is_flag=True, expose_value=False, callback=_portmap_switch,
+    help="Do not ask the router for a port mapping of the tunnel's UDP socket (UPnP "
+         "IGD, NAT-PMP, PCP; asked by default: short-lived, renewed while in use, "
+         "deleted on exit). Same as QUICTUN_PORTMAP=0.")
+
+
 def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--signal, --secret-file, --secret, --token, --direct-only, --relay-only."""
+    """--signal, --secret-file, --secret, --token, --direct-only, --relay-only,
+    --no-portmap."""
+    f = portmap_option(f)
     f = click.option("--signal", "signal", envvar=ENV_SIGNAL, show_envvar=True,
                      default=DEFAULT_SIGNAL, show_default=True, help=SIGNAL_HELP)(f)
     f = click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path),
@@ -110,13 +126,19 @@ def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def tunnel_config() -> TunnelConfig:
     """The tunables for this run: ``main(obj={"config": ...})``'s, else the defaults with
-    the environment's lab switch (:meth:`TunnelConfig.from_environment`)."""
+    the environment's lab switch (:meth:`TunnelConfig.from_environment`); port mapping
+    off after ``--no-portmap``."""
+    import dataclasses
+
     from ..config import TunnelConfig
 
     ctx = click.get_current_context(silent=True)
     obj = ctx.find_root().obj if ctx is not None else None
     cfg = obj.get("config") if isinstance(obj, dict) else None
-    return cfg if cfg is not None else TunnelConfig.from_environment(os.environ)
+    cfg = cfg if cfg is not None else TunnelConfig.from_environment(os.environ)
+    if isinstance(obj, dict) and obj.get("no_portmap"):
+        cfg = cfg.replace(portmap=dataclasses.replace(cfg.portmap, enabled=False))
+    return cfg
 
 
 def mode_of(direct_only: bool, relay_only: bool) -> str:
@@ -268,18 +290,56 @@ def load_stored(name: str) -> Ticket | None:
                         f"{exc.strerror or one_line(exc)}") from None
 
 
+class _Signalled(Exception):
+    """The command was stopped by SIGTERM or SIGHUP (after its clean-up ran)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+async def _stoppable(coro: Coroutine[Any, Any, None]) -> None:
+    """Await ``coro``; SIGTERM and SIGHUP cancel it like Ctrl-C does, so its ``finally``
+    blocks run (tunnels close, port mappings are deleted) before the process exits."""
+    import asyncio
+    import contextlib
+    import signal
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    got: list[int] = []
+
+    def stop(signum: int) -> None:
+        got.append(signum)
+        if task is not None:
+            task.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, stop, signum)
+    try:
+        await coro
+    except asyncio.CancelledError:
+        if got:
+            raise _Signalled(got[0]) from None
+        raise
+
+
 def run(coro: Coroutine[Any, Any, None]) -> None:
-    """Run a command's coroutine; a TunnelError is its one-line error, Ctrl-C exit 130."""
+    """Run a command's coroutine; a TunnelError is its one-line error, Ctrl-C exit 130,
+    SIGTERM / SIGHUP 128 + the signal's number (after the same clean-up)."""
     import asyncio
 
     from ..errors import TunnelError
 
     try:
-        asyncio.run(coro)
+        asyncio.run(_stoppable(coro))
     except TunnelError as exc:
         raise UserError(str(exc)) from None
     except KeyboardInterrupt:
         sys.exit(130)
+    except _Signalled as exc:
+        sys.exit(128 + exc.signum)
 
 
 def prog() -> str:

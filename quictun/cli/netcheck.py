@@ -1,9 +1,11 @@
 """``quictun netcheck``: what this network allows, in plain words.
 
 Two halves: :func:`probe` talks to the relay (WebSocket ping, STUN to both of its UDP
-reflector ports over IPv4 and, when the relay has an IPv6 address, IPv6) and returns
-raw :class:`Observations`; :func:`report` turns observations into a :class:`Report`
-with a verdict. :func:`report` is pure, so every verdict is unit-tested.
+reflector ports over IPv4 and, when the relay has an IPv6 address, IPv6) and, at the
+same time, to the default gateway (which port-mapping protocols it speaks, and whether
+it really maps: one mapping for a throwaway socket, deleted at once), and returns raw
+:class:`Observations`; :func:`report` turns observations into a :class:`Report` with a
+verdict. :func:`report` is pure, so every verdict is unit-tested.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 
 import click
 
-from ..config import DEFAULT_SIGNAL
+from ..config import DEFAULT_SIGNAL, PortmapConfig
 from ..proto.addr import Addr, format_addr
-from .common import ENV_SIGNAL, SIGNAL_HELP, UserError, verbose_option
+from .common import ENV_SIGNAL, SIGNAL_HELP, UserError, portmap_option, verbose_option
 
 VERDICT_DIRECT = "direct connections should work"
 VERDICT_SYMMETRIC = ("your NAT is symmetric: peers behind ordinary NATs or firewalls are "
@@ -30,6 +32,8 @@ VERDICT_BLOCKED_NO_RELAY = ("UDP is blocked and this relay does not relay: tunne
                             "fail (use another network or a relay that relays)")
 VERDICT_UNKNOWN = ("UDP works, but only one reflector answered, so the NAT type is "
                    "unknown; direct connections will probably work")
+VERDICT_PORTMAP = ("direct connections should work: the router maps a port for quictun "
+                   "({protocol}), so peers reach this machine even through its NAT")
 
 
 @dataclass
@@ -43,6 +47,8 @@ class Observations:
     relay_sees: str | None = None  # our address as the relay's WebSocket saw it
     stun4: list[tuple[Addr, Addr | None]] = field(default_factory=list)
     stun6: list[tuple[Addr, Addr | None]] = field(default_factory=list)
+    portmap: str | None = None  # what the gateway offers ("UPnP, PCP", "none"); None: off
+    portmap_mapped: tuple[str, Addr] | None = None  # (protocol name, external address)
 
 
 @dataclass
@@ -54,6 +60,13 @@ class Report:
     relay_rtt_ms: float | None
     relay_url: str
     verdict: str
+    portmap: str = "off"
+    """Port-mapping protocols the gateway speaks (``"UPnP, NAT-PMP, PCP"``, a subset,
+    ``"none"``), or ``"off"`` (not asked: ``--no-portmap``)."""
+    portmap_mapped: str | None = None
+    """The external address of the test mapping the gateway granted (deleted since)."""
+    portmap_protocol: str | None = None
+    """The protocol that granted it (``"PCP"``, ``"NAT-PMP"``, ``"UPnP"``)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -68,10 +81,17 @@ class Report:
             ("public address", self.public_addr or "-"),
             ("mapping", self.mapping or "-"),
             ("ipv6", yes[self.ipv6]),
+            ("portmap", self.portmap),
+            ("port mapping", self._mapped_text()),
         ]
         lines = ["netcheck report:"] + [f"  {k + ':':<16}{v}" for k, v in rows]
         lines.append(f"verdict: {self.verdict}")
         return "\n".join(lines)
+
+    def _mapped_text(self) -> str:
+        if self.portmap_mapped is not None:
+            return f"granted {self.portmap_mapped} ({self.portmap_protocol})"
+        return "refused" if self.portmap not in ("off", "none") else "-"
 
 
 def _mapping(results: list[tuple[Addr, Addr | None]]) -> str | None:
@@ -100,15 +120,50 @@ def report(obs: Observations) -> Report:
             verdict += " (over IPv4; IPv6 peers connect directly)"
     else:
         verdict = VERDICT_UNKNOWN
+    granted = obs.portmap_mapped
+    if udp and granted is not None and mapping != "endpoint-independent":
+        verdict = VERDICT_PORTMAP.format(protocol=granted[0])
     return Report(udp=udp, public_addr=public, mapping=mapping if udp else None,
                   ipv6=bool(v6), relay_rtt_ms=obs.relay_rtt_ms, relay_url=obs.relay_url,
-                  verdict=verdict)
+                  verdict=verdict, portmap=obs.portmap or "off",
+                  portmap_mapped=format_addr(*granted[1]) if granted else None,
+                  portmap_protocol=granted[0] if granted else None)
+
+
+async def probe_portmap(config: PortmapConfig) -> tuple[str, tuple[str, Addr] | None]:
+    """What the gateway offers (:meth:`GatewayOffer.describe`) and the mapping it
+    granted for a throwaway socket (protocol name, external address; deleted again),
+    both asked at once. Never raises."""
+    from ..aio import portmap
+
+    offer, granted = await asyncio.gather(portmap.probe_gateway(config),
+                                          portmap.check_mapping(config))
+    if granted is None:
+        return offer.describe(), None
+    return offer.describe(), (portmap.PROTOCOL_NAMES[granted.protocol], granted.external)
 
 
 async def probe(url: str, *, token: str | None = None, timeout: float = 1.5,
-                pings: int = 3) -> Observations:
-    """Ask the relay at ``url``. Raises :class:`~quictun.errors.TunnelError` (one line)
-    when the relay cannot be reached."""
+                pings: int = 3, portmap: PortmapConfig | None = None) -> Observations:
+    """Ask the relay at ``url`` and, with ``portmap`` enabled, the gateway meanwhile.
+    Raises :class:`~quictun.errors.TunnelError` (one line) when the relay cannot be
+    reached."""
+    gateway = (asyncio.ensure_future(probe_portmap(portmap))
+               if portmap is not None and portmap.enabled else None)
+    try:
+        obs = await _probe_relay(url, token=token, timeout=timeout, pings=pings)
+    except BaseException:
+        if gateway is not None:
+            gateway.cancel()  # deletes a test mapping it may have made
+            await asyncio.gather(gateway, return_exceptions=True)
+        raise
+    if gateway is not None:
+        obs.portmap, obs.portmap_mapped = await gateway
+    return obs
+
+
+async def _probe_relay(url: str, *, token: str | None, timeout: float,
+                       pings: int) -> Observations:
     from ..aio.candidates import resolve
     from ..aio.relay import SignalClient
     from ..aio.udp import UdpEndpoint
@@ -153,12 +208,16 @@ async def probe(url: str, *, token: str | None = None, timeout: float = 1.5,
 @click.option("--token", envvar="QUICTUN_SIGNAL_TOKEN", show_envvar=True,
               help="The relay's access token, if it requires one.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@portmap_option
 def netcheck(signal: str, token: str | None, as_json: bool) -> None:
-    """Check what this network allows: UDP, NAT mapping, IPv6, relay round trip.
+    """Check what this network allows: UDP, NAT mapping, IPv6, relay round trip, port
+    mapping.
 
     Asks the relay's two STUN reflectors for this machine's public address; if both
     see the same address the NAT keeps one mapping per socket, and direct tunnels
-    work with most peers.
+    work with most peers. Asks the router which port-mapping protocols it speaks
+    (UPnP IGD, NAT-PMP, PCP) and for one short test mapping, deleted at once: a
+    granted mapping makes even a symmetric NAT reachable.
 
     \b
     Examples:
@@ -169,9 +228,14 @@ def netcheck(signal: str, token: str | None, as_json: bool) -> None:
     Environment:
       QUICTUN_SIGNAL, QUICTUN_SIGNAL_TOKEN  (see the options)
       QUICTUN_SIGNAL_CA  CA file to trust for a wss:// relay (e.g. certs/relay.crt)
+      QUICTUN_PORTMAP    0: do not ask the router (--no-portmap)
     """
+    from .common import tunnel_config
+
+    portmap = tunnel_config().portmap
+
     async def go() -> Report:
-        return report(await probe(signal, token=token))
+        return report(await probe(signal, token=token, portmap=portmap))
 
     import asyncio
 

@@ -66,6 +66,7 @@ def serve(name: str, forward: str, pair: bool, signal: str, secret_file: Path | 
       QUICTUN_HOME       identity, generated secrets (default ~/.config/quictun)
       QUICTUN_SIGNAL_CA  CA file to trust for a wss:// relay (e.g. certs/relay.crt)
       QUICTUN_ENGINE     QUIC engine: aioquic (default), qh3, auto
+      QUICTUN_PORTMAP    0: ask the router for no port mapping (--no-portmap)
     """
     from .. import store
     from ..aio import server as api
@@ -170,6 +171,7 @@ def connect(target: str | None, listen: str | None, stdio: bool, ticket_file: Pa
       QUICTUN_HOME       identity, imported tickets (default ~/.config/quictun)
       QUICTUN_SIGNAL_CA  CA file to trust for a wss:// relay (e.g. certs/relay.crt)
       QUICTUN_ENGINE     QUIC engine: aioquic (default), qh3, auto
+      QUICTUN_PORTMAP    0: ask the router for no port mapping (--no-portmap)
     """
     if bool(listen) == bool(stdio):
         raise UserError("give exactly one of --listen [HOST:]PORT or --stdio")

@@ -21,7 +21,9 @@ __all__ = ["CANDIDATE_KINDS", "Addr", "Candidate", "decode_candidates", "format_
 Addr = tuple[str, int]
 
 _MAPPED = "::ffff:"
-CANDIDATE_KINDS = ("host", "srflx", "prflx")
+CANDIDATE_KINDS = ("host", "srflx", "prflx", "portmap")
+"""Known kinds. A peer skips a kind it does not know (:func:`decode_candidates` drops it),
+so a new kind reaches older peers as nothing rather than as an error."""
 _MAX_CANDIDATE_TEXT = 128
 MAX_SIGNALLED = 32
 
@@ -101,8 +103,9 @@ class Candidate:
     addr: Addr
     """The address, normalised."""
     kind: str
-    """``"host"`` (an interface address), ``"srflx"`` (learned from a STUN reflector) or
-    ``"prflx"`` (learned from the source of a signed probe)."""
+    """``"host"`` (an interface address), ``"srflx"`` (learned from a STUN reflector),
+    ``"prflx"`` (learned from the source of a signed probe) or ``"portmap"`` (a port
+    mapping the gateway granted: UPnP IGD, NAT-PMP or PCP)."""
 
     def __post_init__(self) -> None:
         if self.kind not in CANDIDATE_KINDS:

@@ -10,6 +10,7 @@ from .types import (
     RANK_HOST_IPV4,
     RANK_IPV6,
     RANK_LAN,
+    RANK_PORTMAP,
     RANK_REFLEXIVE,
     RANK_RELAY,
     RELAY_PATH,
@@ -29,7 +30,7 @@ from .types import (
 
 __all__ = [
     "MAX_CANDIDATES", "MAX_PRFLX", "MAX_TRANSACTIONS", "RANK_HOST_IPV4", "RANK_IPV6",
-    "RANK_LAN", "RANK_REFLEXIVE", "RANK_RELAY", "RELAY_PATH", "REPLAY_WINDOW",
+    "RANK_LAN", "RANK_PORTMAP", "RANK_REFLEXIVE", "RANK_RELAY", "RELAY_PATH", "REPLAY_WINDOW",
     "TRANSACTION_LIFETIME", "Addr", "Candidate", "Event", "GatherWanted", "Mode", "NetPath",
     "PathChanged", "PathConfig", "PathManager", "PunchFailed", "SuspectChanged", "describe",
     "normalize_addr",

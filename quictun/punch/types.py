@@ -33,6 +33,7 @@ __all__ = [
     "RANK_LAN",
     "RANK_IPV6",
     "RANK_HOST_IPV4",
+    "RANK_PORTMAP",
     "RANK_REFLEXIVE",
     "RANK_RELAY",
 ]
@@ -53,17 +54,24 @@ class Mode(StrEnum):
 RANK_LAN = 0
 RANK_IPV6 = 1
 RANK_HOST_IPV4 = 2
-RANK_REFLEXIVE = 3
+RANK_PORTMAP = 3
+RANK_REFLEXIVE = 4
 RANK_RELAY = 9
 
-KIND_PREFERENCE = {"host": 0, "srflx": 1, "prflx": 2}
+KIND_PREFERENCE = {"host": 0, "portmap": 1, "srflx": 2, "prflx": 3}
 """Lower is better when one address is signalled as several kinds."""
 
 
 def rank_of(addr: Addr, kind: str, local_networks: Sequence[IPNetwork]) -> int:
     """The rank of a normalised remote address (lower is better, see :attr:`NetPath.rank`):
     LAN for loopback, link-local or inside ``local_networks``; then IPv6; then a host
-    IPv4 address; then any reflexive IPv4 address."""
+    IPv4 address; then a port mapping the peer's gateway granted; then any other
+    reflexive IPv4 address.
+
+    A mapped address ranks above a reflexive one because the gateway forwards
+    unsolicited packets to it: the path depends neither on the NAT's mapping and
+    filtering behaviour nor on both sides sending at once. It is still behind a NAT, so
+    a routed host address stays better."""
     ip = ipaddress.ip_address(addr[0])
     if ip.is_loopback or ip.is_link_local or any(ip in net for net in local_networks):
         return RANK_LAN
@@ -71,6 +79,8 @@ def rank_of(addr: Addr, kind: str, local_networks: Sequence[IPNetwork]) -> int:
         return RANK_IPV6
     if kind == "host":
         return RANK_HOST_IPV4
+    if kind == "portmap":
+        return RANK_PORTMAP
     return RANK_REFLEXIVE
 
 
@@ -87,7 +97,8 @@ class NetPath:
     rtt: float | None
     """Last measured probe round-trip time in seconds, if any."""
     rank: int
-    """0 LAN/loopback/link-local, 1 IPv6, 2 routed host IPv4, 3 reflexive, 9 relay."""
+    """0 LAN/loopback/link-local, 1 IPv6, 2 routed host IPv4, 3 port mapping, 4 other
+    reflexive, 9 relay."""
     slot: int = 0
     """Which of our sockets the path uses: 0 the main one, k > 0 the shell's birthday
     socket k (see :meth:`quictun.punch.manager.PathManager.datagrams_to_send_slots`)."""

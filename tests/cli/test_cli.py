@@ -29,6 +29,7 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
         if k.startswith("QUICTUN_"):
             monkeypatch.delenv(k)
     monkeypatch.setenv("QUICTUN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("QUICTUN_PORTMAP", "0")  # never ask this machine's router
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield
@@ -68,13 +69,14 @@ def test_group_help() -> None:
 # every environment variable each command reads (directly or through the library)
 HELP_ENV = {
     "serve": ["QUICTUN_SIGNAL", "QUICTUN_SIGNAL_TOKEN", "QUICTUN_SECRET", "QUICTUN_SECRET_FILE",
-              "QUICTUN_HOME", "QUICTUN_SIGNAL_CA", "QUICTUN_ENGINE"],
+              "QUICTUN_HOME", "QUICTUN_SIGNAL_CA", "QUICTUN_ENGINE", "QUICTUN_PORTMAP"],
     "connect": ["QUICTUN_SIGNAL", "QUICTUN_SIGNAL_TOKEN", "QUICTUN_SECRET",
                 "QUICTUN_SECRET_FILE", "QUICTUN_TICKET", "QUICTUN_HOME", "QUICTUN_SIGNAL_CA",
-                "QUICTUN_ENGINE"],
+                "QUICTUN_ENGINE", "QUICTUN_PORTMAP"],
     "import": ["QUICTUN_HOME"],
     "demo": ["QUICTUN_DEMO_FORWARD", "QUICTUN_DEMO_PORT", "QUICTUN_HOME"],
-    "netcheck": ["QUICTUN_SIGNAL", "QUICTUN_SIGNAL_TOKEN", "QUICTUN_SIGNAL_CA"],
+    "netcheck": ["QUICTUN_SIGNAL", "QUICTUN_SIGNAL_TOKEN", "QUICTUN_SIGNAL_CA",
+                 "QUICTUN_PORTMAP"],
     "ssh-config": ["QUICTUN_SIGNAL", "QUICTUN_HOME"],
     "pair": ["QUICTUN_SIGNAL", "QUICTUN_HOME", "QUICTUN_SIGNAL_CA"],
 }

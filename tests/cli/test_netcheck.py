@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -59,7 +60,9 @@ def test_text_and_json() -> None:
     r = nc.report(obs([(R1, PUB), (R2, PUB)]))
     data = json.loads(r.to_json())
     assert set(data) == {"udp", "public_addr", "mapping", "ipv6", "relay_rtt_ms",
-                         "relay_url", "verdict"}
+                         "relay_url", "verdict", "portmap", "portmap_mapped",
+                         "portmap_protocol"}
+    assert data["portmap"] == "off" and data["portmap_mapped"] is None
     text = r.to_text()
     assert "203.0.113.7:40000" in text and f"verdict: {nc.VERDICT_DIRECT}" in text
 
@@ -85,3 +88,105 @@ async def test_probe_unreachable_relay() -> None:
 
     with pytest.raises(TunnelError, match="cannot reach the relay"):
         await nc.probe(f"ws://127.0.0.1:{free_port()}/")
+
+
+# -- port mapping --------------------------------------------------------------------
+GRANT = ("PCP", ("203.0.113.7", 41000))
+
+
+def pm_obs(stun4, offered: str = "UPnP, NAT-PMP, PCP", granted=GRANT):  # type: ignore[no-untyped-def]
+    o = obs(stun4)
+    o.portmap, o.portmap_mapped = offered, granted
+    return o
+
+
+PORTMAP_CASES = [
+    # name, observations, verdict, portmap, mapped (text row)
+    ("symmetric, mapped", pm_obs([(R1, PUB), (R2, PUB2)]),
+     nc.VERDICT_PORTMAP.format(protocol="PCP"), "UPnP, NAT-PMP, PCP",
+     "granted 203.0.113.7:41000 (PCP)"),
+    ("symmetric, refused", pm_obs([(R1, PUB), (R2, PUB2)], granted=None),
+     nc.VERDICT_SYMMETRIC, "UPnP, NAT-PMP, PCP", "refused"),
+    ("symmetric, no gateway", pm_obs([(R1, PUB), (R2, PUB2)], "none", None),
+     nc.VERDICT_SYMMETRIC, "none", "-"),
+    ("unknown NAT, mapped", pm_obs([(R1, PUB), (R2, None)]),
+     nc.VERDICT_PORTMAP.format(protocol="PCP"), "UPnP, NAT-PMP, PCP",
+     "granted 203.0.113.7:41000 (PCP)"),
+    ("cone, mapped", pm_obs([(R1, PUB), (R2, PUB)]), nc.VERDICT_DIRECT,
+     "UPnP, NAT-PMP, PCP", "granted 203.0.113.7:41000 (PCP)"),
+    ("UDP blocked, mapped", pm_obs([(R1, None), (R2, None)]), nc.VERDICT_BLOCKED,
+     "UPnP, NAT-PMP, PCP", "granted 203.0.113.7:41000 (PCP)"),
+    ("not asked", obs([(R1, PUB), (R2, PUB2)]), nc.VERDICT_SYMMETRIC, "off", "-"),
+]
+
+
+@pytest.mark.parametrize("case", PORTMAP_CASES, ids=[c[0] for c in PORTMAP_CASES])
+def test_verdict_counts_the_mapping(case) -> None:  # type: ignore[no-untyped-def]
+    _name, o, verdict, portmap, mapped = case
+    r = nc.report(o)
+    assert r.verdict == verdict
+    assert r.portmap == portmap
+    text = r.to_text()
+    assert re.search(rf"^\s+portmap:\s+{re.escape(portmap)}$", text, re.M), text
+    assert re.search(rf"port mapping:\s+{re.escape(mapped)}$", text, re.M), text
+    data = json.loads(r.to_json())
+    assert data["portmap"] == portmap
+    assert data["portmap_mapped"] == ("203.0.113.7:41000" if o.portmap_mapped else None)
+    assert data["portmap_protocol"] == ("PCP" if o.portmap_mapped else None)
+
+
+def _gateway_config(gw, **kw):  # type: ignore[no-untyped-def]
+    """Only the loopback gateway is asked (UPnP's SSDP to a closed loopback port)."""
+    from helpers import free_port
+
+    from quictun.config import PortmapConfig
+
+    return PortmapConfig(enabled=True, gateway=gw.ip, require_global=False,
+                         ssdp_addr=("127.0.0.1", free_port()), ssdp_wait=0.2,
+                         udp_wait=0.6, retransmits=(0.0, 0.1, 0.3), **kw)
+
+
+async def test_probe_asks_the_gateway_and_deletes_the_test_mapping() -> None:
+    from gateway import EXTERNAL_IP, start_gateway
+
+    from signal_server.server import RelayConfig, RelayServer
+
+    gw = await start_gateway()
+    relay = RelayServer(RelayConfig(host="127.0.0.1", port=0))
+    await relay.start()
+    try:
+        r = nc.report(await nc.probe(relay.url, portmap=_gateway_config(gw)))
+    finally:
+        await relay.stop()
+    assert r.portmap == "NAT-PMP, PCP"  # no IGD answered SSDP
+    assert r.portmap_protocol in ("PCP", "NAT-PMP")
+    assert r.portmap_mapped is not None and r.portmap_mapped.startswith(f"{EXTERNAL_IP}:")
+    assert gw.mapped == {}  # the test mapping is gone again
+    assert any(f.get("lifetime") == 0 for _p, f in gw.requests)
+    gw.behaviour.pcp_result = gw.behaviour.natpmp_result = 2  # NOT_AUTHORIZED
+    relay = RelayServer(RelayConfig(host="127.0.0.1", port=0))
+    await relay.start()
+    try:
+        r = nc.report(await nc.probe(relay.url, portmap=_gateway_config(gw)))
+    finally:
+        await relay.stop()
+    assert r.portmap == "NAT-PMP, PCP" and r.portmap_mapped is None
+    assert "refused" in r.to_text()
+
+
+async def test_unreachable_relay_still_deletes_the_test_mapping() -> None:
+    import asyncio
+
+    from gateway import start_gateway
+    from helpers import free_port
+
+    gw = await start_gateway()
+    gw.behaviour.delay = 0.3  # the relay fails before the gateway has answered
+    with pytest.raises(TunnelError, match="cannot reach the relay"):
+        await nc.probe(f"ws://127.0.0.1:{free_port()}/", portmap=_gateway_config(gw))
+    assert any(p == "pcp" and f["lifetime"] for p, f in gw.requests)
+    for _ in range(100):
+        if gw.mapped == {}:
+            break
+        await asyncio.sleep(0.02)
+    assert gw.mapped == {}

@@ -28,6 +28,10 @@ Router presets (``SiteSpec.kind``):
 - ``symmetric``: ``masquerade random`` (endpoint-dependent mapping).
 - ``udp-blocked``: like ``cone`` but every UDP packet forwarded lan->wan is dropped (TCP,
   hence the relay's WebSocket, still works).
+- ``portmap="allow"`` / ``"deny"`` (default ``"none"``, NAT kinds only): the router also runs
+  a real miniupnpd (UPnP IGD, NAT-PMP, PCP) on its LAN, which maps (``allow``) or refuses
+  every request with a permission rule (``deny``); see :mod:`tests.lab.miniupnpd`. A STUN
+  responder on the wan (relay address, port 3490) lets it past its reserved-address check.
 - ``drop_wan_input=True`` (default, home-router style): the router's input chain drops
   unsolicited packets arriving on wan (so a peer's early probe leaves no conntrack entry);
   ``False``: input accepted (reproduces the stale-conntrack trap of NOTES.md section 1).
@@ -35,7 +39,7 @@ Router presets (``SiteSpec.kind``):
 API (sites are named ``"a"`` and ``"b"``)::
 
     SiteSpec(kind: str = "cone", drop_wan_input: bool = True, ipv6: bool = True,
-             ipv4: bool = True)   # ipv4=False: IPv6-only host
+             ipv4: bool = True, portmap: str = "none")   # ipv4=False: IPv6-only host
     Lab(a: SiteSpec | str = "cone", b: SiteSpec | str | None = None, *, same_lan: bool = False,
         relay_port: int = 8765, stun_ports: tuple[int, int] = (3478, 3479),
         prefix: str = "qtl", logdir: str | None = None)
@@ -54,6 +58,10 @@ API (sites are named ``"a"`` and ``"b"``)::
       run_python(ns, code, *args, timeout=30.0, input=None, env=None, check=True)
           -> subprocess.CompletedProcess[str]
       start_stun() -> None         # UDP echo "SEEN <ip> <port>" on relay_ip4/6, stun_ports
+      miniupnpd_log(site) -> str   # the router's daemon's log (portmap sites)
+      miniupnpd_pid(site) -> int | None
+      upnp_leases(site) -> list[str]   # its lease file: "UDP:eport:iaddr:iport:ts:desc"
+      upnp_rules(site) -> str          # its nft chains (forward accept, DNAT)
       counters() -> dict[str, tuple[int, int]]   # name -> (packets, bytes), all namespaces
       direct_udp_bytes(family=None) / direct_udp_packets(family=None) -> int
                                    # UDP bridged router<->router on the wan; family 4|6|None
@@ -96,6 +104,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from . import miniupnpd as upnpd
 
 SITE_KINDS = ("firewall", "cone", "symmetric", "udp-blocked")
 
@@ -196,10 +206,16 @@ class SiteSpec:
     drop_wan_input: bool = True
     ipv6: bool = True
     ipv4: bool = True  # False: the host has no IPv4 address at all (IPv6-only site)
+    portmap: str = "none"  # "allow" / "deny": a real miniupnpd on the router's LAN
 
     def __post_init__(self) -> None:
         if self.kind not in SITE_KINDS:
             raise ValueError(f"unknown site kind {self.kind!r}; expected one of {SITE_KINDS}")
+        if self.portmap not in upnpd.PORTMAP_KINDS:
+            raise ValueError(f"unknown portmap {self.portmap!r}; expected one of "
+                             f"{upnpd.PORTMAP_KINDS}")
+        if self.portmap != "none" and not self.nat:
+            raise ValueError("portmap needs a NAT site (miniupnpd maps through the NAT)")
 
     @property
     def nat(self) -> bool:
@@ -306,7 +322,7 @@ class LabProcess:
             self.popen.wait(2.0)
 
 
-class Lab:
+class Lab(upnpd.PortmapRouters):
     """Build the namespaces, links, routes and nftables rules; tear them down on close()."""
 
     relay_ip4 = "198.18.0.1"
@@ -357,6 +373,8 @@ class Lab:
         self.processes: list[LabProcess] = []
         self._loss: dict[str | None, int] = {}
         self._stun: LabProcess | None = None
+        self._upnp_stun: LabProcess | None = None
+        self._miniupnpd: dict[str, int] = {}
         self._started = False
 
     # ------------------------------------------------------------------ naming helpers
@@ -407,6 +425,8 @@ class Lab:
 
     def start(self) -> None:
         reason = lab_available()
+        if reason is None and self._portmap_sites():
+            reason = upnpd.miniupnpd_available()
         if reason:
             raise RuntimeError(f"network lab unavailable: {reason}")
         self._started = True
@@ -418,6 +438,9 @@ class Lab:
 
     def close(self) -> None:
         """Stop all processes and delete all namespaces (safe to call twice)."""
+        for pid in self._miniupnpd.values():  # SIGTERM: it removes its own rules
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
         for proc in reversed(self.processes):
             with contextlib.suppress(Exception):
                 proc.stop(timeout=2.0)
@@ -519,6 +542,8 @@ class Lab:
             self._nft(self.router_ns(site), self._router_ruleset(site))
         if self.same_lan:
             self._nft(self.router_a_ns, self._lan_bridge_ruleset())
+        for site in self._portmap_sites():
+            self._start_miniupnpd(site)
 
     def _host_addrs(self, site: str, gw4: str, gw6: str) -> None:
         h = self.host_ns(site)
@@ -593,6 +618,11 @@ table inet qlab_relay {{
         if spec.kind == "udp-blocked":
             udp_block = ('iifname "lan0" oifname "wan0" meta l4proto udp '
                          "counter name udp_blocked drop")
+        upnp_chain = upnp_jump = upnp_tables = ""
+        if spec.portmap != "none":  # miniupnpd's chain, reached before the final drop
+            upnp_chain = "chain miniupnpd {\n  }"
+            upnp_jump = upnpd.FORWARD_JUMP
+            upnp_tables = upnpd.nft_tables()
         nat = ""
         if spec.nat:
             nat = f"""
@@ -611,6 +641,7 @@ table inet qlab_router {{
   counter loss_drops {{}}
   chain loss_chain {{
   }}
+  {upnp_chain}
   chain input_chain {{
     type filter hook input priority 0; policy accept;
     {wan_input}
@@ -624,10 +655,12 @@ table inet qlab_router {{
     iifname "lan0" oifname "wan0" accept
     icmpv6 type {{ destination-unreachable, packet-too-big, time-exceeded,
                    parameter-problem }} accept
+    {upnp_jump}
     counter name fwd_drops
   }}
 }}
 {nat}
+{upnp_tables}
 """
 
     def _lan_bridge_ruleset(self) -> str:
@@ -834,6 +867,13 @@ table bridge qlab_lan {
             with contextlib.suppress(Exception):
                 out.append(f"--- conntrack router {site} ---")
                 out.append(self.conntrack_list(site).strip())
+        for site in self._portmap_sites():
+            with contextlib.suppress(Exception):
+                out.append(f"--- miniupnpd router {site}: leases ---")
+                out.extend(self.upnp_leases(site))
+                out.append(self.upnp_rules(site).strip())
+                out.append(f"--- miniupnpd router {site}: log (tail) ---")
+                out.extend(self.miniupnpd_log(site).splitlines()[-40:])
         for proc in self.processes:
             with contextlib.suppress(Exception):
                 out.append(f"{proc.name}: returncode={proc.returncode}")
