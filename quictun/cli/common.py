@@ -55,8 +55,12 @@ def setup_logging(verbose: int, fmt: str) -> None:
 
     class JsonFormatter(logging.Formatter):
         def format(self, record: logging.LogRecord) -> str:
-            return json.dumps({"ts": round(time.time(), 3), "level": record.levelname.lower(),
-                               "logger": record.name, "msg": record.getMessage()})
+            line = {"ts": round(time.time(), 3), "level": record.levelname.lower(),
+                    "logger": record.name, "msg": record.getMessage()}
+            fields = getattr(record, "fields", None)
+            if isinstance(fields, dict):  # structured detail (serve's per-client summary)
+                line.update({k: v for k, v in fields.items() if k not in line})
+            return json.dumps(line)
 
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":

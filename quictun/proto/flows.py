@@ -1,9 +1,9 @@
 """UDP flows: one per client source address, each with an idle timeout (pure: time in).
 
 The client side of a ``--listen udp:…`` keeps a :class:`FlowTable`: the first datagram
-from a new source address creates a :class:`Flow` (the shell then opens its QUIC stream,
-see :mod:`quictun.proto.control`), payloads wait in the flow's small queue until the
-server accepted it (none is lost to the one round trip of setup), and a flow that
+from a new source address creates an entry (the shell then opens a flow, that is a QUIC
+stream, see :mod:`quictun.proto.control`); a :class:`Flow`'s payloads wait in its small
+queue until the server accepted it (none is lost to the one round trip of setup), and a flow that
 neither sent nor received for ``idle_timeout`` seconds is handed back by :meth:`expire`
 for the shell to close. Counters live in :class:`FlowStats` (what arrived, what left,
 what was dropped and why), summed per service for the logs.
@@ -54,16 +54,37 @@ class Flow:
     flow_id: int | None = None
     queue: list[bytes] = field(default_factory=list)
     stats: FlowStats = field(default_factory=FlowStats)
+    handle: object = None
+    """The shell's object for this flow."""
+
+    def hold(self, payload: bytes, limit: int) -> bool:
+        """Queue a payload while the flow opens; False (and counted) beyond ``limit``."""
+        if len(self.queue) >= limit:
+            self.stats.dropped_queue += 1
+            return False
+        self.queue.append(payload)
+        return True
+
+    def opened(self, flow_id: int) -> list[bytes]:
+        """The server accepted the flow: returns the queued payloads, to send now."""
+        self.state, self.flow_id = OPEN, flow_id
+        queued, self.queue = self.queue, []
+        return queued
+
+    def refused(self) -> None:
+        """The server refused it: its queue is dropped (counted), and so is what follows."""
+        self.state = REFUSED
+        self.stats.dropped_refused += len(self.queue)
+        self.queue = []
 
 
 class FlowTable:
     """Flows by key. ``idle_timeout`` seconds without traffic ends one; at most
     ``max_flows`` at once (:meth:`add` returns None beyond)."""
 
-    def __init__(self, idle_timeout: float, max_flows: int, queue_limit: int) -> None:
+    def __init__(self, idle_timeout: float, max_flows: int) -> None:
         self.idle_timeout = idle_timeout
         self.max_flows = max_flows
-        self.queue_limit = queue_limit
         self.flows: dict[Hashable, Flow] = {}
 
     def __len__(self) -> int:
@@ -82,26 +103,6 @@ class FlowTable:
 
     def touch(self, flow: Flow, now: float) -> None:
         flow.last = now
-
-    def hold(self, flow: Flow, payload: bytes) -> bool:
-        """Queue a payload while the flow opens; False (and counted) when it is full."""
-        if len(flow.queue) >= self.queue_limit:
-            flow.stats.dropped_queue += 1
-            return False
-        flow.queue.append(payload)
-        return True
-
-    def opened(self, flow: Flow, flow_id: int) -> list[bytes]:
-        """The server accepted the flow: returns the queued payloads, to send now."""
-        flow.state, flow.flow_id = OPEN, flow_id
-        queued, flow.queue = flow.queue, []
-        return queued
-
-    def refused(self, flow: Flow) -> None:
-        """The server refused it: datagrams from this key are dropped until it expires."""
-        flow.state = REFUSED
-        flow.stats.dropped_refused += len(flow.queue)
-        flow.queue = []
 
     def remove(self, key: Hashable) -> Flow | None:
         return self.flows.pop(key, None)

@@ -122,7 +122,7 @@ def parse_forward(text: str) -> Service:
     if kind == "unix":
         return Service(name, "unix", path=_check_path(addr, "--forward", text))
     if ":" not in addr:
-        raise ServiceError(f"--forward {text!r}: give HOST:PORT (e.g. 127.0.0.1:22), "
+        raise ServiceError(f"--forward: {text!r} is not HOST:PORT (e.g. 127.0.0.1:22), "
                            "udp:HOST:PORT or unix:PATH")
     try:
         host, port = parse_hostport(addr)

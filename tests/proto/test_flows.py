@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from quictun.proto.flows import OPEN, REFUSED, FlowStats, FlowTable
+from quictun.proto.flows import OPEN, REFUSED, Flow, FlowStats, FlowTable
 
 
 def test_one_flow_per_source_and_the_limit() -> None:
-    t = FlowTable(idle_timeout=30, max_flows=2, queue_limit=2)
+    t = FlowTable(idle_timeout=30, max_flows=2)
     a = t.add(("127.0.0.1", 1000), 0.0)
     assert a is not None and t.add(("127.0.0.1", 1000), 1.0) is a
     assert t.add(("127.0.0.1", 1001), 0.0) is not None
@@ -15,26 +15,22 @@ def test_one_flow_per_source_and_the_limit() -> None:
 
 
 def test_queue_while_opening_then_flush() -> None:
-    t = FlowTable(30, 8, queue_limit=2)
-    f = t.add("k", 0.0)
-    assert f is not None
-    assert t.hold(f, b"1") and t.hold(f, b"2") and not t.hold(f, b"3")
+    f = Flow("k", 0.0)
+    assert f.hold(b"1", 2) and f.hold(b"2", 2) and not f.hold(b"3", 2)
     assert f.stats.dropped_queue == 1
-    assert t.opened(f, 7) == [b"1", b"2"]
+    assert f.opened(7) == [b"1", b"2"]
     assert f.state == OPEN and f.flow_id == 7 and f.queue == []
 
 
 def test_refused_flow_counts_its_queue() -> None:
-    t = FlowTable(30, 8, 4)
-    f = t.add("k", 0.0)
-    assert f is not None
-    t.hold(f, b"x")
-    t.refused(f)
+    f = Flow("k", 0.0)
+    f.hold(b"x", 4)
+    f.refused()
     assert f.state == REFUSED and f.stats.dropped_refused == 1
 
 
 def test_idle_expiry_and_timer() -> None:
-    t = FlowTable(idle_timeout=10, max_flows=8, queue_limit=4)
+    t = FlowTable(idle_timeout=10, max_flows=8)
     assert t.get_timer() is None
     a, b = t.add("a", 0.0), t.add("b", 5.0)
     assert a is not None and b is not None
