@@ -103,11 +103,9 @@ class Tunnel:
             bridge.on_reply = lambda r: answered.done() or answered.set_result(r)
         ours, theirs = socket.socketpair()
         await loop.connect_accepted_socket(lambda: bridge, sock=ours)
-        closed = asyncio.ensure_future(self.handler.closed)
-        try:
-            await asyncio.wait({answered, closed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closed.cancel()
+        # handler.closed is the tunnel's own future: waited on, never cancelled
+        await asyncio.wait({answered, self.handler.closed},
+                           return_when=asyncio.FIRST_COMPLETED)
         if not answered.done() or not answered.result().ok:
             theirs.close()
             why = answered.result().text if answered.done() else "the tunnel closed"

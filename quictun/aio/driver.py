@@ -132,17 +132,6 @@ class QuicDriver:
         """The largest DATAGRAM frame payload that fits a packet now (0: no DATAGRAMs)."""
         return 0 if self._closed else self.quic.datagram_limit()
 
-    def stop_reading(self, stream_id: int, error_code: int = 0) -> None:
-        """STOP_SENDING only: we read no more of this stream (our side may still end it
-        with a FIN)."""
-        if self._closed:
-            return
-        try:
-            self.quic.stop_stream(stream_id, error_code)
-        except self._errors:
-            pass
-        self.schedule_flush()
-
     def consume(self, stream_id: int, n: int) -> None:
         self.quic.consume(stream_id, n)
         self.schedule_flush()

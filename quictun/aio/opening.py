@@ -50,6 +50,7 @@ class Opener:
         self.stats: dict[str, ServiceStats] = {}
         self._service_of: dict[int, str] = {}  # live bridges' stream -> stats key
         self._live: dict[int, StreamBridge] = {}
+        self._refused: set[int] = set()
 
     # -- streams -----------------------------------------------------------------------
     def stream_data(self, stream_id: int, data: bytes, end: bool) -> None:
@@ -59,6 +60,9 @@ class Opener:
             self.driver.consume(stream_id, len(data))
             if end:
                 self._end_flow(stream_id // 4)
+            return
+        if stream_id in self._refused:  # what a refused client sent before it heard
+            self.driver.consume(stream_id, len(data))
             return
         buf = self._opening.setdefault(stream_id, bytearray())
         buf.extend(data)
@@ -98,8 +102,17 @@ class Opener:
         if request.version == 0:
             self.driver.reset(stream_id, ctl.ERR_NO_DEFAULT)
             return
-        self.driver.send(stream_id, ctl.OpenReply(status, text).encode(), end=True)
-        self.driver.stop_reading(stream_id, ctl.ERR_TARGET_UNREACHABLE)
+        self._answer_refusal(stream_id, ctl.OpenReply(status, text))
+
+    def _answer_refusal(self, stream_id: int, reply: ctl.OpenReply) -> None:
+        """The reply, then FIN; no STOP_SENDING (it could overtake the reply): the
+        client resets its side once it has read the reply, and until then what it
+        sends is consumed and dropped."""
+        self.driver.send(stream_id, reply.encode(), end=True)
+        self._refused.add(stream_id)
+        if len(self._refused) > 1024:
+            alive = self.driver.quic.stream_alive
+            self._refused = {s for s in self._refused if alive(s)}
 
     def _stat(self, key: str) -> ServiceStats:
         return self.stats.setdefault(key, ServiceStats())
@@ -147,7 +160,6 @@ class Opener:
             if reply.status != ctl.ST_NOT_ALLOWED:
                 log.info("client %s: %s", self._who(), reply.text)
             self.driver.send(sid, reply.encode(), end=True)
-            self.driver.stop_reading(sid, ctl.ERR_TARGET_UNREACHABLE)
         self._service_of.pop(sid, None)
         self._live.pop(sid, None)
         bridge.quic_reset(ctl.ERR_TARGET_UNREACHABLE)
