@@ -3,6 +3,7 @@ and the small steps around secrets, identities and tickets."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Coroutine
@@ -252,15 +253,34 @@ def load_stored(name: str) -> Ticket | None:
 def run(coro: Coroutine[Any, Any, None]) -> None:
     """Run a command's coroutine; a TunnelError is its one-line error, Ctrl-C exit 130."""
     import asyncio
+    import signal
 
     from ..errors import TunnelError
 
+    terminated: list[bool] = []
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_term() -> None:  # SIGTERM (systemd, kill): unwind like Ctrl-C, so a
+            terminated.append(True)  # tunnel tells its peer and the relay it is going
+            task.cancel()
+
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_term)
+        await coro
+
     try:
-        asyncio.run(coro)
+        asyncio.run(main())
     except TunnelError as exc:
         raise UserError(str(exc)) from None
     except KeyboardInterrupt:
         sys.exit(130)
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        sys.exit(143)
 
 
 def prog() -> str:
