@@ -149,6 +149,15 @@ class Listener:
         flow.opened.add_done_callback(refused)  # type: ignore[arg-type]
         return flow
 
+    def stats_text(self) -> str | None:
+        """A UDP listener's counters, for the log (None for stream listeners)."""
+        if self.udp is None:
+            return None
+        u = self.udp.totals()
+        return (f"udp {self.bound}: {self.udp.flows_opened} flows, {u.datagrams_in} "
+                f"datagrams sent, {u.datagrams_out} received, {u.dropped_too_big} too big, "
+                f"{u.dropped_queue + u.dropped_refused + self.udp.dropped_no_tunnel} dropped")
+
     def close(self) -> None:
         if self.server is not None:
             self.server.close()

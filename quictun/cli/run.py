@@ -85,6 +85,8 @@ async def run_connect(
         await _listen(current, opener, name, stats_interval)
     finally:
         for lst in listeners:
+            if (text := lst.stats_text()) is not None:
+                log.info("%s", text)
             lst.close()
         for srv in servers:
             srv.close()
