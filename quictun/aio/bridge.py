@@ -75,6 +75,7 @@ class StreamBridge(asyncio.Protocol):
         self._reply: bytearray | None = None  # the server's reply, while expected
         self.on_reply: Callable[[OpenReply], None] | None = None
         self.reply: OpenReply | None = None
+        self.reset_code: int | None = None  # the peer's RESET_STREAM code, if it reset
 
     # -- local transport -------------------------------------------------------------
     @property
@@ -207,6 +208,7 @@ class StreamBridge(asyncio.Protocol):
 
     def quic_reset(self, error_code: int) -> None:
         """Peer reset its sending side: abort the local connection."""
+        self.reset_code = error_code
         if self._reply is not None and not self._done:
             self._reply = None
             self.reply = OpenReply(ST_FAILURE, reset_reason(error_code))
@@ -216,6 +218,8 @@ class StreamBridge(asyncio.Protocol):
 
     def quic_stop_sending(self, error_code: int) -> None:
         """Peer will not read any more: stop reading locally and abort."""
+        if self.reset_code is None:
+            self.reset_code = error_code
         self.driver.reset(self.stream_id, error_code)
         self._abort_local()
 

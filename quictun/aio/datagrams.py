@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..config import TunnelConfig
-from ..proto.control import OpenReply, encode_datagram, parse_reply, varint_size
+from ..proto.control import ST_FAILURE, OpenReply, encode_datagram, parse_reply, varint_size
 from ..proto.flows import OPEN, OPENING, Flow, FlowStats, FlowTable
 from .timer import Timer
 
@@ -57,6 +57,8 @@ class DatagramFlow:
         self._recv: asyncio.Queue[bytes] = asyncio.Queue(RECV_QUEUE)
         self.opened: asyncio.Future[OpenReply] = asyncio.get_running_loop().create_future()
         self.closed = False
+        self.refused = False
+        """The server refused the flow (its reason is :attr:`reason`)."""
         self.reason = ""
 
     @property
@@ -71,6 +73,8 @@ class DatagramFlow:
     def send(self, payload: bytes) -> bool:
         """Send one UDP payload (queued while the flow opens). False: dropped."""
         if self.closed:
+            if self.refused:
+                self.stats.dropped_refused += 1
             return False
         if self._flow.state == OPENING:
             return self._flow.hold(payload, self._config.udp_open_queue)
@@ -96,7 +100,7 @@ class DatagramFlow:
         if self.closed and self._recv.empty():
             raise EOFError(self.reason or "the flow is closed")
         data = await self._recv.get()
-        if data is _CLOSED:
+        if data is _CLOSED:  # identity: the one sentinel object, never a payload
             raise EOFError(self.reason or "the flow is closed")
         return data
 
@@ -141,6 +145,7 @@ class DatagramFlow:
                 self.send(payload)
         else:
             self._flow.refused()
+            self.refused = True
             self.close(reply.text)
 
     def _end(self, reason: str) -> None:
@@ -149,7 +154,7 @@ class DatagramFlow:
         self.closed = True
         self.reason = reason
         if not self.opened.done():
-            self.opened.set_result(OpenReply(1, reason))
+            self.opened.set_result(OpenReply(ST_FAILURE, reason))
         if self._recv.full():
             self._recv.get_nowait()
         self._recv.put_nowait(_CLOSED)
@@ -190,7 +195,8 @@ class UdpListener(asyncio.DatagramProtocol):
         key = (addr[0], addr[1])
         entry = self.table.get(key)
         flow = entry.handle if entry is not None else None
-        if entry is not None and isinstance(flow, DatagramFlow) and flow.closed:
+        if (entry is not None and isinstance(flow, DatagramFlow) and flow.closed
+                and not flow.refused):  # ended with its tunnel (or idle): open anew
             self._forget(key)
             entry = flow = None
         if entry is None:

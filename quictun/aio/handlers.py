@@ -238,23 +238,25 @@ class ClientHandler(HandlerBase):
         ``request`` None opens the default stream service (the bare preamble, no
         reply); any other is sent as it is, and the bridge strips the server's reply
         (see :meth:`StreamBridge.expect_reply`; set its ``on_reply`` to hear it)."""
-        bridge = self._new_bridge(self.driver.open_stream())
         request = request or OpenRequest(ctl.OP_STREAM, version=0)
+        raw = request.encode()  # ValueError (a name too long) before any stream is taken
+        bridge = self._new_bridge(self.driver.open_stream())
         if request.version:
             bridge.expect_reply()
         # announce the stream at once, so services that speak first (SMTP, MySQL...)
         # are connected before the local client sends anything
-        self.driver.send(bridge.stream_id, request.encode())
+        self.driver.send(bridge.stream_id, raw)
         return bridge
 
     def open_flow(self, service: str | None = None) -> DatagramFlow:
         """A new UDP flow to ``service`` (None: the default udp service); it queues
         what it is given until the server accepted it (``flow.opened``)."""
+        raw = OpenRequest(ctl.OP_DATAGRAM, service).encode()
         sid = self.driver.open_stream()
         flow = DatagramFlow(self.driver, sid, self.config,
                             on_forget=lambda f: self.flows.pop(f.flow_id, None))
         self.flows[flow.flow_id] = flow
-        self.driver.send(sid, OpenRequest(ctl.OP_DATAGRAM, service).encode())
+        self.driver.send(sid, raw)
         return flow
 
     async def request(self, request: OpenRequest) -> tuple[ctl.OpenReply, bytes]:

@@ -70,10 +70,15 @@ class SocksEntry(asyncio.Protocol):
         if tunnel is None or tunnel.closed:
             self._answer(ctl.OpenReply(ctl.ST_NET_UNREACHABLE, "the tunnel is down"))
             return
+        try:
+            bridge = tunnel.bridge(host=request.host, port=request.port)
+        except ValueError:  # a name that is not ASCII, or too long for a request
+            self._answer(ctl.OpenReply(ctl.ST_BAD_ADDRESS, "unusable host name"))
+            return
         assert self._transport is not None
         self._transport.pause_reading()
-        self._bridge = tunnel.bridge(host=request.host, port=request.port)
-        self._bridge.on_reply = self._answer
+        self._bridge = bridge
+        bridge.on_reply = self._answer
 
     def _answer(self, reply: ctl.OpenReply) -> None:
         request = self._request

@@ -10,13 +10,14 @@ import stat
 import sys
 from collections.abc import Awaitable, Callable
 
-from ..aio.bridge import StreamBridge, WriteSide
+from ..aio.bridge import StreamBridge, WriteSide, reset_reason
 from ..aio.client import Tunnel, open_tunnel
 from ..aio.local import Listener
 from ..aio.socks import start_socks
 from ..config import TunnelConfig
 from ..errors import TunnelError, printable
 from ..proto import control as ctl
+from ..proto.control import ERR_NO_DEFAULT
 from ..proto.identity import Identity
 from ..proto.services import ListenSpec
 from .status import log_stats_every, stats_line
@@ -78,8 +79,7 @@ async def run_connect(
             host, port = servers[0].sockets[0].getsockname()[:2]
             lines.append(f"SOCKS5 and HTTP CONNECT proxy on {host}:{port}")
         current[0] = await opener()
-        if socks is not None:
-            await _check_socks(name, current[0])
+        await _check_listing(name, current[0], listeners, socks is not None)
         for line in lines:  # once the tunnel is up: scripts wait for these lines
             log.info("%s", line)
         await _listen(current, opener, name, stats_interval)
@@ -108,15 +108,32 @@ def _print_listing(name: str, listing: ctl.Listing) -> None:
     print(f"{name}:\n" + "\n".join("  " + line for line in lines), flush=True)
 
 
-async def _check_socks(name: str, tunnel: Tunnel) -> None:
-    """--socks against a server without --allow cannot work: say so and stop."""
+async def _check_listing(name: str, tunnel: Tunnel, listeners: list[Listener],
+                         socks: bool) -> None:
+    """Listeners and --socks that cannot work against what the server offers stop the
+    command at once with one line (an older server that cannot list: no check)."""
     try:
         listing = await tunnel.services()
     except TunnelError:
-        return  # an older server: let each request tell
-    if not listing.allow:
+        return
+    if socks and not listing.allow:
         raise TunnelError(f"{name!r} allows no SOCKS targets (start its serve with "
                           "--allow, e.g. --allow 192.168.1.0/24:22,80,443)")
+    kinds = {svc: kind for svc, kind, _default in listing.services}
+    offered = ", ".join(f"{s} ({k})" for s, k in kinds.items()) or "none"
+    for lst in listeners:
+        want_udp = lst.spec.kind == "udp"
+        if lst.service is None:
+            if not any(d and (k == "udp") == want_udp for _s, k, d in listing.services):
+                raise TunnelError(f"--listen {lst.spec.local_text()}: {name!r} has no default "
+                                  f"{'udp' if want_udp else 'stream'} service; name one with "
+                                  f"--service or SERVICE= (offered: {offered})")
+        elif lst.service not in kinds:
+            raise TunnelError(f"--listen {lst.spec.local_text()}: {name!r} has no service "
+                              f"{lst.service!r} (offered: {offered})")
+        elif (kinds[lst.service] == "udp") != want_udp:
+            raise TunnelError(f"--listen {lst.spec.local_text()}: the service "
+                              f"{lst.service!r} is {kinds[lst.service]}")
 
 
 async def _listen(
@@ -187,6 +204,8 @@ async def _stdio(tunnel: Tunnel, service: str | None) -> None:
     if bridge.reply is not None and not bridge.reply.ok:
         raise TunnelError(f"{tunnel.name!r} refused the connection: "
                           f"{printable(bridge.reply.text)}")
+    if bridge.reset_code == ERR_NO_DEFAULT:
+        raise TunnelError(f"{tunnel.name!r}: {reset_reason(ERR_NO_DEFAULT)}")
     if not bridge.clean:
         raise TunnelError("the connection was reset (the peer, its target or the tunnel "
                           "went away)")

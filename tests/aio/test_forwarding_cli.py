@@ -237,3 +237,21 @@ def test_unknown_service_through_stdio_is_one_line(site, tmp_path: Path) -> None
     err = r.stderr.decode()
     assert r.returncode == 1 and "no service 'nope'" in err and "web (unix)" in err, err
     assert r.stdout == b""
+
+
+@pytest.mark.parametrize(("args", "pattern"), [
+    (["--listen", "127.0.0.1:0"], r"has no default stream service; name one"),
+    (["--listen", "nope=127.0.0.1:0"], r"has no service 'nope' \(offered: web \(unix\)"),
+    (["--listen", "dns=127.0.0.1:0"], r"the service 'dns' is udp"),
+    (["--listen", "echo=udp:127.0.0.1:0"], r"the service 'echo' is tcp"),
+    (["--stdio"], r"several services and none is the default: name one with --service"),
+])
+def test_a_mode_the_server_cannot_answer_stops_with_one_line(site, tmp_path: Path,
+                                                             args: list[str],
+                                                             pattern: str) -> None:  # type: ignore[no-untyped-def]
+    r = subprocess.run([*QT, "connect", "box", *args, "--signal", site["url"]], input=b"",
+                       capture_output=True, timeout=60, env=base_env(tmp_path / "c"))
+    err = r.stderr.decode()
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert r.returncode == 1 and len(errors) == 1 and re.search(pattern, errors[0]), err
+    assert "Traceback" not in err
