@@ -101,6 +101,7 @@ class Opener:
         log.info("client %s: refused %s", self._who(), text)
         if request.version == 0:
             self.driver.reset(stream_id, ctl.ERR_NO_DEFAULT)
+            self._refused.add(stream_id)  # what the client still sends: dropped quietly
             return
         self._answer_refusal(stream_id, ctl.OpenReply(status, text))
 

@@ -187,15 +187,17 @@ async def _stdio(tunnel: Tunnel, service: str | None) -> None:
     bridge.on_done = finished
     # asyncio refuses regular files for pipe transports (and uvloop aborts on them), so
     # files get small thread/synchronous transports instead
-    if _is_file(sys.stdin):
-        _FileReader(sys.stdin.buffer, bridge)
-    else:
-        await loop.connect_read_pipe(lambda: bridge, sys.stdin.buffer)
+    # the writer first: a stdin that ends at once must find it (else its EOF looked like
+    # a reset)
     if _is_file(sys.stdout):
         wt: asyncio.WriteTransport = _FileWriter(sys.stdout.buffer)
     else:
         wt, _ = await loop.connect_write_pipe(lambda: WriteSide(bridge), sys.stdout.buffer)
     bridge.attach_writer(wt)
+    if _is_file(sys.stdin):
+        _FileReader(sys.stdin.buffer, bridge)
+    else:
+        await loop.connect_read_pipe(lambda: bridge, sys.stdin.buffer)
     closed = asyncio.ensure_future(tunnel.wait_closed())
     await asyncio.wait({done, closed}, return_when=asyncio.FIRST_COMPLETED)
     if not done.done():
