@@ -255,3 +255,25 @@ def test_a_mode_the_server_cannot_answer_stops_with_one_line(site, tmp_path: Pat
     errors = [ln for ln in err.splitlines() if "error:" in ln]
     assert r.returncode == 1 and len(errors) == 1 and re.search(pattern, errors[0]), err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("args", "pattern"), [
+    (["--forward", "app=unix:{file}"], r"exists and is not a socket"),
+    (["--forward", "app=unix:relative.sock"], r"absolute path"),
+    (["--forward", "a=127.0.0.1:22", "--forward", "a=udp:127.0.0.1:53"], r"two services"),
+    (["--forward", "127.0.0.1:22", "--allow", "10.0.0.1/8"], r"--allow '10.0.0.1/8'"),
+    (["--forward", "127.0.0.1:22", "--allow", "nas.lan:99999"], r"ports go from 1 to 65535"),
+    (["--allow", "*.lan:0-80"], r"ports go from 1"),
+    ([], r"nothing to serve"),
+])
+def test_serve_bad_specs_are_one_line_before_the_relay(tmp_path: Path, args: list[str],
+                                                       pattern: str) -> None:
+    f = tmp_path / "plain-file"
+    f.write_text("x")
+    argv = [a.replace("{file}", str(f)) for a in args]
+    r = subprocess.run([*QT, "serve", "box", *argv, "--signal", "ws://127.0.0.1:9/"],
+                       capture_output=True, text=True, timeout=60,
+                       env=base_env(tmp_path / "s"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and re.search(pattern, lines[0]), r.stderr
+    assert f.read_text() == "x"
