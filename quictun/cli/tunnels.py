@@ -77,18 +77,13 @@ def serve(name: str, forwards: tuple[str, ...], allows: tuple[str, ...], pair: b
     """
     from .. import store
     from ..aio import server as api
-    from ..errors import TunnelError
     from ..proto import ticket
     from ..proto.pake import box_key_of
 
     check_name(name)
     check_signal(signal)
     mode = mode_of(direct_only, relay_only)
-    try:
-        forwarding = api.forwarding(list(forwards), list(allows))
-    except TunnelError as exc:
-        raise UserError(str(exc)) from None
-    _check_unix_targets(forwarding)
+    _check_forwarding(forwards, allows)
     secret = secret_from(secret_file, secret_arg)
     ident = load_identity()
     generated = secret is None
@@ -134,12 +129,20 @@ def serve(name: str, forwards: tuple[str, ...], allows: tuple[str, ...], pair: b
                   on_registered=on_registered, pairing=pairing, config=tunnel_config()))
 
 
-def _check_unix_targets(forwarding) -> None:  # type: ignore[no-untyped-def]
-    """A unix target path that exists and is not a socket is a mistake: refuse it; one
-    that does not exist yet gets a warning (the service may start later)."""
+def _check_forwarding(forwards: tuple[str, ...], allows: tuple[str, ...]) -> None:
+    """Malformed specs, and a unix target path that exists and is not a socket, are
+    one-line errors; a unix path that does not exist yet gets a warning (the service may
+    start later)."""
     import stat
 
-    for svc in forwarding.services:
+    from ..aio.server import forwarding
+    from ..errors import TunnelError
+
+    try:
+        table = forwarding(list(forwards), list(allows))
+    except TunnelError as exc:
+        raise UserError(str(exc)) from None
+    for svc in table.services:
         if svc.kind != "unix":
             continue
         try:
