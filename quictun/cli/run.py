@@ -71,6 +71,10 @@ async def run_connect(
             svc = f" (service {lst.service})" if lst.service else ""
             lines.append(f"listening on {bound}{svc}")
         if socks is not None:
+            if not _loopback(socks[0]):
+                log.warning("--socks on %s: anyone who can reach this port can use the "
+                            "serving side's --allow targets (the entry asks for no "
+                            "password); 127.0.0.1 keeps it to this machine", socks[0])
             try:
                 servers.append(await start_socks(socks[0], socks[1], lambda: current[0]))
             except OSError as exc:
@@ -92,6 +96,15 @@ async def run_connect(
             srv.close()
         if current[0] is not None:
             await current[0].close()
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _print_listing(name: str, listing: ctl.Listing) -> None:
