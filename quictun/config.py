@@ -125,6 +125,19 @@ class TunnelConfig:
     """Stream data held before the client proof; more closes the connection."""
     queue_before_path: int = 64
     """QUIC datagrams kept while there is no path yet."""
+    max_datagram_frame: int = 65535
+    """Largest QUIC DATAGRAM frame (RFC 9221) accepted from the peer; 0: none (no UDP)."""
+    udp_idle_timeout: float = 60.0
+    """Seconds without a datagram, either way, after which a UDP flow ends."""
+    udp_max_flows: int = 256
+    """UDP flows one tunnel carries at once (per client on ``serve``)."""
+    udp_open_queue: int = 32
+    """Datagrams kept per flow while the serving side opens it (one round trip)."""
+    udp_backlog: int = 256
+    """DATAGRAM frames waiting for congestion window; more are dropped (and counted),
+    never queued behind each other for long: UDP traffic wants fresh packets."""
+    target_timeout: float = 10.0
+    """Seconds ``serve`` waits for a target (or a proxy target's DNS) to connect."""
     paths: PathConfig = field(default_factory=PathConfig)
     """Punching, keepalive and fallback timing (the path manager's)."""
     portmap: PortmapConfig = field(default_factory=PortmapConfig)

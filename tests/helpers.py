@@ -61,7 +61,8 @@ class Proc:
         self._f.close()
 
 
-def base_env(home: Path, secret: str | None = "test-secret", signal: str | None = None) -> dict:
+def base_env(home: Path, secret: str | None = "test-secret-phrase",
+             signal: str | None = None) -> dict:
     """The environment of a quictun process under test. Port mapping is off
     (``QUICTUN_PORTMAP=0``): tests never ask this machine's router (the lab's tests ask
     the lab's own miniupnpd)."""

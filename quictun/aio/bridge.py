@@ -20,7 +20,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..config import TunnelConfig
-from ..proto.control import ERR_LOCAL_RESET
+from ..proto.control import (
+    ERR_LOCAL_RESET,
+    ERR_NO_DEFAULT,
+    ERR_TARGET_UNREACHABLE,
+    ST_FAILURE,
+    OpenReply,
+    parse_reply,
+)
 
 if TYPE_CHECKING:
     from .driver import QuicDriver
@@ -64,6 +71,11 @@ class StreamBridge(asyncio.Protocol):
         self.bytes_down = 0
         self._batch: list[bytes] = []  # QUIC data for the writer, flushed once per loop turn
         self._polling = False
+        self.send_first = b""  # written to the stream before any local byte (a reply)
+        self._reply: bytearray | None = None  # the server's reply, while expected
+        self.on_reply: Callable[[OpenReply], None] | None = None
+        self.reply: OpenReply | None = None
+        self.reset_code: int | None = None  # the peer's RESET_STREAM code, if it reset
 
     # -- local transport -------------------------------------------------------------
     @property
@@ -74,8 +86,51 @@ class StreamBridge(asyncio.Protocol):
     #: False when the read side is a pipe and the writer comes via :meth:`attach_writer`
     duplex = True
 
+    def expect_reply(self, on_reply: Callable[[OpenReply], None] | None = None) -> None:
+        """The stream starts with the server's :class:`OpenReply`: strip it, call
+        ``on_reply`` with it before any target byte reaches the local side, and, for a
+        refusal, end the stream (closing the local side gracefully, so a reply the
+        callback wrote still leaves)."""
+        self._reply = bytearray()
+        self.on_reply = on_reply
+
+    def _reply_data(self, data: bytes) -> bytes | None:
+        """Feed the expected reply; returns what follows it, or None (more needed, or
+        refused and finished)."""
+        assert self._reply is not None
+        self._reply.extend(data)
+        got = parse_reply(bytes(self._reply[:257]))
+        if got is None:
+            self.driver.consume(self.stream_id, len(data))
+            return None
+        reply, used = got
+        rest = bytes(self._reply[used:])
+        self.driver.consume(self.stream_id, len(data) - len(rest))
+        self._reply = None
+        self.reply = reply
+        if not reply.ok:
+            self.driver.consume(self.stream_id, len(rest))
+            self._refused(reply)
+            return None
+        if self.on_reply is not None:
+            self.on_reply(reply)
+        return rest
+
+    def _refused(self, reply: OpenReply) -> None:
+        self._reply = None
+        self.reply = reply
+        if self.on_reply is not None:
+            self.on_reply(reply)
+        self.driver.reset(self.stream_id, ERR_LOCAL_RESET)
+        for t in {id(x): x for x in (self._reader, self._writer) if x is not None}.values():
+            t.close()
+        self._finish()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._reader = transport
+        if self.send_first:
+            self.driver.send(self.stream_id, self.send_first)
+            self.send_first = b""
         # not isinstance(WriteTransport): uvloop's socket transports do not subclass it
         if self._done:  # the stream ended while the target was being connected
             transport.abort()  # type: ignore[attr-defined]
@@ -130,6 +185,15 @@ class StreamBridge(asyncio.Protocol):
             if data:
                 self.driver.consume(self.stream_id, len(data))
             return
+        if self._reply is not None:
+            rest = self._reply_data(data) if data else None
+            if self._reply is not None:  # still waiting for it
+                if end:
+                    self._refused(OpenReply(ST_FAILURE, "the server ended the stream"))
+                return
+            if rest is None:  # refused
+                return
+            data = rest
         if data:
             self.bytes_down += len(data)
             if self._writer is None:
@@ -144,10 +208,18 @@ class StreamBridge(asyncio.Protocol):
 
     def quic_reset(self, error_code: int) -> None:
         """Peer reset its sending side: abort the local connection."""
+        self.reset_code = error_code
+        if self._reply is not None and not self._done:
+            self._reply = None
+            self.reply = OpenReply(ST_FAILURE, reset_reason(error_code))
+            if self.on_reply is not None:
+                self.on_reply(self.reply)
         self._abort_local()
 
     def quic_stop_sending(self, error_code: int) -> None:
         """Peer will not read any more: stop reading locally and abort."""
+        if self.reset_code is None:
+            self.reset_code = error_code
         self.driver.reset(self.stream_id, error_code)
         self._abort_local()
 
@@ -233,6 +305,16 @@ class StreamBridge(asyncio.Protocol):
         self.driver.quic.forget_stream(self.stream_id)
         if self.on_done is not None:
             self.on_done(self)
+
+
+def reset_reason(error_code: int) -> str:
+    """What a RESET_STREAM from the serving side means, for a person."""
+    if error_code == ERR_NO_DEFAULT:
+        return ("the server offers several services and none is the default: name one "
+                "with --service (`quictun connect NAME --list` shows them)")
+    if error_code == ERR_TARGET_UNREACHABLE:
+        return "the server could not connect its target (or it is an older quictun)"
+    return f"the server reset the stream (code {error_code:#x})"
 
 
 class WriteSide(asyncio.Protocol):

@@ -34,9 +34,11 @@ from dataclasses import dataclass
 
 from ..config import DEFAULT_SIGNAL, TunnelConfig
 from ..errors import AuthError, TunnelError, printable
+from ..proto import control as ctl
 from ..proto import pake
 from ..proto import signalling as sigproto
 from ..proto.addr import Candidate, decode_candidates
+from ..proto.control import OpenReply, OpenRequest
 from ..proto.exchange import ClientExchange, MismatchedPin
 from ..proto.identity import Identity
 from ..proto.offer import E_VERSION, OfferError, ServerHello
@@ -44,13 +46,14 @@ from ..punch.types import Mode, NetPath, PathConfig, describe
 from ..store import load_or_create
 from .bridge import StreamBridge
 from .candidates import open_and_gather, portmap_candidates, regather
+from .datagrams import DatagramFlow
 from .handlers import ClientHandler
 from .portmap import PortMapper
 from .relay import RelayError, SignalClient
 from .session import PeerSession, new_path_manager
 from .udp import UdpEndpoint
 
-__all__ = ["StatusCallback", "Tunnel", "connect", "open_tunnel"]
+__all__ = ["DatagramFlow", "StatusCallback", "Tunnel", "connect", "open_tunnel"]
 
 log = logging.getLogger("quictun")
 
@@ -75,20 +78,80 @@ class Tunnel:
     signal: SignalClient
     path: NetPath | None = None
 
-    async def open_connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def open_connection(
+        self, service: str | None = None, *, host: str | None = None, port: int = 0,
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Open one forwarded connection; returns asyncio streams (like
-        ``asyncio.open_connection``). Raises :class:`TunnelError` if the tunnel is closed."""
+        ``asyncio.open_connection``).
+
+        ``service``: the served stream service by name (None: the default one). Or
+        ``host`` and ``port``: a proxy target, which the serving side checks against
+        its ``--allow`` rules. With a name or a target, returns once the server has
+        connected it.
+
+        Raises:
+            TunnelError: the tunnel is closed, or the server refused (unknown service,
+                target not allowed or unreachable), with its reason.
+        """
         if self.closed:
             raise TunnelError("the tunnel is closed")
         loop = asyncio.get_running_loop()
+        bridge = self.bridge(service, host=host, port=port)
+        answered: asyncio.Future[OpenReply] = loop.create_future()
+        if service is None and host is None:
+            answered.set_result(OpenReply(ctl.ST_OK))  # the bare preamble: no reply
+        else:
+            bridge.on_reply = lambda r: answered.done() or answered.set_result(r)
         ours, theirs = socket.socketpair()
-        bridge = self.handler.open_bridge()
         await loop.connect_accepted_socket(lambda: bridge, sock=ours)
+        # handler.closed is the tunnel's own future: waited on, never cancelled
+        await asyncio.wait({answered, self.handler.closed},
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not answered.done() or not answered.result().ok:
+            theirs.close()
+            why = answered.result().text if answered.done() else "the tunnel closed"
+            raise TunnelError(f"{self.name!r} refused the connection: {printable(why)}")
         return await asyncio.open_connection(sock=theirs)
 
-    def bridge(self) -> StreamBridge:
-        """A protocol for one local transport (used by ``--listen`` and ``--stdio``)."""
-        return self.handler.open_bridge()
+    def bridge(self, service: str | None = None, *, host: str | None = None,
+               port: int = 0) -> StreamBridge:
+        """A protocol for one local transport (``--listen``, ``--stdio``, SOCKS): to
+        ``service`` (None: the default), or to the proxy target ``host:port``."""
+        if host is not None:
+            req = OpenRequest(ctl.OP_TARGET, host=host, port=port)
+        elif service is not None:
+            req = OpenRequest(ctl.OP_STREAM, service)
+        else:
+            req = None
+        return self.handler.open_bridge(req)
+
+    async def open_datagram(self, service: str | None = None) -> DatagramFlow:
+        """Open one UDP flow to ``service`` (None: the default udp service): ``send``
+        payloads, ``await recv()`` them, ``close()``. Returns once the server opened it.
+
+        Raises:
+            TunnelError: the tunnel is closed, or the server refused the flow.
+        """
+        if self.closed:
+            raise TunnelError("the tunnel is closed")
+        flow = self.handler.open_flow(service)
+        reply = await flow.opened
+        if not reply.ok:
+            raise TunnelError(f"{self.name!r} refused the udp flow: {printable(reply.text)}")
+        return flow
+
+    async def services(self) -> ctl.Listing:
+        """What the server offers (told only to an authenticated client)."""
+        if self.closed:
+            raise TunnelError("the tunnel is closed")
+        try:
+            reply, body = await self.handler.request(OpenRequest(ctl.OP_LIST))
+            if not reply.ok:
+                raise ctl.ProtocolError(reply.text)
+            return ctl.decode_listing(body)
+        except ctl.ProtocolError as exc:
+            raise TunnelError(f"{self.name!r} did not list its services: {exc} (an "
+                              "older quictun?)") from None
 
     @property
     def closed(self) -> bool:

@@ -37,6 +37,7 @@ class EventHandler(Protocol):
     def on_stop_sending(self, stream_id: int, error_code: int) -> None: ...
     def on_acked(self) -> None: ...
     def on_terminated(self, error_code: int, reason: str) -> None: ...
+    def on_datagram(self, data: bytes) -> None: ...
 
 
 class QuicDriver:
@@ -70,6 +71,7 @@ class QuicDriver:
         self.terminated = asyncio.Event()
         self.bytes_in = 0
         self.bytes_out = 0
+        self.datagram_backlog_limit = TunnelConfig.udp_backlog
         self._closed = False
         if keepalive:
             self._keepalive_handle = self._loop.call_later(keepalive, self._send_keepalive)
@@ -113,6 +115,22 @@ class QuicDriver:
         except self._errors:
             pass
         self.schedule_flush()
+
+    def send_datagram(self, data: bytes) -> bool:
+        """Queue one DATAGRAM frame (RFC 9221: sent once, never retransmitted). False,
+        and nothing queued, when it is larger than :meth:`datagram_limit` or QUIC's
+        queue holds ``backlog`` frames already (the caller counts the drop)."""
+        if self._closed or len(data) > self.quic.datagram_limit():
+            return False
+        if self.quic.datagram_backlog() >= self.datagram_backlog_limit:
+            return False
+        self.quic.send_datagram_frame(data)
+        self.schedule_flush()
+        return True
+
+    def datagram_limit(self) -> int:
+        """The largest DATAGRAM frame payload that fits a packet now (0: no DATAGRAMs)."""
+        return 0 if self._closed else self.quic.datagram_limit()
 
     def consume(self, stream_id: int, n: int) -> None:
         self.quic.consume(stream_id, n)
@@ -173,6 +191,8 @@ class QuicDriver:
                 if ev.data:
                     self.quic.delivered(ev.stream_id, len(ev.data))
                 h.on_stream_data(ev.stream_id, ev.data, ev.end_stream)
+            elif isinstance(ev, events.DatagramFrameReceived):
+                h.on_datagram(ev.data)
             elif isinstance(ev, events.StreamReset):
                 h.on_stream_reset(ev.stream_id, ev.error_code)
             elif isinstance(ev, events.StopSendingReceived):
@@ -227,4 +247,7 @@ class _NullHandler:
         pass
 
     def on_terminated(self, error_code: int, reason: str) -> None:
+        pass
+
+    def on_datagram(self, data: bytes) -> None:
         pass

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..config import TunnelConfig
+from ..proto import control as ctl
 from ..proto.control import (
     CANDIDATES_LIMIT,
     CONTROL_STREAM,
@@ -24,12 +25,13 @@ from ..proto.control import (
     ERR_FINGERPRINT,
     ERR_TARGET_UNREACHABLE,
     SERVER_PROOF_SIZE,
-    STREAM_PREAMBLE,
     Authenticated,
+    OpenRequest,
     ProofGate,
     Refused,
     check_server_proof,
     decode_candidates_update,
+    decode_datagram,
     encode_candidates,
     make_proof,
 )
@@ -37,7 +39,10 @@ from ..proto.identity import Identity
 from ..proto.pake import SessionKeys
 from ..quic.binding import BindingUnavailable, channel_binding
 from .bridge import StreamBridge
+from .datagrams import DatagramFlow
 from .driver import QuicDriver
+from .opening import Opener
+from .targets import Forwarding
 from .timer import Timer
 
 if TYPE_CHECKING:
@@ -131,6 +136,9 @@ class HandlerBase:
         if not self.closed.done():
             self.closed.set_result(reason or f"closed (code {error_code})")
 
+    def on_datagram(self, data: bytes) -> None:
+        pass
+
     def _consume_stray(self, stream_id: int, data: bytes) -> None:
         if data:
             self.driver.consume(stream_id, len(data))
@@ -163,6 +171,8 @@ class ClientHandler(HandlerBase):
         self._cb: bytes | None = None
         self._server_proof = bytearray()
         self._proof_timer = Timer(asyncio.get_running_loop(), self._server_proof_overdue)
+        self.flows: dict[int, DatagramFlow] = {}
+        self._requests: dict[int, tuple[bytearray, asyncio.Future[bytes]]] = {}
 
     def on_handshake(self, event: events.HandshakeCompleted) -> None:
         fp = self.driver.quic.engine.peer_fingerprint(self.driver.quic)
@@ -222,15 +232,52 @@ class ClientHandler(HandlerBase):
             else:
                 text = f"the tunnel closed during the handshake ({reason or error_code})"
             self.ready.set_exception(ConnectionRefusedError(text))
+        for flow in list(self.flows.values()):
+            flow._end(f"the tunnel closed ({reason or error_code})")
+        for _buf, done in self._requests.values():
+            if not done.done():
+                done.set_exception(ctl.ProtocolError("the tunnel closed"))
+        self._requests.clear()
         super().on_terminated(error_code, reason)
 
-    def open_bridge(self) -> StreamBridge:
-        """A new stream joined to a bridge; attach a transport to it as its protocol."""
+    def open_bridge(self, request: OpenRequest | None = None) -> StreamBridge:
+        """A new stream joined to a bridge; attach a transport to it as its protocol.
+
+        ``request`` None opens the default stream service (the bare preamble, no
+        reply); any other is sent as it is, and the bridge strips the server's reply
+        (see :meth:`StreamBridge.expect_reply`; set its ``on_reply`` to hear it)."""
+        request = request or OpenRequest(ctl.OP_STREAM, version=0)
+        raw = request.encode()  # ValueError (a name too long) before any stream is taken
         bridge = self._new_bridge(self.driver.open_stream())
+        if request.version:
+            bridge.expect_reply()
         # announce the stream at once, so services that speak first (SMTP, MySQL...)
         # are connected before the local client sends anything
-        self.driver.send(bridge.stream_id, STREAM_PREAMBLE)
+        self.driver.send(bridge.stream_id, raw)
         return bridge
+
+    def open_flow(self, service: str | None = None) -> DatagramFlow:
+        """A new UDP flow to ``service`` (None: the default udp service); it queues
+        what it is given until the server accepted it (``flow.opened``)."""
+        raw = OpenRequest(ctl.OP_DATAGRAM, service).encode()
+        sid = self.driver.open_stream()
+        flow = DatagramFlow(self.driver, sid, self.config,
+                            on_forget=lambda f: self.flows.pop(f.flow_id, None))
+        self.flows[flow.flow_id] = flow
+        self.driver.send(sid, raw)
+        return flow
+
+    async def request(self, request: OpenRequest) -> tuple[ctl.OpenReply, bytes]:
+        """Send a one-shot request (LIST); returns the reply and the body up to FIN."""
+        sid = self.driver.open_stream()
+        done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._requests[sid] = (bytearray(), done)
+        self.driver.send(sid, request.encode(), end=True)
+        raw = await done
+        got = ctl.parse_reply(raw)
+        if got is None:
+            raise ctl.ProtocolError("the server's reply is cut short")
+        return got[0], raw[got[1]:]
 
     def on_stream_data(self, stream_id: int, data: bytes, end: bool) -> None:
         b = self.bridges.get(stream_id)
@@ -238,14 +285,48 @@ class ClientHandler(HandlerBase):
             b.quic_data(data, end)
         elif stream_id == CONTROL_STREAM:
             self._server_proof_data(data)
+        elif (flow := self.flows.get(stream_id // 4)) is not None and stream_id % 4 == 0:
+            flow.stream_data(data, end)
+        elif stream_id in self._requests:
+            self._request_data(stream_id, data, end)
         elif stream_id % 4 == 3 and self.ready.done():
             self._candidate_data(stream_id, data, end)
         else:
             self._consume_stray(stream_id, data)
 
+    def _request_data(self, stream_id: int, data: bytes, end: bool) -> None:
+        self.driver.consume(stream_id, len(data))
+        buf, done = self._requests[stream_id]
+        buf.extend(data)
+        if len(buf) > ctl.LISTING_LIMIT + 257:
+            del self._requests[stream_id]
+            self.driver.reset(stream_id, ERR_TARGET_UNREACHABLE)
+            done.set_exception(ctl.ProtocolError("the server's reply is too long"))
+        elif end:
+            del self._requests[stream_id]
+            done.set_result(bytes(buf))
+
+    def on_stream_reset(self, stream_id: int, error_code: int) -> None:
+        flow = self.flows.get(stream_id // 4) if stream_id % 4 == 0 else None
+        if flow is not None:
+            flow.stream_reset(error_code)
+        entry = self._requests.pop(stream_id, None)
+        if entry is not None and not entry[1].done():
+            entry[1].set_exception(ctl.ProtocolError(f"the server reset the request "
+                                                     f"(code {error_code:#x})"))
+        super().on_stream_reset(stream_id, error_code)
+
+    def on_datagram(self, data: bytes) -> None:
+        got = decode_datagram(data)
+        flow = self.flows.get(got[0]) if got is not None else None
+        if flow is not None and got is not None:
+            flow.datagram(got[1])
+
 
 class ServerHandler(HandlerBase):
-    """The serving side: checks the client's proof, then connects streams to the target."""
+    """The serving side: checks the client's proof, then opens what each stream asks
+    for (see :class:`~quictun.aio.opening.Opener`): a service, a proxy target, a UDP
+    flow, the listing."""
 
     def __init__(
         self,
@@ -255,7 +336,7 @@ class ServerHandler(HandlerBase):
         identity: Identity,
         keys: SessionKeys,
         client_pub: bytes,
-        target: tuple[str, int],
+        target: Forwarding,
         on_authenticated: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(driver, config)
@@ -266,7 +347,8 @@ class ServerHandler(HandlerBase):
                                hold_limit=config.pre_auth_limit)
         self.client_fp = self._gate.client_fp
         self._on_authenticated = on_authenticated
-        self.connections = 0
+        self.opener = Opener(driver, target, config, self._new_bridge, self._spawn,
+                             lambda: self.client_fp[:16])
         self._finished: set[int] = set()
         # a connection that never proves itself must not hold a session (and its sockets)
         self._timer = Timer(loop, self._proof_overdue)
@@ -276,6 +358,11 @@ class ServerHandler(HandlerBase):
     def authenticated(self) -> bool:
         return self._gate.authenticated
 
+    @property
+    def connections(self) -> int:
+        """Stream connections opened for this client (all services)."""
+        return sum(s.connections for s in self.opener.stats.values() if s.udp is None)
+
     def _proof_overdue(self) -> None:
         verdict = self._gate.handle_timer(asyncio.get_running_loop().time())
         if verdict is not None:
@@ -283,6 +370,7 @@ class ServerHandler(HandlerBase):
 
     def on_terminated(self, error_code: int, reason: str) -> None:
         self._timer.cancel()
+        self.opener.close()
         super().on_terminated(error_code, reason)
 
     def on_handshake(self, event: events.HandshakeCompleted) -> None:
@@ -298,6 +386,7 @@ class ServerHandler(HandlerBase):
 
     def _bridge_done(self, bridge: StreamBridge) -> None:
         super()._bridge_done(bridge)
+        self.opener.bridge_done(bridge)
         self._finished.add(bridge.stream_id)
         if len(self._finished) > 4096:  # forget streams QUIC itself has discarded
             alive = self.driver.quic.stream_alive
@@ -323,6 +412,14 @@ class ServerHandler(HandlerBase):
         """Only a client that proved the secret hears of our late candidates."""
         return self._gate.authenticated
 
+    def on_stream_reset(self, stream_id: int, error_code: int) -> None:
+        self.opener.flow_reset(stream_id)
+        super().on_stream_reset(stream_id, error_code)
+
+    def on_datagram(self, data: bytes) -> None:
+        if self._gate.authenticated:
+            self.opener.datagram(data)
+
     def _authenticated(self, verdict: Authenticated) -> None:
         self._timer.cancel()
         self.driver.send(CONTROL_STREAM, verdict.reply, end=True)
@@ -339,30 +436,13 @@ class ServerHandler(HandlerBase):
 
     def _deliver(self, stream_id: int, data: bytes, end: bool) -> None:
         b = self.bridges.get(stream_id)
-        if b is None:
-            if stream_id % 4 != 0:  # only client-initiated bidirectional streams
-                self._consume_stray(stream_id, data)
-                return
-            if stream_id in self._finished or not self.driver.quic.stream_alive(stream_id):
-                self._consume_stray(stream_id, data)
-                return  # a late frame of a stream already finished
-            if not data.startswith(STREAM_PREAMBLE):
-                self._consume_stray(stream_id, data)
-                self.driver.reset(stream_id, ERR_TARGET_UNREACHABLE)
-                return
-            self.driver.consume(stream_id, len(STREAM_PREAMBLE))
-            data = data[len(STREAM_PREAMBLE):]
-            b = self._new_bridge(stream_id)
-            self.connections += 1
-            self._spawn(self._connect(b))
-        b.quic_data(data, end)
-
-    async def _connect(self, bridge: StreamBridge) -> None:
-        loop = asyncio.get_running_loop()
-        host, port = self.target
-        try:
-            await loop.create_connection(lambda: bridge, host, port)
-        except OSError as exc:
-            log.info("target %s:%d refused stream %d: %s", host, port, bridge.stream_id, exc)
-            self.driver.reset(bridge.stream_id, ERR_TARGET_UNREACHABLE)
-            bridge.quic_reset(ERR_TARGET_UNREACHABLE)
+        if b is not None:
+            b.quic_data(data, end)
+            return
+        if stream_id % 4 != 0:  # only client-initiated bidirectional streams
+            self._consume_stray(stream_id, data)
+            return
+        if stream_id in self._finished or not self.driver.quic.stream_alive(stream_id):
+            self._consume_stray(stream_id, data)
+            return  # a late frame of a stream already finished
+        self.opener.stream_data(stream_id, data, end)

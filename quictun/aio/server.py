@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,12 +25,14 @@ from ..config import DEFAULT_SIGNAL, TunnelConfig
 from ..errors import TunnelError, printable
 from ..proto import pake
 from ..proto import signalling as sigproto
-from ..proto.addr import Candidate, decode_candidates, parse_hostport
+from ..proto.addr import Candidate, decode_candidates
+from ..proto.allow import AllowError, AllowList
 from ..proto.exchange import ServerExchange
 from ..proto.identity import Identity, fingerprint_of_raw
 from ..proto.limits import ReplayWindow, Sighting
 from ..proto.offer import E_STALE, E_VERSION, SKEW_MS, ClientHello, OfferError
 from ..proto.pairing import PairingCode
+from ..proto.services import ServiceError, services_from
 from ..proto.throttle import Throttle
 from ..proto.ticket import Ticket
 from ..punch.types import Mode, NetPath, PathConfig, describe
@@ -41,6 +43,7 @@ from .handlers import ServerHandler
 from .pairing import PairingHost
 from .relay import RelayError, SignalClient
 from .session import PeerSession, new_path_manager
+from .targets import Forwarding
 from .udp import UdpEndpoint
 
 __all__ = ["Server", "serve"]
@@ -68,10 +71,11 @@ class _ServedSession:
 
 
 class Server:
-    """Serves ``target`` under ``name`` until cancelled; see :func:`serve`."""
+    """Serves ``target`` (its services and proxy rules) under ``name`` until cancelled;
+    see :func:`serve`."""
 
     def __init__(
-        self, name: str, target: tuple[str, int], *, signal: str, secret: str | bytes,
+        self, name: str, target: Forwarding, *, signal: str, secret: str | bytes,
         mode: Mode, token: str | None, identity: Identity,
         on_event: StatusCallback | None, config: TunnelConfig,
         on_registered: Callable[[], None] | None = None,
@@ -90,6 +94,7 @@ class Server:
         self._box_private, self.box_key = pake.box_keypair(identity.private_bytes())
         self.throttle = Throttle()
         self.known_clients: set[str] = set()  # identities that proved the secret before
+        self.on_event = on_event
         self.emit = on_event or (lambda s: log.info("%s", s))
         self.sessions: dict[int, _ServedSession] = {}
         self._pending: dict[int, _Pending] = {}
@@ -189,7 +194,7 @@ class Server:
         sc.on_relay = self._on_relay
         sc.on_lost = lambda exc, lost=lost: lost.done() or lost.set_result(None)
         self.registered.set()
-        self.emit(f"serving {self.name!r} -> {self.target[0]}:{self.target[1]} via {self.url}")
+        self.emit(f"serving {self.name!r} -> {self.target.describe()} via {self.url}")
         if self.on_registered is not None:
             self.on_registered()
         try:
@@ -438,14 +443,28 @@ class Server:
             with contextlib.suppress(TunnelError):
                 await self.signal.send(sigproto.Close(session=sid, reason="ended"))
         if served.client_fp:
-            drv = session.driver
-            h = session.handler
-            self.emit(
-                f"client {served.client_fp[:16]} disconnected after "
-                f"{time.monotonic() - served.started:.1f} s, "
+            self._summary(served)
+
+    def _summary(self, served: _ServedSession) -> None:
+        """The per-client line: totals, then each service's connections and bytes (also
+        as JSON fields with ``--log-format json``)."""
+        drv = served.session.driver
+        h = served.session.handler
+        per = h.opener.totals() if isinstance(h, ServerHandler) else {}
+        seconds = round(time.monotonic() - served.started, 1)
+        text = (f"client {served.client_fp[:16]} disconnected after {seconds:.1f} s, "
                 f"{getattr(h, 'connections', 0)} connections, "
-                f"{drv.bytes_in if drv else 0} bytes in, {drv.bytes_out if drv else 0} out"
-            )
+                f"{drv.bytes_in if drv else 0} bytes in, {drv.bytes_out if drv else 0} out")
+        if per:
+            text += "; " + "; ".join(f"{k}: {v.text()}" for k, v in sorted(per.items()))
+        fields = {"event": "client-disconnected", "client": served.client_fp,
+                  "seconds": seconds, "bytes_in": drv.bytes_in if drv else 0,
+                  "bytes_out": drv.bytes_out if drv else 0,
+                  "services": {k: v.as_dict() for k, v in sorted(per.items())}}
+        if self.on_event is not None:
+            self.on_event(text)
+        else:
+            log.info("%s", text, extra={"fields": fields})
 
 
 def _who(key: object) -> str:
@@ -464,7 +483,8 @@ class _Permanent(TunnelError):
 async def serve(
     name: str,
     *,
-    forward: str,
+    forward: str | Mapping[str, str] | Iterable[str] | None = None,
+    allow: Iterable[str] = (),
     signal: str = DEFAULT_SIGNAL,
     secret: str | bytes,
     mode: str = "auto",
@@ -476,7 +496,13 @@ async def serve(
     config: TunnelConfig | None = None,
     pairing: tuple[PairingCode, Ticket] | None = None,
 ) -> None:
-    """Make ``forward`` (``HOST:PORT``) reachable as ``name`` until cancelled.
+    """Make ``forward`` reachable as ``name`` until cancelled.
+
+    ``forward``: one target (``"127.0.0.1:22"``, the default service), a mapping of
+    service names to targets (``{"ssh": "127.0.0.1:22", "wg": "udp:127.0.0.1:51820",
+    "app": "unix:/run/app.sock"}``), or several ``[NAME=]TARGET`` texts (the CLI's
+    ``--forward``); see :mod:`quictun.proto.services`. ``allow``: the proxy (SOCKS)
+    rules, none by default, so no proxying (:mod:`quictun.proto.allow`).
 
     Re-registers after the relay restarts or the network blips; ``on_registered`` is
     called after each successful registration. ``config`` carries every tunable
@@ -485,14 +511,12 @@ async def serve(
 
     Raises:
         TunnelError: the first registration failed (relay unreachable, name taken by
-            another identity, bad token), or ``forward`` is not ``HOST:PORT``.
+            another identity, bad token), or a ``forward`` / ``allow`` spec is malformed,
+            or there is nothing to serve.
     """
     if not sigproto.valid_name(name):
         raise TunnelError(f"{name!r} is not a valid name (1-64 of A-Z a-z 0-9 . _ -)")
-    try:
-        target = parse_hostport(forward)
-    except ValueError as exc:
-        raise TunnelError(f"--forward: {exc}") from None
+    target = forwarding(forward, allow)
     checked = check_mode(mode)
     config = config or TunnelConfig()
     if path_config is not None:
@@ -501,3 +525,18 @@ async def serve(
                     identity=identity or load_or_create(), on_event=on_event, config=config,
                     on_registered=on_registered, pairing=pairing)
     await server.run()
+
+
+def forwarding(forward: str | Mapping[str, str] | Iterable[str] | None,
+               allow: Iterable[str] = ()) -> Forwarding:
+    """The :class:`Forwarding` of :func:`serve`'s arguments; TunnelError (one line) for a
+    malformed spec or when there is nothing to serve."""
+    try:
+        services = services_from(forward)
+        rules = AllowList(allow)
+    except (ServiceError, AllowError) as exc:
+        raise TunnelError(str(exc)) from None
+    if not len(services) and not rules:
+        raise TunnelError("nothing to serve: give --forward [NAME=]TARGET (or --allow for "
+                          "the SOCKS entry)")
+    return Forwarding(services, rules)

@@ -53,6 +53,7 @@ def quic_configuration(is_client: bool, identity: Identity, config: TunnelConfig
         is_client, identity, alpn=ALPN, max_datagram_size=config.max_datagram,
         max_stream_data=config.stream_window, max_data=config.connection_window,
         idle_timeout=config.idle_timeout,
+        max_datagram_frame_size=config.max_datagram_frame or None,
     )
     if config.congestion_control is not None:
         cfg.congestion_control_algorithm = config.congestion_control
@@ -218,6 +219,7 @@ class PeerSession:
                                             original_destination_connection_id=dcid)
         quic.peer_max_ack_delay = self.config.peer_max_ack_delay
         self.driver = QuicDriver(quic, self._send_quic, keepalive=self.config.keepalive)
+        self.driver.datagram_backlog_limit = self.config.udp_backlog
         self.handler = self._handler_factory(self.driver)
         self.driver.set_handler(self.handler)
         self.driver.on_closed = self._shutdown

@@ -3,6 +3,7 @@ and the small steps around secrets, identities and tickets."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Coroutine
@@ -55,8 +56,12 @@ def setup_logging(verbose: int, fmt: str) -> None:
 
     class JsonFormatter(logging.Formatter):
         def format(self, record: logging.LogRecord) -> str:
-            return json.dumps({"ts": round(time.time(), 3), "level": record.levelname.lower(),
-                               "logger": record.name, "msg": record.getMessage()})
+            line = {"ts": round(time.time(), 3), "level": record.levelname.lower(),
+                    "logger": record.name, "msg": record.getMessage()}
+            fields = getattr(record, "fields", None)
+            if isinstance(fields, dict):  # structured detail (serve's per-client summary)
+                line.update({k: v for k, v in fields.items() if k not in line})
+            return json.dumps(line)
 
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -302,7 +307,6 @@ async def _stoppable(coro: Coroutine[Any, Any, None]) -> None:
     """Await ``coro``; SIGTERM and SIGHUP cancel it like Ctrl-C does, so its ``finally``
     blocks run (tunnels close, port mappings are deleted) before the process exits."""
     import asyncio
-    import contextlib
     import signal
 
     loop = asyncio.get_running_loop()

@@ -1,4 +1,5 @@
-"""The long-running parts of ``quictun connect``: a local listener or stdio."""
+"""The long-running parts of ``quictun connect``: local listeners, the SOCKS entry,
+stdio, or the service listing."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import stat
 import sys
 from collections.abc import Awaitable, Callable
 
-from ..aio.bridge import StreamBridge, WriteSide
+from ..aio.bridge import StreamBridge, WriteSide, reset_reason
 from ..aio.client import Tunnel, open_tunnel
+from ..aio.local import Listener
+from ..aio.socks import start_socks
 from ..config import TunnelConfig
-from ..errors import TunnelError
-from ..proto.addr import parse_hostport
+from ..errors import TunnelError, printable
+from ..proto import control as ctl
+from ..proto.control import ERR_NO_DEFAULT
 from ..proto.identity import Identity
+from ..proto.services import ListenSpec
 from .status import log_stats_every, stats_line
 
 log = logging.getLogger("quictun")
@@ -26,16 +31,17 @@ def _status(line: str) -> None:
 
 async def run_connect(
     name: str, *, signal: str, secret: str, mode: str, token: str | None,
-    listen: str | None, stdio: bool, pin: str | None = None, box_key: bytes | None = None,
+    listen: list[ListenSpec] | None = None, stdio: bool = False,
+    socks: tuple[str, int] | None = None, service: str | None = None,
+    list_only: bool = False, unix_mode: int = 0o600, pin: str | None = None,
+    box_key: bytes | None = None,
     on_status: Callable[[str], None] | None = None, stats_interval: float = 60.0,
     identity: Identity | None = None, config: TunnelConfig | None = None,
 ) -> None:
-    """Open a tunnel, then serve ``listen`` or stdio until done. Raises TunnelError."""
-    if listen is not None:
-        try:
-            host, port = parse_hostport(listen, allow_zero=True)
-        except ValueError as exc:
-            raise TunnelError(f"--listen: {exc}") from None
+    """Open a tunnel, then serve the ``listen`` endpoints and the ``socks`` entry (all
+    over that one tunnel, re-established when it dies), or stdio, or print the service
+    listing (``list_only``). Raises TunnelError."""
+    config = config or TunnelConfig()
 
     def opener() -> Awaitable[Tunnel]:
         return open_tunnel(name, signal=signal, secret=secret, mode=mode, token=token,
@@ -43,53 +49,117 @@ async def run_connect(
                            identity=identity,
                            config=config)
 
-    if stdio:
+    if stdio or list_only:
         tunnel = await opener()
         try:
-            await _stdio(tunnel)
+            if list_only:
+                _print_listing(name, await tunnel.services())
+            else:
+                await _stdio(tunnel, service)
         finally:
             await tunnel.close()
         return
     # bind first: a busy or forbidden port is reported before any tunnel is built
     current: list[Tunnel | None] = [None]
-
-    def factory() -> asyncio.Protocol:
-        t = current[0]
-        return _Refuse() if t is None or t.closed else t.bridge()
-
+    listeners = [Listener(spec, service, lambda: current[0], config, unix_mode)
+                 for spec in listen or []]
+    servers: list[asyncio.AbstractServer] = []
+    lines = []
     try:
-        server = await asyncio.get_running_loop().create_server(factory, host, port)
-    except OSError as exc:
-        raise TunnelError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    try:
+        for lst in listeners:
+            bound = await lst.start()
+            svc = f" (service {lst.service})" if lst.service else ""
+            lines.append(f"listening on {bound}{svc}")
+        if socks is not None:
+            if not _loopback(socks[0]):
+                log.warning("--socks on %s: anyone who can reach this port can use the "
+                            "serving side's --allow targets (the entry asks for no "
+                            "password); 127.0.0.1 keeps it to this machine", socks[0])
+            try:
+                servers.append(await start_socks(socks[0], socks[1], lambda: current[0]))
+            except OSError as exc:
+                raise TunnelError(f"--socks: cannot listen on {socks[0]}:{socks[1]}: "
+                                  f"{exc.strerror}") from None
+            host, port = servers[0].sockets[0].getsockname()[:2]
+            lines.append(f"SOCKS5 and HTTP CONNECT proxy on {host}:{port}")
         current[0] = await opener()
-        await _listen(server, current, opener, name, stats_interval)
+        await _check_listing(name, current[0], listeners, socks is not None)
+        for line in lines:  # once the tunnel is up: scripts wait for these lines
+            log.info("%s", line)
+        await _listen(current, opener, name, stats_interval)
     finally:
-        server.close()
+        for lst in listeners:
+            if (text := lst.stats_text()) is not None:
+                log.info("%s", text)
+            lst.close()
+        for srv in servers:
+            srv.close()
         if current[0] is not None:
             await current[0].close()
 
 
-class _Refuse(asyncio.Protocol):
-    """Closes a local connection at once: the tunnel is down (being re-established)."""
+def _loopback(host: str) -> bool:
+    import ipaddress
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _print_listing(name: str, listing: ctl.Listing) -> None:
+    """``connect --list``: one line per service, then the proxy rules (stdout)."""
+    lines = [f"{'service':<20} kind"]
+    for svc, kind, default in listing.services:
+        lines.append(f"{svc:<20} {kind}{'  (default)' if default else ''}")
+    if not listing.services:
+        lines.append("(no services)")
+    if listing.allow:
+        lines.append(f"socks: --socks reaches {', '.join(listing.allow)}")
+    else:
+        lines.append("socks: not offered (serve has no --allow)")
+    print(f"{name}:\n" + "\n".join("  " + line for line in lines), flush=True)
+
+
+async def _check_listing(name: str, tunnel: Tunnel, listeners: list[Listener],
+                         socks: bool) -> None:
+    """Listeners and --socks that cannot work against what the server offers stop the
+    command at once with one line (an older server that cannot list: no check)."""
+    try:
+        listing = await tunnel.services()
+    except TunnelError:
+        return
+    if socks and not listing.allow:
+        raise TunnelError(f"{name!r} allows no SOCKS targets (start its serve with "
+                          "--allow, e.g. --allow 192.168.1.0/24:22,80,443)")
+    kinds = {svc: kind for svc, kind, _default in listing.services}
+    offered = ", ".join(f"{s} ({k})" for s, k in kinds.items()) or "none"
+    for lst in listeners:
+        want_udp = lst.spec.kind == "udp"
+        if lst.service is None:
+            if not any(d and (k == "udp") == want_udp for _s, k, d in listing.services):
+                raise TunnelError(f"--listen {lst.spec.local_text()}: {name!r} has no default "
+                                  f"{'udp' if want_udp else 'stream'} service; name one with "
+                                  f"--service or SERVICE= (offered: {offered})")
+        elif lst.service not in kinds:
+            raise TunnelError(f"--listen {lst.spec.local_text()}: {name!r} has no service "
+                              f"{lst.service!r} (offered: {offered})")
+        elif (kinds[lst.service] == "udp") != want_udp:
+            raise TunnelError(f"--listen {lst.spec.local_text()}: the service "
+                              f"{lst.service!r} is {kinds[lst.service]}")
 
 
 async def _listen(
-    server: asyncio.Server, current: list[Tunnel | None],
-    opener: Callable[[], Awaitable[Tunnel]], name: str, stats_interval: float,
+    current: list[Tunnel | None], opener: Callable[[], Awaitable[Tunnel]], name: str,
+    stats_interval: float,
 ) -> None:
-    """Serve the bound listener ``server`` with the tunnel in ``current[0]`` (up); when
-    the tunnel dies, keep listening and re-establish it.
+    """Serve the bound listeners with the tunnel in ``current[0]`` (up); when the tunnel
+    dies, keep listening and re-establish it.
 
-    Connections that arrive while the tunnel is down are closed at once. Errors another
-    attempt cannot fix (wrong secret, an impostor) end the command. The caller closes
-    ``server`` and ``current[0]``.
+    Connections that arrive while the tunnel is down are closed at once (datagrams
+    dropped). Errors another attempt cannot fix (wrong secret, an impostor) end the
+    command. The caller closes the listeners and ``current[0]``.
     """
-    bound = server.sockets[0].getsockname()
-    log.info("listening on %s:%d", bound[0], bound[1])
     while True:
         t = current[0]
         assert t is not None
@@ -114,10 +184,10 @@ async def _listen(
                 log.warning("reconnect failed: %s; retrying in %.0f s", exc, delay)
 
 
-async def _stdio(tunnel) -> None:  # type: ignore[no-untyped-def]
+async def _stdio(tunnel: Tunnel, service: str | None) -> None:
     loop = asyncio.get_running_loop()
     done = loop.create_future()
-    bridge = tunnel.bridge()
+    bridge = tunnel.bridge(service)
     bridge.duplex = False  # stdin reads, stdout writes
     handler_done = bridge.on_done
 
@@ -130,20 +200,27 @@ async def _stdio(tunnel) -> None:  # type: ignore[no-untyped-def]
     bridge.on_done = finished
     # asyncio refuses regular files for pipe transports (and uvloop aborts on them), so
     # files get small thread/synchronous transports instead
-    if _is_file(sys.stdin):
-        _FileReader(sys.stdin.buffer, bridge)
-    else:
-        await loop.connect_read_pipe(lambda: bridge, sys.stdin.buffer)
+    # the writer first: a stdin that ends at once must find it (else its EOF looked like
+    # a reset)
     if _is_file(sys.stdout):
         wt: asyncio.WriteTransport = _FileWriter(sys.stdout.buffer)
     else:
         wt, _ = await loop.connect_write_pipe(lambda: WriteSide(bridge), sys.stdout.buffer)
     bridge.attach_writer(wt)
+    if _is_file(sys.stdin):
+        _FileReader(sys.stdin.buffer, bridge)
+    else:
+        await loop.connect_read_pipe(lambda: bridge, sys.stdin.buffer)
     closed = asyncio.ensure_future(tunnel.wait_closed())
     await asyncio.wait({done, closed}, return_when=asyncio.FIRST_COMPLETED)
     if not done.done():
         raise TunnelError(f"the tunnel closed: {closed.result()}")
     closed.cancel()
+    if bridge.reply is not None and not bridge.reply.ok:
+        raise TunnelError(f"{tunnel.name!r} refused the connection: "
+                          f"{printable(bridge.reply.text)}")
+    if bridge.reset_code == ERR_NO_DEFAULT:
+        raise TunnelError(f"{tunnel.name!r}: {reset_reason(ERR_NO_DEFAULT)}")
     if not bridge.clean:
         raise TunnelError("the connection was reset (the peer, its target or the tunnel "
                           "went away)")

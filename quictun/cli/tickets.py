@@ -77,6 +77,7 @@ def _stored(t: Ticket) -> None:
         f"{exe} connect {t.name} --listen 2222     # then: ssh -p 2222 USER@127.0.0.1",
         f"ssh -o ProxyCommand='{exe} connect %h --stdio' USER@{t.name}",
         f"{exe} ssh-config {t.name} >> ~/.ssh/config     # then: ssh USER@{t.name}",
+        f"{exe} connect {t.name} --list     # the services it offers (--service NAME)",
     ]))
 
 
@@ -134,7 +135,10 @@ def pair(code: str | None, signal: str) -> None:
 @click.argument("name", metavar="NAME|TICKET")
 @click.option("--signal", "signal", envvar=ENV_SIGNAL, show_envvar=True,
               default=DEFAULT_SIGNAL, show_default=True, help=SIGNAL_HELP)
-def ssh_config(name: str, signal: str) -> None:
+@click.option("--service", metavar="SERVICE",
+              help="The service ssh reaches, when NAME serves several (see "
+                   "`quictun connect NAME --list`).")
+def ssh_config(name: str, signal: str, service: str | None) -> None:
     """Print a ~/.ssh/config block so that `ssh NAME` goes through quictun.
 
     The block names NAME only, never a secret. Given a ticket, it is imported first (as
@@ -144,6 +148,7 @@ def ssh_config(name: str, signal: str) -> None:
     Examples:
       quictun ssh-config laptop >> ~/.ssh/config    # after `quictun import`
       quictun ssh-config laptop --signal wss://relay.example.org/ >> ~/.ssh/config
+      quictun ssh-config home --service ssh >> ~/.ssh/config
       ssh user@laptop
 
     \b
@@ -152,8 +157,13 @@ def ssh_config(name: str, signal: str) -> None:
       QUICTUN_HOME       where the ticket for NAME is looked up (default ~/.config/quictun)
     """
     from .. import store
+    from ..proto.services import valid_service_name
 
     exe = prog()
+    if service is not None and not valid_service_name(service):
+        raise UserError(f"--service {service!r}: not a service name "
+                        "(1-64 of A-Z a-z 0-9 . _ -)")
+    svc = f" --service {service}" if service else ""
     if is_ticket(name):
         t = decode_ticket(name)
         warn_argv_ticket(t.name)
@@ -176,7 +186,7 @@ def ssh_config(name: str, signal: str) -> None:
             f"# quictun: reach {name!r} via {t.url}, with the ticket stored in "
             f"{store.ticket_path(name)}",
             f"Host {name}",
-            f"  ProxyCommand {exe} connect %h --stdio",
+            f"  ProxyCommand {exe} connect %h{svc} --stdio",
         ]
     else:
         lines = [
@@ -186,6 +196,6 @@ def ssh_config(name: str, signal: str) -> None:
             "# `export QUICTUN_SECRET_FILE=~/.config/quictun/laptop.secret` in your shell",
             "# profile), or add `--secret-file PATH` to the ProxyCommand.",
             f"Host {name}",
-            f"  ProxyCommand {exe} connect %h --stdio --signal {signal}",
+            f"  ProxyCommand {exe} connect %h{svc} --stdio --signal {signal}",
         ]
     click.echo("\n".join(lines))

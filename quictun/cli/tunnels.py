@@ -24,6 +24,7 @@ from .common import (
     secret_from,
     tunnel_config,
     verbose_option,
+    warn,
     warn_argv_ticket,
     warn_if_exposed,
     warn_if_local_relay,
@@ -32,27 +33,37 @@ from .common import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from ..proto.services import ListenSpec
     from ..proto.ticket import Ticket
 
 
 @click.command()
 @verbose_option
 @click.argument("name")
-@click.option("--forward", required=True, metavar="HOST:PORT",
-              help="The local TCP service to make reachable, e.g. 127.0.0.1:22.")
+@click.option("--forward", "forwards", multiple=True, metavar="[SERVICE=]TARGET",
+              help="A service to make reachable (repeat for several): HOST:PORT (TCP), "
+                   "udp:HOST:PORT or unix:PATH, named SERVICE= (without a name: the "
+                   "default service).")
+@click.option("--allow", "allows", multiple=True, metavar="HOSTS[:PORTS]",
+              help="Let `connect --socks` reach these targets from here (repeat for "
+                   "several): a CIDR, an address, a host name or *.domain, then ports "
+                   "(22,80,8000-8999). Without --allow: no SOCKS.")
 @click.option("--pair", "pair", is_flag=True,
               help="Also print a short pairing code: `quictun pair` on the other machine "
                    "turns it into the ticket (single use, 10 minutes, 3 tries).")
 @common_options
-def serve(name: str, forward: str, pair: bool, signal: str, secret_file: Path | None,
-          secret_arg: str | None, token: str | None, direct_only: bool,
-          relay_only: bool) -> None:
-    """Make a local TCP service reachable as NAME.
+def serve(name: str, forwards: tuple[str, ...], allows: tuple[str, ...], pair: bool,
+          signal: str, secret_file: Path | None, secret_arg: str | None, token: str | None,
+          direct_only: bool, relay_only: bool) -> None:
+    """Make local services (TCP, UDP, Unix sockets) reachable as NAME.
 
     \b
     Examples:
       quictun serve laptop --forward 127.0.0.1:22 --pair
       QUICTUN_SECRET=$(cat ~/.tunnel-secret) quictun serve laptop --forward 127.0.0.1:22
+      quictun serve home --forward ssh=127.0.0.1:22 --forward web=127.0.0.1:8080 \\
+          --forward wg=udp:127.0.0.1:51820 --forward app=unix:/run/app.sock
+      quictun serve home --forward 127.0.0.1:22 --allow 192.168.1.0/24:22,80,443
 
     Without a secret, one is generated (and kept, per name) and a ticket is printed on
     stdout: run `quictun import -` on the other machine and paste it there. With --pair
@@ -71,18 +82,14 @@ def serve(name: str, forward: str, pair: bool, signal: str, secret_file: Path | 
     from .. import store
     from ..aio import server as api
     from ..proto import ticket
-    from ..proto.addr import parse_hostport
     from ..proto.pake import box_key_of
 
     check_name(name)
     check_signal(signal)
     mode = mode_of(direct_only, relay_only)
+    _check_forwarding(forwards, allows)
     secret = secret_from(secret_file, secret_arg)
     ident = load_identity()
-    try:
-        parse_hostport(forward)
-    except ValueError as exc:
-        raise UserError(f"--forward: {exc}") from None
     generated = secret is None
     if secret is None:
         try:
@@ -100,9 +107,9 @@ def serve(name: str, forward: str, pair: bool, signal: str, secret_file: Path | 
 
         pairing = (generate(os.urandom(32)), t)
     on_registered = _announcer(name, t, generated, pairing, signal)
-    run(api.serve(name, forward=forward, signal=signal, secret=secret, mode=mode,
-                  token=token, identity=ident, on_registered=on_registered, pairing=pairing,
-                  config=tunnel_config()))
+    run(api.serve(name, forward=list(forwards), allow=list(allows), signal=signal,
+                  secret=secret, mode=mode, token=token, identity=ident,
+                  on_registered=on_registered, pairing=pairing, config=tunnel_config()))
 
 
 def _announcer(name: str, t: Ticket, generated: bool,
@@ -134,18 +141,59 @@ def _announcer(name: str, t: Ticket, generated: bool,
     return on_registered
 
 
+def _check_forwarding(forwards: tuple[str, ...], allows: tuple[str, ...]) -> None:
+    """Malformed specs, and a unix target path that exists and is not a socket, are
+    one-line errors; a unix path that does not exist yet gets a warning (the service may
+    start later)."""
+    import stat
+
+    from ..aio.server import forwarding
+    from ..errors import TunnelError
+
+    try:
+        table = forwarding(list(forwards), list(allows))
+    except TunnelError as exc:
+        raise UserError(str(exc)) from None
+    for svc in table.services:
+        if svc.kind != "unix":
+            continue
+        try:
+            mode = os.stat(svc.path).st_mode
+        except FileNotFoundError:
+            warn(f"--forward {svc.name}=unix:{svc.path}: no socket there yet; clients get "
+                 "'connection refused' until the service creates it")
+            continue
+        except OSError as exc:
+            raise UserError(f"--forward unix:{svc.path}: {exc.strerror}") from None
+        if not stat.S_ISSOCK(mode):
+            raise UserError(f"--forward unix:{svc.path}: the path exists and is not a "
+                            "socket; give the service's socket path")
+
+
 @click.command()
 @verbose_option
 @click.argument("target", metavar="[NAME|TICKET]", required=False)
-@click.option("--listen", metavar="[HOST:]PORT",
-              help="Accept local TCP connections here and forward each one.")
+@click.option("--listen", "listens", multiple=True, metavar="[SERVICE=]LOCAL",
+              help="Accept here and forward (repeat for several): [HOST:]PORT (TCP), "
+                   "udp:[HOST:]PORT or unix:PATH; SERVICE= picks the service (else "
+                   "--service, else the default).")
 @click.option("--stdio", is_flag=True,
               help="Forward one connection on stdin/stdout (ssh ProxyCommand).")
+@click.option("--service", metavar="SERVICE",
+              help="The service to reach (see --list); default: the server's default.")
+@click.option("--socks", metavar="[HOST:]PORT",
+              help="A local SOCKS5 (and HTTP CONNECT) proxy: the serving side connects "
+                   "to the targets its --allow permits.")
+@click.option("--list", "list_only", is_flag=True,
+              help="Show the services NAME offers, and exit.")
+@click.option("--unix-mode", default="600", show_default=True, metavar="OCTAL",
+              help="File mode of a --listen unix: socket.")
 @click.option("--ticket-file", type=click.Path(dir_okay=False, path_type=Path),
               help="File holding a ticket (instead of `quictun import`). The ticket can "
                    "also come from the QUICTUN_TICKET environment variable.")
 @common_options
-def connect(target: str | None, listen: str | None, stdio: bool, ticket_file: Path | None,
+def connect(target: str | None, listens: tuple[str, ...], stdio: bool, service: str | None,
+            socks: str | None, list_only: bool, unix_mode: str, ticket_file: Path | None,
             signal: str, secret_file: Path | None, secret_arg: str | None,
             token: str | None, direct_only: bool, relay_only: bool) -> None:
     """Connect to the peer serving NAME.
@@ -161,6 +209,9 @@ def connect(target: str | None, listen: str | None, stdio: bool, ticket_file: Pa
       quictun import -                              # paste the ticket from `serve`, once
       quictun connect laptop --listen 2222          # then: ssh -p 2222 user@127.0.0.1
       ssh -o ProxyCommand='quictun connect %h --stdio' user@laptop
+      quictun connect home --list                   # the services home offers
+      quictun connect home --service web --listen 8080
+      quictun connect home --listen web=8080 --listen wg=udp:51820 --socks 1080
       QUICTUN_SECRET=... quictun connect laptop --stdio --signal wss://relay.example.org/
 
     \b
@@ -173,8 +224,8 @@ def connect(target: str | None, listen: str | None, stdio: bool, ticket_file: Pa
       QUICTUN_ENGINE     QUIC engine: aioquic (default), qh3, auto
       QUICTUN_PORTMAP    0: ask the router for no port mapping (--no-portmap)
     """
-    if bool(listen) == bool(stdio):
-        raise UserError("give exactly one of --listen [HOST:]PORT or --stdio")
+    specs, socks_at, mode_bits = _connect_modes(listens, stdio, socks, list_only, service,
+                                                unix_mode)
     mode = mode_of(direct_only, relay_only)
     name, t = _connect_ticket(target, ticket_file)
     secret = secret_from(secret_file, secret_arg)
@@ -200,9 +251,10 @@ def connect(target: str | None, listen: str | None, stdio: bool, ticket_file: Pa
     async def go() -> None:
         try:
             await run_connect(name, signal=signal, secret=secret, mode=mode, token=token,
-                              listen=listen, stdio=stdio, pin=pin, box_key=box_key,
-                              on_status=status,
-                              identity=ident, config=config)
+                              listen=specs, stdio=stdio, socks=socks_at, service=service,
+                              list_only=list_only, unix_mode=mode_bits, pin=pin,
+                              box_key=box_key, on_status=status, identity=ident,
+                              config=config)
         finally:
             status.close()
 
@@ -235,3 +287,32 @@ def _connect_ticket(target: str | None, ticket_file: Path | None) -> tuple[str, 
         raise UserError("give a NAME (with a ticket stored by `quictun import`), or "
                         "--ticket-file, or QUICTUN_TICKET")
     return target, load_stored(check_name(target))
+
+
+def _connect_modes(listens: tuple[str, ...], stdio: bool, socks: str | None, list_only: bool,
+                   service: str | None, unix_mode: str,
+                   ) -> tuple[list[ListenSpec], tuple[str, int] | None, int]:
+    """Check connect's mode options: (listen specs, socks address, unix mode)."""
+    from ..proto.addr import parse_hostport
+    from ..proto.services import ServiceError, parse_listen, valid_service_name
+
+    if sum((bool(listens or socks), stdio, list_only)) != 1:
+        raise UserError("give exactly one of: --listen [SERVICE=]LOCAL and/or --socks "
+                        "[HOST:]PORT, --stdio, --list")
+    if service is not None and not valid_service_name(service):
+        raise UserError(f"--service {service!r}: not a service name "
+                        "(1-64 of A-Z a-z 0-9 . _ -)")
+    try:
+        specs = [parse_listen(text) for text in listens]
+        socks_at = parse_hostport(socks, allow_zero=True) if socks is not None else None
+    except ServiceError as exc:
+        raise UserError(str(exc)) from None
+    except ValueError as exc:
+        raise UserError(f"--socks: {exc}") from None
+    try:
+        mode_bits = int(unix_mode, 8)
+    except ValueError:
+        raise UserError(f"--unix-mode {unix_mode!r}: give an octal mode such as 600") from None
+    if not 0 <= mode_bits <= 0o777:
+        raise UserError(f"--unix-mode {unix_mode!r}: give an octal mode such as 600")
+    return specs, socks_at, mode_bits

@@ -22,19 +22,41 @@ is wrong or late (:func:`check_server_proof`).
 
 Every other client bidirectional stream is one forwarded connection; it starts with
 :data:`STREAM_PREAMBLE` (the stream format version), so the server learns of it, and
-connects its target, before the local client has said anything.
+connects its target, before the local client has said anything. Version 0 (the single
+byte ``0x00``) opens the default stream service and gets no reply; version 1 is a typed
+**open request** (:class:`OpenRequest`, see "Open requests" below) that the server
+answers with a status (:class:`OpenReply`) before any byte of the target.
 
 Unidirectional streams carry **candidate updates** (after a NAT moved a peer): one JSON
 list of candidate texts per stream (:func:`encode_candidates`), at most
 :data:`CANDIDATES_LIMIT` bytes.
 
 Error codes in CONNECTION_CLOSE / RESET_STREAM are named here too.
+
+Open requests
+-------------
+::
+
+    request := 0x01 op(1) len(1) body(len)
+      op 1 STREAM    body = service name ("" = the default one)   then the bytes, both ways
+      op 2 TARGET    body = port (u16) host (ASCII)                a proxy (SOCKS) target
+      op 3 DATAGRAM  body = service name ("" = default)            a UDP flow, see below
+      op 4 LIST      body = ""                                     the service listing
+    reply   := status(1) len(1) text(len)    status 0 (ST_OK): what follows is the
+               target's bytes (STREAM, TARGET), nothing (DATAGRAM: the stream stays open
+               as the flow's lifetime) or the listing (LIST, JSON, then FIN); any other
+               status: ``text`` says why, and the server ends the stream.
+
+The server reads requests only after the client's proof, so the listing and every
+target are told to authenticated clients only. A UDP flow is the stream that opened
+it: its DATAGRAM frames (RFC 9221) carry ``varint(stream_id / 4)`` then one UDP
+payload (the "quarter stream id" of RFC 9297); closing the stream ends the flow.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .identity import Identity, fingerprint_of_raw, verify_signature
 from .pake import SessionKeys
@@ -44,6 +66,9 @@ __all__ = [
     "ERR_LOCAL_RESET", "ERR_TARGET_UNREACHABLE", "PROOF_SIZE", "SERVER_PROOF_SIZE",
     "STREAM_PREAMBLE", "Authenticated", "ProofGate", "Refused", "check_server_proof",
     "decode_candidates_update", "encode_candidates", "make_proof",
+    "OP_DATAGRAM", "OP_LIST", "OP_STREAM", "OP_TARGET", "ERR_NO_DEFAULT", "ST_OK",
+    "Listing", "OpenReply", "OpenRequest", "ProtocolError", "decode_datagram",
+    "decode_listing", "encode_datagram", "encode_listing", "parse_open", "parse_reply",
 ]
 
 CONTROL_STREAM = 0
@@ -55,6 +80,7 @@ MAX_UPDATE_CANDIDATES = 32
 
 ERR_TARGET_UNREACHABLE = 0x51  # RESET_STREAM: the server could not connect the target
 ERR_LOCAL_RESET = 0x52  # RESET_STREAM: the local socket was reset
+ERR_NO_DEFAULT = 0x53  # RESET_STREAM: a version-0 stream, and no default stream service
 ERR_AUTH = 0x101  # CONNECTION_CLOSE: the client's proof did not verify (or never came)
 ERR_FINGERPRINT = 0x102  # CONNECTION_CLOSE: the server's certificate is not the pinned one
 ERR_BINDING = 0x103  # CONNECTION_CLOSE: this QUIC engine gives no TLS channel binding
@@ -186,3 +212,160 @@ class ProofGate:
         self.done = True
         self._held = []
         return Refused(reason)
+
+
+# -- open requests (see "Open requests" in the module docstring) ------------------------
+OPEN_V1 = 0x01
+OP_STREAM, OP_TARGET, OP_DATAGRAM, OP_LIST = 1, 2, 3, 4
+REQUEST_LIMIT = 3 + 255
+LISTING_LIMIT = 16384
+
+# reply statuses; 2-8 are RFC 1928's SOCKS5 reply codes, so a proxy passes them through
+ST_OK = 0
+ST_FAILURE = 1
+ST_NOT_ALLOWED = 2
+ST_NET_UNREACHABLE = 3
+ST_HOST_UNREACHABLE = 4
+ST_REFUSED = 5
+ST_TIMEOUT = 6
+ST_NOT_SUPPORTED = 7
+ST_BAD_ADDRESS = 8
+ST_UNKNOWN_SERVICE = 9
+ST_NAME_NOT_FOUND = 10
+
+
+class ProtocolError(ValueError):
+    """A malformed open request or reply: the stream is reset."""
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    """What a client stream asks for. ``version`` 0 is the bare preamble (the default
+    stream service, no reply); 1 is a typed request of operation ``op``."""
+
+    op: int
+    service: str | None = None
+    """STREAM, DATAGRAM: the service name, None for the default."""
+    host: str = ""
+    port: int = 0
+    version: int = 1
+
+    def encode(self) -> bytes:
+        if self.version == 0:
+            return STREAM_PREAMBLE
+        if self.op == OP_TARGET:
+            body = self.port.to_bytes(2, "big") + self.host.encode("ascii")
+        elif self.op in (OP_STREAM, OP_DATAGRAM):
+            body = (self.service or "").encode("ascii")
+        else:
+            body = b""
+        if len(body) > 255:
+            raise ValueError("open request too long")
+        return bytes([OPEN_V1, self.op, len(body)]) + body
+
+
+def parse_open(buf: bytes) -> tuple[OpenRequest, int] | None:
+    """The request at the start of a client stream and its length, or None (need more
+    bytes). Raises :class:`ProtocolError`."""
+    if not buf:
+        return None
+    if buf[0] == STREAM_PREAMBLE[0]:
+        return OpenRequest(OP_STREAM, version=0), 1
+    if buf[0] != OPEN_V1:
+        raise ProtocolError(f"unknown stream format {buf[0]}")
+    if len(buf) < 3 or len(buf) < 3 + buf[2]:
+        return None
+    op, body = buf[1], bytes(buf[3:3 + buf[2]])
+    used = 3 + buf[2]
+    if op in (OP_STREAM, OP_DATAGRAM):
+        return OpenRequest(op, service=_ascii(body) or None), used
+    if op == OP_TARGET:
+        if len(body) < 3:
+            raise ProtocolError("target request without a host")
+        return OpenRequest(op, host=_ascii(body[2:]),
+                           port=int.from_bytes(body[:2], "big")), used
+    if op == OP_LIST:
+        return OpenRequest(op), used
+    raise ProtocolError(f"unknown open operation {op}")
+
+
+def _ascii(raw: bytes) -> str:
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("open request is not ASCII") from None
+
+
+@dataclass(frozen=True)
+class OpenReply:
+    """The server's answer to a version-1 request."""
+
+    status: int
+    text: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == ST_OK
+
+    def encode(self) -> bytes:
+        raw = self.text.encode("utf-8", "replace")[:255]
+        return bytes([self.status, len(raw)]) + raw
+
+
+def parse_reply(buf: bytes) -> tuple[OpenReply, int] | None:
+    """The reply at the start of a server stream and its length, or None (need more)."""
+    if len(buf) < 2 or len(buf) < 2 + buf[1]:
+        return None
+    text = bytes(buf[2:2 + buf[1]]).decode("utf-8", "replace")
+    return OpenReply(buf[0], text), 2 + buf[1]
+
+
+# -- DATAGRAM frames: varint(flow id) + payload (RFC 9000 section 16 varints) ----------
+def varint_size(v: int) -> int:
+    return 1 if v < 0x40 else 2 if v < 0x4000 else 4 if v < 0x40000000 else 8
+
+
+def encode_datagram(flow_id: int, payload: bytes) -> bytes:
+    """One DATAGRAM frame's payload for flow ``flow_id`` (its stream id / 4)."""
+    n = varint_size(flow_id)
+    tag = {1: 0, 2: 0x4000, 4: 0x8000_0000, 8: 0xC000_0000_0000_0000}[n]
+    return (flow_id | tag).to_bytes(n, "big") + payload
+
+
+def decode_datagram(data: bytes) -> tuple[int, bytes] | None:
+    """(flow id, payload) of a received DATAGRAM frame; None if it is too short."""
+    if not data:
+        return None
+    n = 1 << (data[0] >> 6)
+    if len(data) < n:
+        return None
+    flow = int.from_bytes(data[:n], "big") & ((1 << (8 * n - 2)) - 1)
+    return flow, data[n:]
+
+
+# -- the service listing (the LIST reply) ------------------------------------------------
+@dataclass(frozen=True)
+class Listing:
+    """What ``connect --list`` shows: the services (name, kind, whether default) and the
+    proxy rules (empty: no SOCKS)."""
+
+    services: tuple[tuple[str, str, bool], ...]
+    allow: tuple[str, ...] = field(default=())
+
+
+def encode_listing(listing: Listing) -> bytes:
+    return json.dumps({"services": [{"name": n, "kind": k, "default": d}
+                                    for n, k, d in listing.services],
+                       "allow": list(listing.allow)}).encode()[:LISTING_LIMIT]
+
+
+def decode_listing(raw: bytes) -> Listing:
+    """Raises :class:`ProtocolError` for anything that is not a listing."""
+    try:
+        obj = json.loads(raw)
+        services = tuple((str(s["name"]), str(s["kind"]), bool(s.get("default")))
+                         for s in obj["services"])
+        allow = tuple(str(a) for a in obj.get("allow", []))
+    except (ValueError, KeyError, TypeError):
+        raise ProtocolError("malformed service listing") from None
+    return Listing(services, allow)

@@ -95,6 +95,7 @@ class Engine:
         max_stream_data: int,
         max_data: int,
         idle_timeout: float,
+        max_datagram_frame_size: int | None = None,
     ) -> Any:
         """A client or server configuration carrying ``identity`` (the server's
         certificate; a client does not verify it: it pins the fingerprint after the
@@ -107,6 +108,8 @@ class Engine:
             max_data=max_data,
             idle_timeout=idle_timeout,
         )
+        # RFC 9221: the DATAGRAM frames we accept (None: none, the peer must not send any)
+        cfg.max_datagram_frame_size = max_datagram_frame_size
         if is_client:
             cfg.verify_mode = ssl.CERT_NONE  # we pin the fingerprint after the handshake
             cfg.server_name = "quictun"

@@ -22,6 +22,11 @@ from .engines import Engine
 
 _MAX_STREAM_DATA_CAPACITY = 1 + 8 + 8
 _MAX_DATA_CAPACITY = 1 + 8
+# a 1-RTT packet around one DATAGRAM frame: first byte, packet number (2, as aioquic
+# sends it), AEAD tag; then the frame's type and a 2-byte length
+_SHORT_HEADER = 1 + 2 + 16
+_DATAGRAM_FRAME = 1 + 2
+CID_LENGTH = 8  # both engines' connection ids (qh3 builds bigger packets than this needs)
 
 
 class _FlowControl:
@@ -56,6 +61,27 @@ class _FlowControl:
         """The application is done with a stream: its unconsumed bytes are released."""
         self._pending_total -= self._pending.pop(stream_id, 0)
         self._consumed.pop(stream_id, None)
+
+    def datagram_limit(self) -> int:
+        """The largest DATAGRAM frame payload (RFC 9221) one packet carries now; 0 when the
+        peer accepts none (an older quictun). Larger ones must not be queued: aioquic
+        would keep one that never fits at the head of its queue forever, and qh3 closes
+        the connection."""
+        remote = self._remote_max_datagram_frame_size  # type: ignore[attr-defined]
+        if not remote:
+            return 0
+        room = self._packet_size() - _SHORT_HEADER - self._peer_cid_length() - _DATAGRAM_FRAME
+        return max(0, min(room, remote - _DATAGRAM_FRAME))
+
+    def _packet_size(self) -> int:
+        return int(self._configuration.max_datagram_size)  # type: ignore[attr-defined]
+
+    def _peer_cid_length(self) -> int:
+        return CID_LENGTH
+
+    def datagram_backlog(self) -> int:
+        """DATAGRAM frames queued and not yet sent (0 where the engine does not tell)."""
+        return 0
 
 
 class _AioquicFlowControl(_FlowControl):
@@ -97,6 +123,15 @@ class _AioquicFlowControl(_FlowControl):
     def stream_alive(self, stream_id: int) -> bool:
         """Whether the connection still keeps state for ``stream_id``."""
         return stream_id in self._streams  # type: ignore[attr-defined]
+
+    def _packet_size(self) -> int:
+        return int(self._max_datagram_size)  # type: ignore[attr-defined]  # may grow (PMTU)
+
+    def _peer_cid_length(self) -> int:
+        return len(self._peer_cid.cid)  # type: ignore[attr-defined]
+
+    def datagram_backlog(self) -> int:
+        return len(self._datagrams_pending)  # type: ignore[attr-defined]
 
     def is_terminated(self) -> bool:
         return self._state.name == "TERMINATED"  # type: ignore[attr-defined,no-any-return]
@@ -274,6 +309,8 @@ class FlowControlled(Protocol):
     def forget_stream(self, stream_id: int) -> None: ...
     def unacked(self, stream_id: int) -> int: ...
     def stream_alive(self, stream_id: int) -> bool: ...
+    def datagram_limit(self) -> int: ...
+    def datagram_backlog(self) -> int: ...
     def is_terminated(self) -> bool: ...
     def __getattr__(self, name: str) -> Any: ...
 

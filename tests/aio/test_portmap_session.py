@@ -24,7 +24,7 @@ from gateway import FakeGateway, loopback_ip, start_gateway
 
 import quictun
 from quictun.aio.client import open_tunnel
-from quictun.aio.server import Server
+from quictun.aio.server import Server, forwarding
 from quictun.aio.session import PeerSession
 from quictun.config import PortmapConfig, TunnelConfig
 from quictun.errors import TunnelError
@@ -116,7 +116,7 @@ async def rig(server_delay: float | None = 0.0,
     port = target.sockets[0].getsockname()[1]
     server_gw = None if server_delay is None else await _gateway(server_delay)
     client_gw = await _gateway(client_delay)
-    server = Server("pm", ("127.0.0.1", port), signal=relay.url, secret=SECRET,
+    server = Server("pm", forwarding(f"127.0.0.1:{port}"), signal=relay.url, secret=SECRET,
                     mode=Mode.AUTO, token=None, identity=Identity.generate(),
                     on_event=lambda s: None, config=tunnel_config(server_gw))
     task = asyncio.create_task(server.run())

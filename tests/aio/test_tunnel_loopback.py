@@ -21,7 +21,7 @@ QT = [PY, "-m", "quictun"]
 def spawn(tmp_path: Path) -> Iterator:
     procs: list[Proc] = []
 
-    def _spawn(args: list[str], *, home: str, name: str, secret: str | None = "test-secret",
+    def _spawn(args: list[str], *, home: str, name: str, secret: str | None = "test-secret-phrase",
                signal: str | None = None, **kw) -> Proc:  # type: ignore[no-untyped-def]
         p = Proc(QT + args, env=base_env(tmp_path / home, secret, signal),
                  log=tmp_path / f"{name}.log", **kw)
@@ -40,7 +40,7 @@ def _serve(spawn, url: str, port: int, *extra: str, name: str = "box") -> Proc: 
     return p
 
 
-def _listen(spawn, url: str, *extra: str, secret: str = "test-secret") -> tuple[Proc, int]:  # type: ignore[no-untyped-def]
+def _listen(spawn, url: str, *extra: str, secret: str = "test-secret-phrase") -> tuple[Proc, int]:  # type: ignore[no-untyped-def]
     p = spawn(["connect", "box", "--listen", "127.0.0.1:0", "--signal", url, *extra],
               home="cli", name="connect", secret=secret)
     m = p.wait_for(r"listening on 127\.0\.0\.1:(\d+)")

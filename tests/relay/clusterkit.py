@@ -223,7 +223,7 @@ def parse_prometheus(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], f
 QT = [PY, "-m", "quictun"]
 
 
-def spawn_qt(tmp: Path, args: list[str], *, home: str, tag: str, secret: str = "test-secret",
+def spawn_qt(tmp: Path, args: list[str], *, home: str, tag: str, secret: str = "test-secret-phrase",
              wrap: list[str] | None = None) -> Proc:
     return Proc((wrap or []) + QT + args, env=base_env(tmp / home, secret),
                 log=tmp / f"{tag}.log")

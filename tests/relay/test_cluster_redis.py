@@ -249,12 +249,12 @@ def test_redis_killed_and_restarted(tmp_path: Path, cluster, redis_server: Redis
     small = os.urandom(100_000)
     r = subprocess.run([PY, "-m", "quictun", "connect", "box", "--stdio", "--relay-only",
                         "--signal", a.url], input=small, capture_output=True, timeout=60,
-                       env=base_env(tmp_path / "cli2", "test-secret"))
+                       env=base_env(tmp_path / "cli2", "test-secret-phrase"))
     assert r.stdout.decode().strip() == expected(small), r.stderr.decode()
     # through the other instance: one clear line, no traceback
     r = subprocess.run([PY, "-m", "quictun", "connect", "box", "--stdio", "--signal", b.url],
                        input=b"", capture_output=True, timeout=60,
-                       env=base_env(tmp_path / "cli3", "test-secret"))
+                       env=base_env(tmp_path / "cli3", "test-secret-phrase"))
     err = r.stderr.decode()
     assert r.returncode == 1 and "cannot reach its shared registry" in err, err
     assert "Traceback" not in err
