@@ -2,17 +2,19 @@
 
 Theory of operation
 -------------------
-Names are bound to an identity key, not to a token anyone can replay:
+Names are bound to a key, not to a token anyone can replay:
 
 * every ``welcome`` carries a fresh random **challenge** (per connection, from the
   randomness the shell passes in);
-* ``register`` carries the server's raw Ed25519 public key and its signature over
+* ``register`` carries a raw Ed25519 public key and its signature over
   ``lp("quictun/2 register") || lp(challenge) || lp(name)``
-  (:func:`quictun.proto.signalling.register_signed`);
+  (:func:`quictun.proto.signalling.register_signed`). quictun's ``serve`` derives that
+  key from its identity and the name (``Identity.registration_key``), so the relay
+  never sees the identity that tickets pin and cannot link two names of one machine;
 * the name's owner is ``SHA-256("quictun/2 key" || key)`` (:func:`owner_of`): the same
-  identity can come back from any connection (a restart, another instance of a
+  owner can come back from any connection (a restart, another instance of a
   cluster), a recorded ``register`` is useless on any other connection, and nobody can
-  take a name over without the identity's private key. Protocol 1's owner token (a fixed
+  take a name over without the private key. Protocol 1's owner token (a fixed
   value, replayable on ``ws://``) is refused with the message to upgrade.
 
 An operator reserves names with **prefix tokens** (``--name-token PREFIX=FILE``): a name

@@ -14,10 +14,9 @@ Two layers, so that the matchmaker stays a pure state machine:
   effects, the shell performs them with a SharedRegistry (``signal_server.redis_registry``)
   and feeds the answers back.
 
-An owner is an opaque byte string: today sha256 of the owner token a client sends in
-``register``; once names are bound to identity keys by challenge-response (security
-issue 12) it becomes the identity's public key. Neither layer interprets it beyond
-comparing it for equality.
+An owner is an opaque byte string: the hash of the key that signed the name's
+``register`` (:func:`signal_server.admission.owner_of`). Neither layer interprets it
+beyond comparing it for equality.
 
 A local record is *live* while ``conn_id`` is set, and *held* (in its grace period)
 while ``conn_id`` is None and ``expires`` is in the future.

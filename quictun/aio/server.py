@@ -28,7 +28,7 @@ from ..proto import signalling as sigproto
 from ..proto.addr import Candidate, decode_candidates
 from ..proto.allow import AllowError, AllowList
 from ..proto.exchange import ServerExchange
-from ..proto.identity import Identity, fingerprint_of_raw
+from ..proto.identity import Identity, fingerprint_of_raw, raw_public
 from ..proto.limits import ReplayWindow, Sighting
 from ..proto.offer import E_STALE, E_VERSION, SKEW_MS, ClientHello, OfferError
 from ..proto.pairing import PairingCode
@@ -177,15 +177,16 @@ class Server:
             raise
 
     def _register_message(self, sc: SignalClient, name: str) -> sigproto.Register:
-        """``register`` signed over this connection's challenge: the relay binds the name
-        to our identity key (a recorded message is useless on any other connection)."""
+        """``register`` signed over this connection's challenge with the name's registration
+        key (:meth:`Identity.registration_key`): the relay binds the name to that key, and
+        a recorded message is useless on any other connection."""
         challenge = sc.welcome.challenge if sc.welcome is not None else None
         if challenge is None:
             raise _Permanent("this relay speaks the old protocol (no registration "
                              "challenge); upgrade quictun-signal there")
-        sig = self.identity.sign(sigproto.register_signed(bytes.fromhex(challenge), name))
-        return sigproto.Register(name=name, key=self.identity.public_bytes.hex(),
-                                 sig=sig.hex())
+        key = self.identity.registration_key(name)
+        sig = key.sign(sigproto.register_signed(bytes.fromhex(challenge), name))
+        return sigproto.Register(name=name, key=raw_public(key).hex(), sig=sig.hex())
 
     async def _serve_until_lost(self, sc: SignalClient) -> None:
         self.signal = sc

@@ -58,6 +58,20 @@ class Identity:
             serialization.NoEncryption(),
         )
 
+    def registration_key(self, name: str) -> ed25519.Ed25519PrivateKey:
+        """The key that registers ``name`` on a relay: derived from this identity and the
+        name (HKDF-SHA256), so the relay can bind a name to its owner across restarts and
+        networks, yet cannot link two names of one machine, nor a name to the identity
+        fingerprint that tickets pin (that one is only shown inside the encrypted QUIC
+        handshake)."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=b"quictun/2 registration key\0" + name.encode()
+                    ).derive(self.private_bytes())
+        return ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+
     @classmethod
     def generate(cls) -> Identity:
         key = ed25519.Ed25519PrivateKey.generate()
@@ -77,6 +91,12 @@ def self_signed_certificate(key: ed25519.Ed25519PrivateKey) -> x509.Certificate:
         .not_valid_after(now + datetime.timedelta(days=3650))
         .sign(key, None)
     )
+
+
+def raw_public(key: ed25519.Ed25519PrivateKey) -> bytes:
+    """The raw 32-byte public key of ``key``."""
+    return key.public_key().public_bytes(serialization.Encoding.Raw,
+                                         serialization.PublicFormat.Raw)
 
 
 def verify_signature(public_raw: bytes, signature: bytes, data: bytes) -> bool:
