@@ -384,7 +384,7 @@ async def _handshake(at: _Attempt) -> Tunnel:
             # path dies too
             peer_gone = True
             if not session.paths.current or session.paths.current.kind == "relay":
-                session.close("the peer disconnected")
+                session.close(f"{at.name!r} ended the session: {printable(m.reason)}")
 
     sc.on_message = on_message
     at.status("punching a path" if mode != Mode.RELAY else "using the relay")
