@@ -24,23 +24,25 @@ instance id none of these is ever emitted and the in-memory registry is the trut
 
 Rules (see ``docs/protocol.md``):
 
-1. A connection must send ``hello`` (version 1) within ``hello_timeout`` seconds and
-   before anything else, or it is told why and disconnected.
+1. A connection must send ``hello`` (version 1 or 2) within ``hello_timeout`` seconds
+   and before anything else, or it is told why and disconnected.
    A configured relay token restricts who may *register* a name: a ``hello`` without a
    token (null or "") is welcomed, but each ``register`` on that connection gets
    ``error unauthorized``; a ``hello`` with a wrong token gets ``unauthorized`` and is
    disconnected (constant-time comparison). Connecting to a registered name needs no
    token (pasted tickets carry none); relayed packets still flow only within sessions
    that a registered, hence token-holding, owner answered (rule 4).
-2. Names are owned: the registry keeps an owner id (sha256(owner)) per name. While a
-   name is live or in its grace period after its holder dropped, only the same owner may
-   claim it; the same owner always may, taking it over from a stale live connection.
+2. Names are owned: the registry keeps an owner id (a hash of the key that signed the
+   ``register``, see :mod:`signal_server.admission`) per name. While a name is live or in
+   its grace period after its holder dropped, only the same owner may claim it; the same
+   owner always may, taking it over from an older live connection (which is told).
 3. ``connect`` creates a session (u32 counter) and sends ``incoming`` to the holder;
    ``answer`` sends ``answer`` to the connector and ``go`` to the holder back to back;
    ``reject`` sends ``rejected`` (``reason`` and the optional ``code`` passed through
    unchanged); no reply within ``connect_timeout`` gives the connector ``error timeout``.
    ``close`` or a dropped member sends ``closed`` to the other side. A holder has at most
-   ``max_pending_per_holder`` unanswered sessions; more connects get ``rate-limited``.
+   ``max_pending_per_holder`` unanswered sessions; more connects get ``busy``. ``data``
+   goes between the two members of an answered session (see :mod:`.relaying`).
 4. Binary relay frames are forwarded unchanged between the two members of an answered
    session, subject to ``relay_enabled`` and a per-session, per-direction token bucket.
 5. Client mistakes produce ``error`` replies and one log line each, never exceptions;

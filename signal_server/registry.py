@@ -37,7 +37,7 @@ class NameRecord:
     """One name's owner and holder.
 
     Attributes:
-        owner: opaque owner id (sha256 of the owner token today; never the token).
+        owner: opaque owner id (the hash of the registering key, never the key).
         conn_id: the live connection holding the name, or None in the grace period.
         expires: when a released name becomes free (None while live).
     """

@@ -54,7 +54,7 @@ class Claim:
 
     conn_id: int
     name: str
-    #: opaque owner id: today sha256 of the owner token; later the identity public key
+    #: opaque owner id: the hash of the key that signed the register (admission.owner_of)
     owner: bytes
 
 

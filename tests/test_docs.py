@@ -1,4 +1,5 @@
-"""docs/architecture.md's module map is generated from the tree, and checked here.
+"""docs/architecture.md's module map is generated from the tree, and checked here;
+docs/protocol.md's wire examples are checked against the codecs.
 
 The map lists every module of ``quictun/`` and ``signal_server/`` with the opening
 sentence of its docstring, so it changes when the code does. Regenerate it with
@@ -43,6 +44,46 @@ def current() -> str:
 def test_the_module_map_matches_the_tree() -> None:
     assert current() == module_map(), (
         "docs/architecture.md's module map is stale: run `python tests/test_docs.py`")
+
+
+
+PROTOCOL = ROOT / "docs" / "protocol.md"
+
+
+def _wire_lines() -> list[str]:
+    """The JSON of every ``C → {…}`` / ``S ← {…}`` line in docs/protocol.md's code blocks."""
+    out = []
+    for line in PROTOCOL.read_text(encoding="utf-8").splitlines():
+        if len(line) > 4 and line[0] in "CS" and line[2] in "→←" and line[4] == "{":
+            out.append(line[4:])
+    return out
+
+
+def test_the_protocol_examples_are_what_the_codecs_accept() -> None:
+    """The wire examples of docs/protocol.md were produced by the encoders: they decode,
+    re-encode to the same text, and their offer, answer and data objects pass the peer
+    codec (so an edit by hand, or a codec change, shows here)."""
+    from quictun.proto import offer as wire
+    from quictun.proto import signalling as sp
+    from quictun.proto.ticket import decode as decode_ticket
+
+    lines = _wire_lines()
+    assert len(lines) >= 10, "the wire example of docs/protocol.md is gone"
+    kinds = set()
+    for text in lines:
+        msg = sp.decode(text)
+        assert sp.encode(msg) == text
+        kinds.add(msg.T)
+        if isinstance(msg, sp.Connect | sp.Incoming):
+            wire.decode_offer(msg.offer)
+        elif isinstance(msg, sp.Answer):
+            wire.decode_answer(msg.answer)
+        elif isinstance(msg, sp.Data):
+            wire.decode_data(msg.data)
+    assert {"hello", "welcome", "register", "connect", "answer", "data"} <= kinds
+    doc = PROTOCOL.read_text(encoding="utf-8")
+    tickets = [w for w in doc.split() if w.startswith("qt2") and len(w) > 100]
+    assert tickets and all(decode_ticket(t).name == "home" for t in tickets)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What protocol 2's cryptography costs on this machine (python benchmarks/pake_cost.py).
+"""What protocol 2's cryptography costs on this machine (python -m quictun.bench.pake_cost).
 
 Prints the median of N runs, in milliseconds, for each step of one exchange as the two
 peers run it (quictun.proto.pake + offer), the stock spake2 library's full exchange,

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The relay carries three JSON objects between the two peers of a session, opaque to it
-(see docs/protocol-v2-draft.md):
+(see docs/protocol.md, "Peer protocol"):
 
 * :class:`Offer` in ``connect``/``incoming``: ``{"v": 2, "kind": "connect"|"pair",
   "pake": B64, "hint": B64}`` (``hint`` optional). The only field in clear that means

@@ -9,7 +9,7 @@ when the exchange confirms (:meth:`Throttle.succeeded`); an exchange that fails 
 abandoned keeps its charge (:meth:`Throttle.failed`).
 
 Per key (the server uses one key per tunnel name for unknown clients, and one per known
-client identity, see docs/protocol-v2-draft.md) it keeps a failure count that *decays*
+client identity, see docs/protocol.md, "Throttle") it keeps a failure count that *decays*
 (one failure forgiven every ``forgive`` seconds) and a time before which it admits
 nothing. Up to ``free`` guesses go through at once; from the ``free``-th charged failure
 on, each sets a wait of ``base * factor ** ceil(failures - free)`` seconds, at most ``cap``. At most
