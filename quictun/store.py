@@ -189,3 +189,37 @@ def load_ticket(name: str) -> Ticket | None:
         raise TicketError(f"the stored ticket {path} is for {t.name!r}, not {name!r} "
                           "(import it again)")
     return t
+
+
+class KnownClients:
+    """The client identities that proved the secret of one served name: the guess
+    throttle keeps them apart from strangers (:mod:`quictun.proto.throttle`), also after
+    a restart. Kept in ``$QUICTUN_HOME/known/NAME``, one fingerprint per line, mode 600;
+    at most :attr:`LIMIT` (the oldest are forgotten first)."""
+
+    LIMIT = 10_000
+
+    def __init__(self, name: str) -> None:
+        self.path = config_dir() / "known" / check_name(name)
+        self.fingerprints: dict[str, None] = {}  # insertion-ordered
+        try:
+            lines = self.path.read_text().split()
+        except OSError:
+            lines = []
+        for fp in lines:
+            if len(fp) == 64 and all(c in "0123456789abcdef" for c in fp):
+                self.fingerprints[fp] = None
+
+    def __contains__(self, fp: object) -> bool:
+        return fp in self.fingerprints
+
+    def add(self, fp: str) -> None:
+        """Remember ``fp``. Raises OSError when the file cannot be written (the
+        fingerprint is still known until the process exits)."""
+        if fp in self.fingerprints:
+            return
+        self.fingerprints[fp] = None
+        while len(self.fingerprints) > self.LIMIT:
+            del self.fingerprints[next(iter(self.fingerprints))]
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private(self.path, ("\n".join(self.fingerprints) + "\n").encode())

@@ -81,6 +81,14 @@ def prefix_allowed(name: str, token: str | None, prefix_tokens: Mapping[str, str
     return True
 
 
+def prefix_granted(name: str, token: str | None, prefix_tokens: Mapping[str, str]) -> bool:
+    """Whether ``token`` is the token of a reserved prefix ``name`` starts with (what a
+    connection without the relay's own token needs to register ``name``)."""
+    given = (token or "").encode()
+    return any(name.startswith(prefix) and hmac.compare_digest(given, wanted.encode())
+               for prefix, wanted in prefix_tokens.items())
+
+
 def ip_of(addr: str) -> str:
     """The IP of an ``ip:port`` / ``[ipv6]:port`` text (the whole text if it has no port)."""
     if addr.startswith("["):
@@ -158,12 +166,17 @@ class Admitting:
         if token is None:
             conn.may_register = True
         elif msg.token:  # a token was given: it must be right (constant-time compare)
-            if not hmac.compare_digest(msg.token.encode("utf-8"), token.encode("utf-8")):
+            given = msg.token.encode("utf-8")
+            if hmac.compare_digest(given, token.encode("utf-8")):
+                conn.may_register = True
+            elif any(hmac.compare_digest(given, t.encode("utf-8"))
+                     for t in self.config.name_tokens.values()):
+                conn.prefix_only = True  # names under its prefix, nothing else
+            else:
                 self._fatal(conn, sp.E_UNAUTHORIZED,
                             "wrong relay token (check QUICTUN_SIGNAL_TOKEN / --token)",
                             _CLOSE_POLICY, now)
                 return
-            conn.may_register = True
         # else: no token given; welcome it, but it may only connect, not register
         conn.hello = True
         conn.token = msg.token
@@ -191,7 +204,8 @@ class Admitting:
             self._client_error(conn, sp.E_RATE_LIMITED, "too many registrations from this "
                                "address; try again shortly", now, count=False)
             return
-        if not conn.may_register:
+        if not conn.may_register and not (conn.prefix_only and prefix_granted(
+                msg.name, conn.token, self.config.name_tokens)):
             self._client_error(conn, sp.E_UNAUTHORIZED, NEED_TOKEN_MESSAGE, now)
             return
         if not prefix_allowed(msg.name, conn.token, self.config.name_tokens):
@@ -234,11 +248,16 @@ class Admitting:
             if old is not None:
                 old.names.discard(name)
                 logger.info("name %r taken over by conn %d from conn %d", name, conn.id, old.id)
-                self._send(old.id, sp.Error(sp.E_TAKEN_OVER, f"another connection with the "
-                                            f"same identity took over {name!r}"))
+                self._tell_taken_over(old, name)
         self.registry.claim(name, owner, conn.id)
         conn.names.add(name)
         self._send(conn.id, sp.Registered(name))
+
+    def _tell_taken_over(self, old: ConnRecord, name: str) -> None:
+        """Tell a connection that lost ``name`` to a newer registration of the same owner
+        (here or on another instance of a cluster), so that it never serves on silently."""
+        self._send(old.id, sp.Error(sp.E_TAKEN_OVER, "another connection with the same "
+                                    f"identity took over {name!r}"))
 
     def _handle_unregister(self, conn: ConnRecord, msg: sp.Unregister, now: float) -> None:
         if msg.name not in conn.names:

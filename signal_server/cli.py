@@ -152,8 +152,8 @@ class UserError(click.ClickException):
     multiple=True,
     metavar="PREFIX=FILE",
     help="Reserve the names starting with PREFIX: only a `quictun serve` whose "
-    "QUICTUN_SIGNAL_TOKEN is the token in FILE may register them (repeatable). Works "
-    "on a relay without --token too.",
+    "QUICTUN_SIGNAL_TOKEN is the token in FILE may register them (repeatable). With "
+    "--token too, the prefix's token lets a serve register under its prefix only.",
 )
 @click.option(
     "--log-format",

@@ -89,6 +89,7 @@ class Federation:
         def _client_error(self, conn: ConnRecord, code: str, message: str, now: float, *,
                           session: int | None = None, count: bool = True) -> None: ...
         def _grant(self, conn: ConnRecord, name: str, owner: bytes) -> None: ...
+        def _tell_taken_over(self, old: ConnRecord, name: str) -> None: ...
         def _end_session(self, session: SessionRecord) -> None: ...
         def _new_session(self, connector: int | None, owner: int | None, name: str,
                          now: float, *, slack: float = 0.0) -> SessionRecord: ...
@@ -195,6 +196,7 @@ class Federation:
                                  f"name {item.name!r} was claimed by another owner", now)
             else:
                 logger.info("name %r moved away from conn %d", item.name, conn.id)
+                self._tell_taken_over(conn, item.name)
 
     def peer_instances(self) -> set[str]:
         """Instances this one shares live sessions with (the shell watches them)."""
@@ -240,6 +242,7 @@ class Federation:
                     logger.info("name %r moved from conn %d to instance %s", msg.name,
                                 conn.id, instance)
                     self._forget_name(conn, msg.name)
+                    self._tell_taken_over(conn, msg.name)
             else:
                 self._peer_reply(instance, msg)
         except Exception:

@@ -190,6 +190,9 @@ class ConnRecord:
     hello: bool = False
     #: may ``register`` (no relay token is configured, or hello carried the right one)
     may_register: bool = False
+    #: its hello carried a reserved prefix's token, not the relay's: it may register
+    #: names under that prefix only
+    prefix_only: bool = False
     names: set[str] = field(default_factory=set)
     sessions: set[int] = field(default_factory=set)
     errors: int = 0

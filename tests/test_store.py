@@ -65,3 +65,20 @@ def test_store_and_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     (tmp_path / "tickets" / "bad").chmod(0o600)
     with pytest.raises(tk.TicketError, match="stored ticket .*bad.*not a quictun ticket"):
         store.load_ticket("bad")
+
+
+def test_known_clients_survive_a_restart(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUICTUN_HOME", str(tmp_path))
+    known = store.KnownClients("box")
+    assert "ab" * 32 not in known
+    known.add("ab" * 32)
+    known.add("cd" * 32)
+    known.add("ab" * 32)  # once
+    path = tmp_path / "known" / "box"
+    assert path.stat().st_mode & 0o077 == 0
+    assert path.read_text() == "ab" * 32 + "\n" + "cd" * 32 + "\n"
+    path.write_text(path.read_text() + "garbage\n" + "EF" * 32 + "\n")
+    again = store.KnownClients("box")
+    assert list(again.fingerprints) == ["ab" * 32, "cd" * 32]
+    assert "cd" * 32 in again and "ab" * 32 not in store.KnownClients("other")

@@ -316,8 +316,8 @@ def _rejected(name: str, reply: sigproto.Rejected) -> TunnelError:
     if reply.code == sigproto.REJECT_VERSION:
         return AuthError(f"{name!r} refused the connection: {reason}")
     if reply.code == sigproto.REJECT_MALFORMED:
-        return AuthError(f"{name!r} refused our offer as malformed: it most likely runs an "
-                         "older quictun (protocol 1); upgrade quictun on the serving machine")
+        return AuthError(f"{name!r} refused our offer: {reason} (if the two machines run "
+                         "different quictun releases, upgrade the older one)")
     return TunnelError(f"{name!r} refused the connection: {reason}")
 
 

@@ -53,7 +53,7 @@ class PairingHost:
                  paired: Callable[[str], None], timeout: float = 20.0) -> None:
         self.code = code
         self.name = code.relay_name
-        self._ticket = ticket
+        self.ticket = ticket
         self._identity = identity
         self._send = send
         self._emit = emit
@@ -63,6 +63,8 @@ class PairingHost:
         self._box_private, self._box_key = pake.box_keypair(identity.private_bytes())
         self.slot = PairingSlot.new(code, time.monotonic())
         self._pending: dict[int, tuple[ServerExchange, asyncio.TimerHandle]] = {}
+        self._expiry: asyncio.TimerHandle | None = None
+        self._released = False  # the name was given back (burned, expired or paired)
 
     def live(self) -> bool:
         """True while the code can still admit an exchange (the name is worth holding)."""
@@ -70,13 +72,23 @@ class PairingHost:
 
     def announce(self) -> str:
         """The lines ``serve --pair`` prints: the code, its limits, the odds."""
-        return (f"pairing code for {self._ticket.name!r}: {self.code}  (single use, valid "
+        return (f"pairing code for {self.ticket.name!r}: {self.code}  (single use, valid "
                 f"{self.slot.expires - time.monotonic():.0f} s, {self.slot.attempts_left} "
                 f"tries; a guesser's odds: {describe_odds(self.slot.attempts_left)})\n"
                 f"on the other machine: quictun pair   (then type the code)")
 
     def incoming(self, inc: sigproto.Incoming) -> None:
-        """An offer on ``pair-N``: one attempt of the slot, answered at once."""
+        """An offer on ``pair-N``: one attempt of the slot, answered at once. An offer
+        that is not a pairing offer (malformed, another version, ``connect pair-N``) is
+        refused first and costs no attempt: no guess of the code happened."""
+        try:
+            ex = ServerExchange.receive(self._prepared, self._box_private, name=self.name,
+                                        offer_obj=inc.offer, now_ms=_now_ms())
+        except OfferError as exc:
+            self._send(sigproto.Reject(inc.session, f"{self.name} is a pairing code's "
+                                       f"name, use `quictun pair` ({exc.message})",
+                                       sigproto.REJECT_MALFORMED))
+            return
         now = time.monotonic()
         self.slot, refused = self.slot.admit(now)
         if refused is not None:
@@ -84,12 +96,10 @@ class PairingHost:
             self._send(sigproto.Reject(inc.session, refused, sigproto.REJECT_BUSY))
             return
         try:
-            ex = ServerExchange.receive(self._prepared, self._box_private, name=self.name,
-                                        offer_obj=inc.offer, now_ms=_now_ms())
             answer = ex.answer(self._identity.fingerprint, [], os.urandom(pake.RANDOM_SIZE),
                                _now_ms(), box_key=self._box_key)
-        except OfferError as exc:
-            self._send(sigproto.Reject(inc.session, exc.message, sigproto.REJECT_MALFORMED))
+        except (OfferError, pake.PakeError) as exc:  # e.g. not a group element
+            self._send(sigproto.Reject(inc.session, str(exc), sigproto.REJECT_MALFORMED))
             return
         timer = asyncio.get_running_loop().call_later(self._timeout, self._failed,
                                                       inc.session, "no sealed hello")
@@ -111,10 +121,13 @@ class PairingHost:
             return
         self.slot = self.slot.succeeded(time.monotonic())
         fp = fingerprint_of_raw(hello.public)
-        self._send(sigproto.Data(m.session, ex.grant(self._ticket.encode())))
+        self._send(sigproto.Data(m.session, ex.grant(self.ticket.encode())))
         self._send(sigproto.Close(m.session, "paired"))
+        self._released = True  # the server gives the name back (its ``paired``)
+        if self._expiry is not None:
+            self._expiry.cancel()
         self._paired(fp)
-        self._emit(f"paired client {fp[:16]} for {self._ticket.name!r}; the code is used up")
+        self._emit(f"paired client {fp[:16]} for {self.ticket.name!r}; the code is used up")
 
     def closed(self, session: int) -> None:
         if session in self._pending:
@@ -129,6 +142,26 @@ class PairingHost:
         self._emit(f"failed pairing attempt ({why}); {left} tries left for code "
                    f"{self.code.number}-…")
         self._send(sigproto.Close(session, "pairing failed"))
+        self._release_if_dead()
+
+    def arm(self) -> None:
+        """Release the code's name on the relay when the code expires (call once its
+        name is registered, in the running loop)."""
+        if self._expiry is None:
+            wait = max(0.0, self.slot.expires - time.monotonic())
+            self._expiry = asyncio.get_running_loop().call_later(wait, self._release_if_dead)
+
+    def _release_if_dead(self) -> None:
+        """A burned or expired code can never work: give its name back at once."""
+        if self._released or self.live():
+            return
+        self._released = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._emit(f"pairing code {self.code.number}-… can no longer be used "
+                   f"({self.slot.state if self.slot.state != 'open' else 'expired'}); "
+                   "run serve --pair again for a new one")
+        self._send(sigproto.Unregister(self.name))
 
 
 async def pair(code: PairingCode, *, signal: str, identity: Identity,

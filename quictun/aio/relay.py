@@ -135,8 +135,17 @@ class SignalClient:
             reply = await self.request(
                 hello, lambda m: isinstance(m, sigproto.Welcome), timeout=timeout
             )
-        except BaseException:
+        except RelayError as exc:
             await self.close()  # no half-open WebSocket and reader tasks left behind
+            if exc.code == sigproto.E_UNSUPPORTED_VERSION:
+                raise _VersionMismatch(
+                    f"the relay at {self.url} speaks another protocol version "
+                    f"({printable(exc.message)}): run the same quictun release on both "
+                    "(`pip install -U quictun` where quictun-signal runs, or here)"
+                ) from None
+            raise
+        except BaseException:
+            await self.close()
             raise
         assert isinstance(reply, sigproto.Welcome)
         self.welcome = reply
@@ -288,3 +297,10 @@ class RelayError(TunnelError):
         text = printable(message)
         super().__init__(f"relay: {text}" if text else f"relay error: {printable(code)}")
         self.code = code
+        self.message = message
+
+
+class _VersionMismatch(TunnelError):
+    """The relay refused our hello's protocol version: retrying cannot help."""
+
+    permanent = True

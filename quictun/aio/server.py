@@ -32,11 +32,12 @@ from ..proto.identity import Identity, fingerprint_of_raw, raw_public
 from ..proto.limits import ReplayWindow, Sighting
 from ..proto.offer import E_STALE, E_VERSION, SKEW_MS, ClientHello, OfferError
 from ..proto.pairing import PairingCode
+from ..proto.pairing import generate as generate_code
 from ..proto.services import ServiceError, services_from
 from ..proto.throttle import Throttle
 from ..proto.ticket import Ticket
 from ..punch.types import Mode, NetPath, PathConfig, describe
-from ..store import load_or_create
+from ..store import KnownClients, load_or_create
 from .candidates import open_and_gather, regather, start_portmap
 from .client import StatusCallback, check_mode, now_ms
 from .handlers import ServerHandler
@@ -80,9 +81,13 @@ class Server:
         on_event: StatusCallback | None, config: TunnelConfig,
         on_registered: Callable[[], None] | None = None,
         pairing: tuple[PairingCode, Ticket] | None = None,
+        on_pairing: Callable[[PairingCode], None] | None = None,
+        known: KnownClients | None = None,
     ) -> None:
         self.name = name
         self.on_registered = on_registered
+        self.on_pairing = on_pairing
+        self._announced = False  # on_pairing was called (the code in use is final)
         self.target = target
         self.url = signal
         self.mode = mode
@@ -93,7 +98,8 @@ class Server:
         self._prepared = pake.prepare(secret, name, pake.KIND_CONNECT, "server")
         self._box_private, self.box_key = pake.box_keypair(identity.private_bytes())
         self.throttle = Throttle()
-        self.known_clients: set[str] = set()  # identities that proved the secret before
+        # identities that proved the secret before (kept on disk when ``known`` is given)
+        self.known_clients: KnownClients | set[str] = known if known is not None else set()
         self.on_event = on_event
         self.emit = on_event or (lambda s: log.info("%s", s))
         self.sessions: dict[int, _ServedSession] = {}
@@ -108,9 +114,12 @@ class Server:
         self.pairing: PairingHost | None = None
         self._taken_over: str | None = None  # the relay gave our name to a newer serve
         if pairing is not None:
-            self.pairing = PairingHost(pairing[0], pairing[1], identity, send=self._send_soon,
-                                       emit=self.emit, paired=self._paired,
-                                       timeout=config.connect_timeout)
+            self._new_pairing(pairing[0], pairing[1])
+
+    def _new_pairing(self, code: PairingCode, ticket: Ticket) -> None:
+        self.pairing = PairingHost(code, ticket, self.identity, send=self._send_soon,
+                                   emit=self.emit, paired=self._paired,
+                                   timeout=self.config.connect_timeout)
 
     async def run(self) -> None:
         """Register and serve; re-register with backoff after the relay is lost.
@@ -157,13 +166,9 @@ class Server:
         held by another identity or a refused token)."""
         try:
             await sc.open()
-            names = [self.name]
+            await self._claim(sc, self.name)
             if self.pairing is not None and self.pairing.live():
-                names.append(self.pairing.name)
-            for name in names:
-                await sc.request(self._register_message(sc, name),
-                                 lambda m, n=name: isinstance(m, sigproto.Registered)
-                                 and m.name == n, timeout=10)
+                await self._claim_pairing(sc, self.pairing)
         except RelayError as exc:
             if exc.code == sigproto.E_NAME_TAKEN:
                 raise _Permanent(f"the name {self.name!r} is held by another identity on "
@@ -175,6 +180,33 @@ class Server:
                 raise _Permanent("the relay refused our token (check QUICTUN_SIGNAL_TOKEN "
                                  "/ --token)") from None
             raise
+
+    async def _claim(self, sc: SignalClient, name: str) -> None:
+        await sc.request(self._register_message(sc, name),
+                         lambda m: isinstance(m, sigproto.Registered) and m.name == name,
+                         timeout=10)
+
+    async def _claim_pairing(self, sc: SignalClient, host: PairingHost) -> None:
+        """Register the pairing code's name. Before the code is shown, a number another
+        server holds is replaced by a fresh code (up to 5 draws); after, losing it ends
+        the pairing only (the code can no longer work), never the serving."""
+        for _ in range(5):
+            try:
+                await self._claim(sc, host.name)
+                return
+            except RelayError as exc:
+                if exc.code != sigproto.E_NAME_TAKEN:
+                    raise
+                if self._announced:
+                    self.emit(f"the pairing code's name {host.name} was taken on the relay "
+                              "meanwhile: the code no longer works (serving goes on)")
+                    self.pairing = None
+                    return
+            self._new_pairing(generate_code(os.urandom(32)), host.ticket)
+            host = self.pairing
+            assert host is not None
+        raise _Permanent("no free pairing number on this relay after 5 draws; try again "
+                         "later")
 
     def _register_message(self, sc: SignalClient, name: str) -> sigproto.Register:
         """``register`` signed over this connection's challenge with the name's registration
@@ -198,6 +230,11 @@ class Server:
         self.emit(f"serving {self.name!r} -> {self.target.describe()} via {self.url}")
         if self.on_registered is not None:
             self.on_registered()
+        if self.pairing is not None and not self._announced:
+            self._announced = True
+            self.pairing.arm()
+            if self.on_pairing is not None:
+                self.on_pairing(self.pairing.code)
         try:
             await lost
         finally:
@@ -319,8 +356,15 @@ class Server:
         except BaseException:
             self.throttle.succeeded(key, time.monotonic())  # our failure: no guess happened
             raise
-        answer = ex.answer(self.identity.fingerprint, [c.encode() for c in mine],
-                           os.urandom(pake.RANDOM_SIZE), now_ms())
+        try:
+            answer = ex.answer(self.identity.fingerprint, [c.encode() for c in mine],
+                               os.urandom(pake.RANDOM_SIZE), now_ms())
+        except pake.PakeError as exc:  # not a group element: no guess happened
+            ep.close()
+            self.throttle.succeeded(key, time.monotonic())
+            self.emit(f"refused a client: {exc} (session {sid})")
+            await self._reject(sid, str(exc), sigproto.REJECT_MALFORMED)
+            return
         pending = _Pending(ex, ep, mine, key)
         self._pending[sid] = pending
         pending.timer = asyncio.get_running_loop().call_later(
@@ -357,7 +401,7 @@ class Server:
 
     def _paired(self, client_fp: str) -> None:
         """A client paired: it is known from now on, and the code's name is released."""
-        self.known_clients.add(client_fp)
+        self._know(client_fp)
         if self.pairing is not None:
             self._send_soon(sigproto.Unregister(self.pairing.name))
 
@@ -380,8 +424,14 @@ class Server:
         fp = fingerprint_of_raw(hello.public)
         known = pending.throttle_key == ("client", fp)
         self.throttle.succeeded(pending.throttle_key, time.monotonic(), reset=known)
-        self.known_clients.add(fp)
+        self._know(fp)
         self._start_session(m.session, pending, hello)
+
+    def _know(self, fp: str) -> None:
+        try:
+            self.known_clients.add(fp)
+        except OSError as exc:  # still known in memory; only a restart forgets it
+            log.warning("cannot keep the known clients of %r: %s", self.name, exc)
 
     def _start_session(self, sid: int, pending: _Pending, hello: ClientHello) -> None:
         sc = self.signal
@@ -496,6 +546,8 @@ async def serve(
     on_registered: Callable[[], None] | None = None,
     config: TunnelConfig | None = None,
     pairing: tuple[PairingCode, Ticket] | None = None,
+    on_pairing: Callable[[PairingCode], None] | None = None,
+    known: KnownClients | None = None,
 ) -> None:
     """Make ``forward`` reachable as ``name`` until cancelled.
 
@@ -508,7 +560,11 @@ async def serve(
     Re-registers after the relay restarts or the network blips; ``on_registered`` is
     called after each successful registration. ``config`` carries every tunable
     (``path_config``, if given, replaces its ``paths``). ``pairing``: a code and the
-    ticket to hand to whoever types it (see :mod:`quictun.aio.pairing`).
+    ticket to hand to whoever types it (see :mod:`quictun.aio.pairing`); ``on_pairing``
+    is called once with the code in use, after its name is registered: another code
+    when the relay already had the one given under its number. ``known``: where to keep
+    the identities of clients that proved the secret, so that a restart keeps them apart
+    from guessers (the CLI keeps them in the config dir; by default, in memory).
 
     Raises:
         TunnelError: the first registration failed (relay unreachable, name taken by
@@ -524,7 +580,8 @@ async def serve(
         config = config.replace(paths=path_config)
     server = Server(name, target, signal=signal, secret=secret, mode=checked, token=token,
                     identity=identity or load_or_create(), on_event=on_event, config=config,
-                    on_registered=on_registered, pairing=pairing)
+                    on_registered=on_registered, pairing=pairing, on_pairing=on_pairing,
+                    known=known)
     await server.run()
 
 

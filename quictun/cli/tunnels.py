@@ -33,6 +33,7 @@ from .common import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from ..proto.pairing import PairingCode
     from ..proto.services import ListenSpec
     from ..proto.ticket import Ticket
 
@@ -106,39 +107,41 @@ def serve(name: str, forwards: tuple[str, ...], allows: tuple[str, ...], pair: b
         from ..proto.pairing import generate
 
         pairing = (generate(os.urandom(32)), t)
-    on_registered = _announcer(name, t, generated, pairing, signal)
+    on_registered, on_pairing = _announcer(name, t, generated, pairing is not None, signal)
     run(api.serve(name, forward=list(forwards), allow=list(allows), signal=signal,
                   secret=secret, mode=mode, token=token, identity=ident,
-                  on_registered=on_registered, pairing=pairing, config=tunnel_config()))
+                  on_registered=on_registered, pairing=pairing, on_pairing=on_pairing,
+                  known=store.KnownClients(name), config=tunnel_config()))
 
 
-def _announcer(name: str, t: Ticket, generated: bool,
-               pairing: tuple[str, Ticket] | None, signal: str
-               ) -> Callable[[], None]:
-    """Return the callback that prints the ticket (and the pairing code) once the name is
-    registered, so that what is printed is known to work; it prints once."""
-    printed: list[bool] = []
+def _announcer(name: str, t: Ticket, generated: bool, pair: bool, signal: str
+               ) -> tuple[Callable[[], None], Callable[[PairingCode], None]]:
+    """The callbacks that print the ticket once the name is registered, and the pairing
+    code once its name is (so that what is printed is known to work); each prints once."""
+    printed: list[str] = []
 
     def on_registered() -> None:
-        if printed:
+        if "ticket" in printed:
             return
-        printed.append(True)
+        printed.append("ticket")
         if generated:
             click.echo(f"quictun: the ticket for {name!r} (it holds the secret: pass it on "
                        "privately). On the other machine run `quictun import -`, paste it, "
                        f"then `quictun connect {name} --listen PORT` (or --stdio):", err=True)
             click.echo(t.encode())
             sys.stdout.flush()
-        if pairing is not None:
-            from ..proto.pairing import describe_odds
+            if not pair:
+                warn_if_local_relay(signal)
 
-            click.echo(f"quictun: pairing code for {name!r}: {pairing[0]}  (single use, "
-                       f"valid 10 minutes, 3 tries; a guesser's odds: {describe_odds()}). "
-                       "On the other machine run `quictun pair` and type it.", err=True)
-        if generated or pairing is not None:
-            warn_if_local_relay(signal)
+    def on_pairing(code: PairingCode) -> None:
+        from ..proto.pairing import describe_odds
 
-    return on_registered
+        click.echo(f"quictun: pairing code for {name!r}: {code}  (single use, valid 10 "
+                   f"minutes, 3 tries; a guesser's odds: {describe_odds()}). On the other "
+                   "machine run `quictun pair` and type it.", err=True)
+        warn_if_local_relay(signal)
+
+    return on_registered, on_pairing
 
 
 def _check_forwarding(forwards: tuple[str, ...], allows: tuple[str, ...]) -> None:

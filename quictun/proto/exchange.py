@@ -36,7 +36,7 @@ nothing else tells a guesser whether its guess was right. Every method raises on
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Container, Hashable
 from dataclasses import dataclass
 
 from . import offer as wire
@@ -182,7 +182,7 @@ class ServerExchange:
         """A unique id of the hint (its ephemeral key), for the replay memory."""
         return self._known.ephemeral if self._known else None
 
-    def throttle_key(self, known_clients: set[str]) -> Hashable:
+    def throttle_key(self, known_clients: Container[str]) -> Hashable:
         """Whose guess this is: a known client's own key when its hint names an identity
         that confirmed before, else the name's (strangers share one bucket)."""
         fp = self.hinted_fp

@@ -120,6 +120,9 @@ def _unb64(value: object, what: str, size: int | None = None, max_size: int = MA
     return raw
 
 
+_OTHER = {"connecting machine": "serving machine", "serving machine": "connecting machine"}
+
+
 def _version(obj: object, what: str, peer: str) -> dict[str, Any]:
     """Check the object and its ``v`` before anything else, so that another version
     gets the upgrade message, not "malformed". ``peer`` names the sender's machine."""
@@ -129,13 +132,14 @@ def _version(obj: object, what: str, peer: str) -> dict[str, Any]:
     if v == VERSION and type(v) is int:
         return obj
     old_shape = v is None and ("mac" in obj or "nonce" in obj)  # protocol 1's fields
+    me = _OTHER.get(peer, "receiving machine")
     if (type(v) is int and v < VERSION) or old_shape:
         raise OfferError(E_VERSION, f"the {peer} runs an older quictun (protocol "
                          f"{v if v is not None else 1}); upgrade quictun on the {peer} "
-                         f"(this one speaks protocol {VERSION})")
+                         f"(the {me} speaks protocol {VERSION})")
     if type(v) is int:
-        raise OfferError(E_VERSION, f"the {peer} speaks quictun protocol {v}, this one "
-                         f"{VERSION}; upgrade quictun on this machine")
+        raise OfferError(E_VERSION, f"the {peer} speaks quictun protocol {v}, the {me} "
+                         f"protocol {VERSION}; upgrade quictun on the {me}")
     raise _bad(what)
 
 

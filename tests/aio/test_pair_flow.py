@@ -97,8 +97,60 @@ async def test_wrong_codes_cost_a_try_each_and_burn_the_code(host) -> None:  # t
         if sum("failed pairing attempt" in e for e in events) >= pairing.DEFAULT_ATTEMPTS:
             break
         await asyncio.sleep(0.05)
-    # burned: even the right code is refused now
-    with pytest.raises(TunnelError, match="pairing refused.*burned"):
+    # burned: the server gave the code's name back, so even the right code finds nobody
+    assert any("can no longer be used (burned)" in e for e in events), events
+    with pytest.raises(TunnelError, match="nobody offers pairing code"):
         await pair(code, signal=relay.url, identity=Identity.generate(),
                    on_status=lambda s: None)
     assert not any("paired client" in e for e in events)
+
+
+async def test_connect_to_a_pairing_name_is_told_and_costs_no_try(host) -> None:  # type: ignore[no-untyped-def]
+    relay, code, _ident, events = host
+    with pytest.raises(AuthError, match=f"{code.relay_name} is a pairing code's name, use "
+                                        "`quictun pair`"):
+        async with quictun.connect(code.relay_name, signal=relay.url, secret="whatever",
+                                   identity=Identity.generate(), on_status=lambda s: None):
+            pass
+    assert not any("failed pairing attempt" in e for e in events)
+    t = await pair(code, signal=relay.url, identity=Identity.generate(),
+                   on_status=lambda s: None)  # all three tries were left
+    assert t.name == "home"
+
+
+async def test_a_pairing_number_in_use_is_replaced_before_it_is_shown() -> None:
+    relay = RelayServer(RelayConfig(host="127.0.0.1", port=0))
+    await relay.start()
+    ident, other = Identity.generate(), Identity.generate()
+    code = pairing.generate(os.urandom(32))
+    ticket = Ticket(url=relay.url, name="home", secret="the-durable-secret",
+                    fingerprint=ident.fingerprint, box_key=box_key_of(ident))
+    shown: list[pairing.PairingCode] = []
+    squatter = asyncio.create_task(quictun.serve(  # another server holds pair-N already
+        code.relay_name, forward="127.0.0.1:9", signal=relay.url, secret="x" * 16,
+        identity=other, on_event=lambda s: None))
+    task = None
+    try:
+        for _ in range(100):
+            if relay.stats.get("names", 0) >= 1:
+                break
+            await asyncio.sleep(0.05)
+        task = asyncio.create_task(quictun.serve(
+            "home", forward="127.0.0.1:9", signal=relay.url, secret=ticket.secret,
+            identity=ident, on_event=lambda s: None, pairing=(code, ticket),
+            on_pairing=shown.append))
+        for _ in range(100):
+            if shown:
+                break
+            await asyncio.sleep(0.05)
+        assert len(shown) == 1 and shown[0].relay_name != code.relay_name, shown
+        t = await pair(shown[0], signal=relay.url, identity=Identity.generate(),
+                       on_status=lambda s: None)
+        assert t.secret == ticket.secret
+    finally:
+        for tk in (squatter, task):
+            if tk is not None:
+                tk.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await tk
+        await relay.stop()

@@ -63,11 +63,15 @@ def test_an_old_client_gets_the_upgrade_error() -> None:
     assert e.value.code == offer.E_MALFORMED  # no version and no protocol-1 shape
 
 
-def test_a_newer_peer_says_upgrade_this_machine() -> None:
-    for decode in (offer.decode_offer, offer.decode_answer, offer.decode_data):
+def test_a_newer_peer_names_the_machine_to_upgrade() -> None:
+    """The reason travels to the other machine (a reject's text): it must name the
+    machine by role, never "this machine"."""
+    for decode, who in ((offer.decode_offer, "serving"), (offer.decode_answer, "connecting"),
+                        (offer.decode_data, "receiving")):
         with pytest.raises(OfferError) as e:
             decode({"v": 3})
-        assert e.value.code == offer.E_VERSION and "upgrade quictun on this machine" in str(e.value)
+        assert e.value.code == offer.E_VERSION
+        assert f"upgrade quictun on the {who} machine" in str(e.value), e.value
 
 
 GOOD = Offer("connect", b"A" + bytes(32)).to_json()

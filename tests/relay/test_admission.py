@@ -59,6 +59,21 @@ def test_reserved_prefixes_need_their_token() -> None:
     h.register(2, "corp-db", OWNER_B)
 
 
+def test_a_prefix_token_works_on_a_relay_with_its_own_token_for_that_prefix_only() -> None:
+    h = Harness(token="relay-token", name_tokens={"corp-": "s3cret"})
+    h.open(1, token="s3cret")  # not the relay's token, but a prefix's: welcomed
+    h.register(1, "corp-db", OWNER_A)
+    h.send(1, h.reg(1, "home", OWNER_A))  # outside its prefix it needs the relay's
+    assert "token" in h.expect_error(1, "unauthorized").message
+    h.open(2, token="relay-token")
+    h.register(2, "home", OWNER_B)
+    h.send(2, h.reg(2, "corp-web", OWNER_B))  # the relay's token is not the prefix's
+    assert "reserved" in h.expect_error(2, "unauthorized").message
+    h.open(3, hello=False)
+    h.send(3, sp.Hello(v=2, token="guess", agent="t"))
+    assert 3 in h.disconnected  # any other token is still refused at hello
+
+
 def test_per_address_rates_refuse_the_excess_without_disconnecting() -> None:
     h = Harness(connect_rate=1.0)  # ten at once, then one per second
     h.open(1)

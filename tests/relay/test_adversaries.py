@@ -290,7 +290,9 @@ async def test_a_connect_flood_is_limited_and_the_honest_client_still_connects(l
 async def test_an_online_guesser_is_throttled_and_a_known_client_is_not(lab: Lab) -> None:
     url = lab.relay()
     srv, ticket = lab.serve(url)
-    await in_thread(lab.works, url, ticket)  # known to the server from now on
+    await in_thread(lab.works, url, ticket)  # known to the server from now on ...
+    srv.stop()
+    srv, _ = lab.serve(url)  # ... also after a restart (kept in QUICTUN_HOME/known/)
     # twelve guessers at once, six at a time: the first five guesses are free, then
     # each failure makes the name wait (2 s, 4 s, ...) and at most four run at once
     results = await asyncio.gather(*(

@@ -274,7 +274,9 @@ def test_ownership_is_global_and_the_same_owner_moves_a_name() -> None:
     c.send("B", 2, c.reg("B", 2, "srv", OWNER_B))
     assert c.pop("B", 2).code == "name-taken"  # type: ignore[union-attr]
     c.register("B", 3, "srv")  # same owner, another instance: takes it over
-    assert c.mms["A"].held_names() == []  # A was told (moved) and let go
+    assert c.mms["A"].held_names() == []  # A was told (moved) and let go ...
+    told = c.pop("A", 1)  # ... and so is its holder, which must not serve on silently
+    assert isinstance(told, sp.Error) and told.code == sp.E_TAKEN_OVER, told
     c.open("A", 4)
     c.send("A", 4, sp.Connect(name="srv", offer={}))  # a connect on A now goes to B
     assert isinstance(c.pop("B", 3), sp.Incoming)
@@ -345,6 +347,8 @@ def test_names_lost_after_an_outage() -> None:
     c.run()
     assert ("A", 1) not in c.disconnected and ("A", 2) in c.disconnected
     assert mm.held_names() == []
+    told = c.pop("A", 1)  # "moved": the same owner registered it elsewhere
+    assert isinstance(told, sp.Error) and told.code == sp.E_TAKEN_OVER, told
 
 
 def test_the_holders_pending_limit_holds_across_instances() -> None:
