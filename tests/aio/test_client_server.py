@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -309,3 +310,25 @@ def test_parse_hostport_refuses(text: str) -> None:
 
     with pytest.raises(ValueError):
         parse_hostport(text)
+
+
+async def test_a_relay_of_another_protocol_version_is_one_permanent_line() -> None:
+    """What a protocol-1 relay answers a protocol-2 hello (recorded from quictun 0.1)."""
+    from websockets.asyncio.server import serve as ws_serve
+
+    async def old_relay(ws) -> None:  # type: ignore[no-untyped-def]
+        await ws.recv()
+        await ws.send(json.dumps({"t": "error", "code": "unsupported-version", "message":
+                                  "relay speaks protocol version 1, client sent 2",
+                                  "session": None}))
+        await ws.close(1002)
+
+    async with ws_serve(old_relay, "127.0.0.1", 0) as srv:
+        url = f"ws://127.0.0.1:{next(iter(srv.sockets)).getsockname()[1]}/"
+        with pytest.raises(TunnelError) as exc:
+            async with quictun.connect("box", signal=url, secret="s" * 16,
+                                       identity=Identity.generate(), on_status=lambda s: None):
+                pass
+    assert exc.value.permanent
+    assert "speaks another protocol version (relay speaks protocol version 1" in str(exc.value)
+    assert "same quictun release" in str(exc.value)
