@@ -167,11 +167,22 @@ def cpu_busy() -> tuple[int, int]:
     return sum(v) - idle, sum(v)
 
 
+def background_busy(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs busy over ``seconds`` while this harness runs nothing: the
+    other workers' load on a shared machine."""
+    b0, t0 = cpu_busy()
+    time.sleep(seconds)
+    b1, t1 = cpu_busy()
+    return round((b1 - b0) / max(1, t1 - t0), 2)
+
+
 def run_once(cl: CompareLab | None, case_list: list[Case], sizes: Sizes, index: int,
              skips: dict[str, str], log: Callable[[str], None]) -> dict[str, Any]:
     """One run: the ceiling, then every case once."""
+    run: dict[str, Any] = {"loadavg_before": os.getloadavg()[0],
+                           "background_busy": background_busy(), "ceiling": {}, "cases": {}}
+    log(f"run {index}: other workers keep {run['background_busy']:.0%} of the CPUs busy")
     b0, t0 = cpu_busy()
-    run: dict[str, Any] = {"loadavg_before": os.getloadavg()[0], "ceiling": {}, "cases": {}}
     for kind in CEILING_KINDS:
         run["ceiling"][kind] = ceiling(kind, sizes.size)
         log(f"run {index}: ceiling {kind}: {run['ceiling'][kind]}")
@@ -204,6 +215,23 @@ def _git(*args: str) -> str:
                           text=True).stdout.strip()
 
 
+def _version(argv: list[str]) -> str | None:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (r.stdout or r.stderr).strip().splitlines()
+    return text[0] if text else None
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of what is compared (None: not installed)."""
+    py = "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))"
+    return {"aioquic": _version([PY, "-c", py, "aioquic"]),
+            "qh3": _version([PY, "-c", py, "qh3"]) if qh3_importable() else None,
+            "openssh": _version(["ssh", "-V"]), "node": _version(["node", "--version"])}
+
+
 def meta(argv: list[str], sizes: Sizes) -> dict[str, Any]:
     return {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "command": "python -m quictun.bench.compare"
@@ -211,7 +239,8 @@ def meta(argv: list[str], sizes: Sizes) -> dict[str, Any]:
             "commit": _git("rev-parse", "--short", "HEAD"),
             "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
             "kernel": platform.release(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "size": sizes.size, "slow": sizes.slow}
+            "cpus": os.cpu_count(), "size": sizes.size, "slow": sizes.slow,
+            "versions": versions()}
 
 
 def run(opts: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
@@ -240,7 +269,7 @@ def run(opts: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
                                           else None)
         if why:
             out["skipped"]["holesail"] = why
-            log(why)
+            log(f"holesail skipped: {why}")
     elif opts.no_holesail:
         out["skipped"]["holesail"] = "--no-holesail"
     work = Path(tempfile.mkdtemp(prefix="quictun-compare-"))

@@ -143,16 +143,19 @@ def _outside(m: dict[str, Any]) -> str:
 
 def render(out: dict[str, Any]) -> str:
     m = out["meta"]
-    load = "; ".join(f"run {i}: CPUs {r['machine_busy']:.0%} busy, load "
-                     f"{r['loadavg_before']:.2f}→{r['loadavg_after']:.2f}"
+    load = "; ".join(f"run {i}: {r['background_busy']:.0%} of the CPUs busy with other "
+                     f"work before it, {r['machine_busy']:.0%} during it, load average "
+                     f"{r['loadavg_before']:.1f}→{r['loadavg_after']:.1f}"
                      for i, r in enumerate(out["runs"], 1))
+    v = m.get("versions", {})
+    tools = ", ".join(f"{k} {val}" for k, val in v.items() if val)
     lines = [f"Measured {m['date']} with `{m['command']}` (root, repository root; "
              f"{m.get('seconds', 0):.0f} s wall) at commit `{m['commit']}`"
              f"{' plus uncommitted changes' if m['dirty'] else ''}; kernel {m['kernel']}, "
              f"Python {m['python']}, {m['cpus']} CPUs shared with other workers; "
              f"{m['runs']} runs, {m['size'] / MB:g} MB per throughput push, "
              f"{m['slow'] / MB:g} MB into the slow reader. Machine: {load}. "
-             f"Packets to addresses outside the lab: {_outside(m)}.", ""]
+             f"Packets to addresses outside the lab: {_outside(m)}. Versions: {tools}.", ""]
     for what, why in out["skipped"].items():
         lines.append(f"- {what} skipped: {why}")
     if out["skipped"]:

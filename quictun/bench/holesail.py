@@ -95,8 +95,7 @@ def node_missing() -> str | None:
     """Why holesail cannot run here (node or npm not on PATH), or None."""
     missing = [tool for tool in ("node", "npm") if shutil.which(tool) is None]
     if missing:
-        return (f"{' and '.join(missing)} not found (apt-get install nodejs npm) — "
-                "holesail skipped")
+        return f"{' and '.join(missing)} not found (apt-get install nodejs npm)"
     return None
 
 
@@ -129,10 +128,10 @@ def ensure_installed(prefix: Path | None = None,
                             "--no-fund", f"holesail@{VERSION}"],
                            capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"npm install holesail@{VERSION} failed: {exc} — holesail skipped"
+        return None, f"npm install holesail@{VERSION} failed: {exc}"
     if r.returncode != 0 or installed_version(prefix) != VERSION:
         last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-        return None, f"npm install holesail@{VERSION} failed: {last[0]} — holesail skipped"
+        return None, f"npm install holesail@{VERSION} failed: {last[0]}"
     return prefix, None
 
 
