@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.lab.netlab import lab_available
+from tests.lab.netlab import lab_available, sweep_stale_namespaces
 
 from . import holesail as hs
 from .compare_report import render
@@ -239,8 +240,28 @@ def meta(argv: list[str], sizes: Sizes) -> dict[str, Any]:
             "commit": _git("rev-parse", "--short", "HEAD"),
             "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
             "kernel": platform.release(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "size": sizes.size, "slow": sizes.slow,
-            "versions": versions()}
+            "cpus": os.cpu_count(), "root": os.geteuid() == 0, "size": sizes.size,
+            "slow": sizes.slow, "versions": versions()}
+
+
+def tool_skips(opts: argparse.Namespace, case_list: list[Case], skipped: dict[str, str],
+               log: Callable[[str], None]) -> Path | None:
+    """Note in ``skipped`` the tools that cannot run here (one line each); install holesail
+    when it is wanted and can be: its npm prefix, or None."""
+    if any(c.tool == "ssh" for c in case_list) and not all(
+            shutil.which(t) or os.path.exists(f"/usr/sbin/{t}") for t in ("sshd", "ssh")):
+        skipped["ssh"] = "needs openssh-server and openssh-client"
+        log(f"ssh skipped: {skipped['ssh']}")
+    if opts.no_holesail:
+        skipped["holesail"] = "--no-holesail"
+        return None
+    if not any(c.tool == "holesail" for c in case_list):
+        return None
+    prefix, why = hs.ensure_installed(Path(opts.holesail_dir) if opts.holesail_dir else None)
+    if why:
+        skipped["holesail"] = why
+        log(f"holesail skipped: {why}")
+    return prefix
 
 
 def run(opts: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
@@ -262,21 +283,16 @@ def run(opts: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     reason = lab_available()
     if reason:
         out["skipped"]["lab"] = f"the lab needs root and nft: {reason}; only the ceiling ran"
-        log(out["skipped"]["lab"])
+        print(f"lab skipped: {out['skipped']['lab']}", file=sys.stderr)
     prefix = None
-    if reason is None and any(c.tool == "holesail" for c in case_list) and not opts.no_holesail:
-        prefix, why = hs.ensure_installed(Path(opts.holesail_dir) if opts.holesail_dir
-                                          else None)
-        if why:
-            out["skipped"]["holesail"] = why
-            log(f"holesail skipped: {why}")
-    elif opts.no_holesail:
-        out["skipped"]["holesail"] = "--no-holesail"
+    if reason is None:
+        prefix = tool_skips(opts, case_list, out["skipped"], log)
     work = Path(tempfile.mkdtemp(prefix="quictun-compare-"))
     cl = None
     if reason is None:
+        sweep_stale_namespaces(opts.prefix)  # left by a killed earlier run
         cl = CompareLab(work, prefix=opts.prefix, slow_rate=opts.slow_rate_mb * MB,
-                        holesail_prefix=prefix)
+                        holesail_prefix=prefix, sshd="ssh" not in out["skipped"])
         cl.start()
         log(f"lab up (HyperDHT {cl.bootstrap or 'not started'})")
     try:
@@ -288,7 +304,7 @@ def run(opts: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         if cl is not None:
             cl.close()
         if not opts.keep_logs:
-            subprocess.run(["rm", "-rf", str(work)], check=False)
+            shutil.rmtree(work, ignore_errors=True)
         else:
             log(f"logs kept in {work}")
     return out

@@ -54,7 +54,8 @@ def case_row(out: dict[str, Any], case: dict[str, Any]) -> str:
     key = case["key"]
     runs = [r["cases"].get(key) for r in out["runs"] if key in r["cases"]]
     if not runs:
-        why = out["skipped"].get(case["tool"]) or out["skipped"].get("lab") or "not run"
+        why = ("no lab, see above" if "lab" in out["skipped"]
+               else out["skipped"].get(case["tool"]) or "not run")
         return f"| {case['label']} | skipped: {why} | | | | | | |"
     errors = [r["error"] for r in runs if r.get("error")]
     paths = sorted({r.get("path") or "-" for r in runs})
@@ -96,7 +97,7 @@ def targets(out: dict[str, Any]) -> list[str]:
             "|---|---|---|"]
     fast = "quictun-qh3"
     for key, label, goal in (("quictun-default", "quictun default / holesail, same run",
-                              "(issue's baseline 0.31)"),
+                              "none (the issue measured 0.18–0.38)"),
                              (fast, "quictun qh3 (`[fast]`) / holesail, same run", "≥ 1.0")):
         s = summary(_ratio_series(out, _mbs(key), _mbs("holesail")))
         if s:
@@ -149,7 +150,8 @@ def render(out: dict[str, Any]) -> str:
                      for i, r in enumerate(out["runs"], 1))
     v = m.get("versions", {})
     tools = ", ".join(f"{k} {val}" for k, val in v.items() if val)
-    lines = [f"Measured {m['date']} with `{m['command']}` (root, repository root; "
+    lines = [f"Measured {m['date']} with `{m['command']}` ("
+             f"{'as root' if m.get('root') else 'not as root'}; "
              f"{m.get('seconds', 0):.0f} s wall) at commit `{m['commit']}`"
              f"{' plus uncommitted changes' if m['dirty'] else ''}; kernel {m['kernel']}, "
              f"Python {m['python']}, {m['cpus']} CPUs shared with other workers; "

@@ -265,7 +265,7 @@ class CompareLab:
     """The two-firewall lab with the relay, the sink, sshd and (optionally) a HyperDHT."""
 
     def __init__(self, work: Path, *, prefix: str = "qtc", slow_rate: float = 4e6,
-                 holesail_prefix: Path | None = None) -> None:
+                 holesail_prefix: Path | None = None, sshd: bool = True) -> None:
         self.work = work
         (work / "logs").mkdir(parents=True, exist_ok=True)
         fw = SiteSpec("firewall", ipv6=False)
@@ -275,6 +275,8 @@ class CompareLab:
         self.scripts = hs.Scripts(holesail_prefix, work) if holesail_prefix else None
         self.bootstrap: list[str] = []
         self.ssh_key = work / "ssh" / "user"
+        self.want_sshd = sshd
+        self.sshd: LabProcess | None = None
         self._port = 7100
 
     # ------------------------------------------------------------------ lifecycle
@@ -296,7 +298,8 @@ class CompareLab:
                                     str(self.slow_rate), name="sink")
             relay.wait_for_line(r"listening", timeout=30)
             sink.wait_for_line(r"sink listening", timeout=10)
-            self._start_sshd()
+            if self.want_sshd:
+                self._start_sshd()
             if self.scripts is not None:
                 dht = lab.spawn(lab.wan_ns, self.scripts.dht_argv(lab.relay_ip4, DHT_PORT,
                                                                   DHT_NODES), name="dht")

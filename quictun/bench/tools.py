@@ -92,6 +92,8 @@ def start_quictun(cl: CompareLab, tag: str, engine_b: str | None,
 def start_ssh(cl: CompareLab, tag: str) -> Ends:
     """``ssh -N -L`` in B to the sshd in A (started once by the lab)."""
     lab = cl.lab
+    if cl.sshd is None:
+        raise RuntimeError("sshd is not running in the lab")
     port = cl.next_port()
     ssh = lab.spawn(lab.host_b_ns, cl.ssh_argv("-N", "-o", "ExitOnForwardFailure=yes", "-L",
                                                f"127.0.0.1:{port}:127.0.0.1:{SINK_PORT}"),
