@@ -264,6 +264,22 @@ def tool_skips(opts: argparse.Namespace, case_list: list[Case], skipped: dict[st
     return prefix
 
 
+def start_lab(opts: argparse.Namespace, work: Path, holesail_prefix: Path | None,
+              skipped: dict[str, str], log: Callable[[str], None]) -> CompareLab | None:
+    """The lab, up; or None, with the reason in ``skipped["lab"]`` (one line on stderr)."""
+    cl = CompareLab(work, prefix=opts.prefix, slow_rate=opts.slow_rate_mb * MB,
+                    holesail_prefix=holesail_prefix, sshd="ssh" not in skipped)
+    try:
+        cl.start()  # closes whatever it built when it fails
+    except (RuntimeError, AssertionError, OSError, subprocess.SubprocessError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        skipped["lab"] = f"the lab did not start: {first[:300]}; only the ceiling ran"
+        print(f"lab skipped: {skipped['lab']}", file=sys.stderr)
+        return None
+    log(f"lab up (HyperDHT {cl.bootstrap or 'not started'})")
+    return cl
+
+
 def run(opts: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """Everything: the lab (when it can run), ``opts.runs`` runs, the results as a dict."""
     quick = opts.quick
@@ -275,6 +291,10 @@ def run(opts: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     case_list = cases(mixed=not opts.no_mixed, qh3=qh3, quick=quick)
     if opts.cases:
         wanted = set(opts.cases.split(","))
+        known = {k for c in cases(mixed=True, qh3=True, quick=False) for k in (c.key, c.tool)}
+        if wanted - known:
+            raise SystemExit(f"compare: unknown --cases {','.join(sorted(wanted - known))}; "
+                             f"choose from {','.join(sorted(known))}")
         case_list = [c for c in case_list if c.key in wanted or c.tool in wanted]
     out: dict[str, Any] = {"meta": meta(opts.argv, sizes), "skipped": {},
                            "cases": [c.__dict__ for c in case_list], "runs": []}
@@ -289,13 +309,10 @@ def run(opts: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         prefix = tool_skips(opts, case_list, out["skipped"], log)
     work = Path(tempfile.mkdtemp(prefix="quictun-compare-"))
     cl = None
-    if reason is None:
-        sweep_stale_namespaces(opts.prefix)  # left by a killed earlier run
-        cl = CompareLab(work, prefix=opts.prefix, slow_rate=opts.slow_rate_mb * MB,
-                        holesail_prefix=prefix, sshd="ssh" not in out["skipped"])
-        cl.start()
-        log(f"lab up (HyperDHT {cl.bootstrap or 'not started'})")
     try:
+        if reason is None:
+            sweep_stale_namespaces(opts.prefix)  # left by a killed earlier run
+            cl = start_lab(opts, work, prefix, out["skipped"], log)
         for i in range(1, runs + 1):
             out["runs"].append(run_once(cl, case_list, sizes, i, out["skipped"], log))
         if cl is not None:
