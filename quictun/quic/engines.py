@@ -12,9 +12,10 @@ peer's identity fingerprint after the handshake.
 The two engines differ where it matters to us:
 
 * aioquic keeps its whole connection in Python; quictun overrides its flow-control
-  writers (``quicconn.py``). qh3 2.x keeps frames, streams and credit in its native
-  core: receive credit is granted as events are *popped* from that core, so quictun
-  bounds memory by holding events in the core until the application consumes.
+  writers (``flow.py``). qh3 2.x keeps frames, streams and credit in its native
+  core: receive credit is granted as events are *popped* from that core, in arrival
+  order, so per-stream limits come from the ``quictun/1+credit`` in-band credit
+  (``credit.py``) and the core holds events only while the connection is full.
 * aioquic takes ``cryptography`` objects for the certificate and key; qh3 takes its own
   (built from DER / PEM bytes). Both accept Ed25519 server certificates, but a qh3
   *client* does not offer Ed25519 unless told to (done here), so identities stay
@@ -26,6 +27,7 @@ from __future__ import annotations
 import importlib
 import os
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from types import ModuleType
@@ -39,11 +41,11 @@ from ..proto.identity import Identity, certificate_fingerprint
 ENV = "QUICTUN_ENGINE"
 NAMES = ("aioquic", "qh3")
 CHOICES = (*NAMES, "auto")
-# What an unset QUICTUN_ENGINE means. Not qh3 (yet), although it is about twice as fast:
-# with qh3 a stalled stream stalls its whole connection (see quicconn._NativeFlowControl),
-# and qh3 2.1.0 as a server fails its first flight to an aioquic 1.7 client ("packet
-# builder capacity exhausted", recovered only by a retransmission); tests/test_engines.py
-# pins both as strict xfails, so they announce when they are fixed.
+# What an unset QUICTUN_ENGINE means. Still aioquic although qh3 is 2-3x faster; the two
+# reasons it was held back are fixed and tested in tests/quic/test_engines.py: a stalled
+# stream no longer stalls a qh3 connection (the quictun/1+credit stream,
+# creditstream.py), and a qh3 server answers an aioquic client's first flight (flow.py
+# feeds its zero-padded Initial to qh3 whole).
 DEFAULT = "aioquic"
 
 
@@ -90,7 +92,7 @@ class Engine:
         is_client: bool,
         identity: Identity,
         *,
-        alpn: str,
+        alpn: str | Sequence[str],
         max_datagram_size: int,
         max_stream_data: int,
         max_data: int,
@@ -99,10 +101,11 @@ class Engine:
     ) -> Any:
         """A client or server configuration carrying ``identity`` (the server's
         certificate; a client does not verify it: it pins the fingerprint after the
-        handshake, see :meth:`peer_fingerprint`)."""
+        handshake, see :meth:`peer_fingerprint`). ``alpn``: one protocol or several,
+        in order of preference (a server picks the first one the client offers)."""
         cfg = self.QuicConfiguration(
             is_client=is_client,
-            alpn_protocols=[alpn],
+            alpn_protocols=[alpn] if isinstance(alpn, str) else list(alpn),
             max_datagram_size=max_datagram_size,
             max_stream_data=max_stream_data,
             max_data=max_data,
@@ -116,6 +119,12 @@ class Engine:
             if self.name == "qh3":
                 from qh3.tls import SignatureAlgorithm
 
+                # qh3 clients probe the path MTU by default (1280..1472 bytes). QUIC
+                # here talks to one virtual peer whatever the path (aio/driver.py), so a
+                # size confirmed over the relay, or on IPv4, would then be used on a
+                # direct path that may not carry it: a black hole. Path MTU is the
+                # path layer's business; qh3 keeps max_datagram_size, like aioquic.
+                cfg.probe_datagram_size = False
                 # qh3 clients leave EdDSA out by default; our identities are Ed25519
                 cfg.signature_algorithms = [
                     SignatureAlgorithm.ED25519,
