@@ -6,6 +6,7 @@ import pytest
 
 from quictun.quic.credit import (
     INITIAL_CREDIT,
+    TAG,
     ReceiveCredit,
     RecordReader,
     SendCredit,
@@ -102,3 +103,15 @@ def test_receiver_due_marks_exactly_when_a_record_would_be_sent(window: int,
     for total in range(0, 2000, 7):
         due = total >= r.due.get(4, r.first_due)
         assert (r.consumed(4, total) is not None) == due, total
+
+
+def test_the_example_of_docs_protocol_md_is_what_the_codec_writes() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    example = "0104802800000880300000"
+    assert f"Example: `{example}` is `01` (the tag)" in doc
+    raw = bytes.fromhex(example)
+    assert raw[:1] == TAG
+    assert RecordReader().feed(raw[1:]) == [(4, 2_621_440), (8, 3_145_728)]
+    assert raw == TAG + encode_record(4, 2_621_440) + encode_record(8, 3_145_728)

@@ -41,13 +41,37 @@ def test_selection_by_name_and_environment(monkeypatch: pytest.MonkeyPatch) -> N
     assert engines.select("aioquic").name == "aioquic"
     assert engines.select("AIOQUIC ").name == "aioquic"
     monkeypatch.delenv(engines.ENV, raising=False)
-    assert engines.select().name == engines.DEFAULT
+    assert engines.DEFAULT == "auto"  # unset: qh3 when installed ([fast]), else aioquic
+    assert engines.select().name == ("qh3" if HAVE_QH3 else "aioquic")
     monkeypatch.setenv(engines.ENV, "aioquic")
     assert engines.select().name == "aioquic"
     monkeypatch.setenv(engines.ENV, "auto")
     assert engines.select().name == ("qh3" if HAVE_QH3 else "aioquic")
     with pytest.raises(ValueError, match="unknown QUIC engine"):
         engines.select("quiche")
+
+
+@pytest.fixture
+def fresh_engine_cache() -> Iterator[None]:
+    engines.get.cache_clear()
+    yield
+    engines.get.cache_clear()
+
+
+@needs_qh3
+@pytest.mark.parametrize("version", ["2.2.0", "3.0.1", "2.0.9", "2.2.0rc1"])
+def test_a_qh3_outside_2_1_is_refused_and_auto_falls_back(
+        monkeypatch: pytest.MonkeyPatch, fresh_engine_cache: None, version: str) -> None:
+    """flow.py reaches into qh3 2.1's private internals; another version is refused by
+    name (one line) and ``auto`` (the default) takes aioquic instead."""
+    import qh3
+
+    monkeypatch.setattr(qh3, "__version__", version)
+    with pytest.raises(engines.EngineUnavailable, match=rf"qh3 {version} is not supported.*< 2\.2"):
+        engines.select("qh3")
+    assert engines.select("auto").name == "aioquic"
+    monkeypatch.delenv(engines.ENV, raising=False)
+    assert engines.select().name == "aioquic"
 
 
 def test_explicit_qh3_without_qh3_is_a_clear_error() -> None:
