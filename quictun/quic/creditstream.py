@@ -137,9 +137,12 @@ class CreditedStreams:
         if sid != self._peer_credit_sid:
             ours = (sid & 1) == (0 if self._is_client else 1)  # type: ignore[attr-defined]
             if ours or sid in self._app_uni or not data:
+                if ev.end_stream:
+                    self._app_uni.discard(sid)
                 return False
             if data[:1] != TAG or self._peer_credit_sid is not None:
-                self._app_uni.add(sid)  # e.g. candidates (JSON)
+                if not ev.end_stream:
+                    self._app_uni.add(sid)  # e.g. candidates (JSON), until their FIN
                 return False
             self._peer_credit_sid = sid
             data = data[1:]

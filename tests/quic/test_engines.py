@@ -273,10 +273,14 @@ def test_the_credit_stream_is_hidden_and_other_uni_streams_pass(client_name: str
     client.send_stream_data(bidi, b"hello")
     uni = client.get_next_available_stream_id(is_unidirectional=True)
     client.send_stream_data(uni, b'["candidate"]', end_stream=True)
+    uni2 = uni + 4  # an update that arrives in two pieces, the second after the records
+    client.send_stream_data(uni2, b"[")
     seen: dict[int, bytes] = {}
     events = server.engine.events
     now = 1.0
-    for _ in range(100):
+    for i in range(100):
+        if i == 50:
+            client.send_stream_data(uni2, b'"late"]', end_stream=True)
         exchange(client, server, now)
         while (ev := server.next_event()) is not None:
             if isinstance(ev, events.StreamDataReceived):
@@ -291,8 +295,9 @@ def test_the_credit_stream_is_hidden_and_other_uni_streams_pass(client_name: str
         server.handle_timer(now)
     assert client._my_credit_sid is not None  # records were sent...
     assert server._peer_credit_sid == client._my_credit_sid
-    assert set(seen) == {bidi, uni}  # ...and never shown to the application
-    assert seen[uni] == b'["candidate"]'
+    assert set(seen) == {bidi, uni, uni2}  # ...and never shown to the application
+    assert seen[uni] == b'["candidate"]' and seen[uni2] == b'["late"]'
+    assert server._app_uni == set()  # finished application streams are not remembered
 
 
 @needs_qh3
