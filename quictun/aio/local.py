@@ -7,6 +7,12 @@ the way a user expects (:func:`bind_unix`): it belongs to the user, mode 0600 un
 told otherwise, set before ``listen()`` so nobody can connect in between; a path that
 exists and is not a socket is refused; an old socket file is removed only when nobody
 listens on it; ours is removed when the listener closes.
+
+Listeners bind before the first tunnel is built (a busy port is reported at once), so a
+stream connection can arrive before there is a tunnel: it waits, unread, and joins the
+first tunnel once :meth:`Listener.first_tunnel` says it is up (or is closed if it could
+not be opened). After that, a connection arriving while the tunnel is down is closed at
+once (a restart may take long; the client should retry).
 """
 
 from __future__ import annotations
@@ -34,11 +40,58 @@ log = logging.getLogger("quictun")
 CurrentTunnel = Callable[[], "Tunnel | None"]
 
 
+MAX_EARLY = 64  # stream connections per listener held until the first tunnel is up
+
+
 class _Refuse(asyncio.Protocol):
     """Closes a local connection at once: the tunnel is down (being re-established)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.close()
+
+
+class _Early(asyncio.Protocol):
+    """A local connection that arrived before the first tunnel was up: not read until
+    :meth:`join` hands it to the tunnel (or closes it: no tunnel)."""
+
+    def __init__(self, waiting: list[_Early]) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._data = bytearray()  # anything read before the pause took effect
+        self._eof = False
+        waiting.append(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.pause_reading()  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self._data += data
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        return True  # keep the transport: its reply may still come
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def join(self, bridge: Callable[[], asyncio.Protocol] | None) -> bool:
+        """Hand the connection to ``bridge()`` (None: close it). False if it was gone."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return False
+        if bridge is None:
+            t.close()
+            return True
+        protocol = bridge()
+        t.set_protocol(protocol)
+        protocol.connection_made(t)
+        if self._data:
+            protocol.data_received(bytes(self._data))
+        if self._eof:
+            protocol.eof_received()
+        else:
+            t.resume_reading()
+        return True
 
 
 def bind_unix(path: str, mode: int = 0o600) -> socket.socket:
@@ -93,6 +146,7 @@ class Listener:
         self.udp: UdpListener | None = None
         self.bound = ""
         self._unix_ino: int | None = None
+        self._early: list[_Early] | None = []  # None once the first tunnel was settled
 
     async def start(self) -> str:
         """Bind; returns what is bound (``127.0.0.1:2222``, ``udp:…``, ``unix:…``)."""
@@ -119,10 +173,26 @@ class Listener:
                               f"{exc.strerror or exc}") from None
         return self.bound
 
+    def first_tunnel(self, tunnel: Tunnel | None) -> None:
+        """The first tunnel is up (None: it could not be opened, or the command stops):
+        the connections that waited for it join it, or are closed."""
+        waiting, self._early = self._early or [], None
+        up = tunnel is not None and not tunnel.closed
+        joined = sum(conn.join((lambda: self._bridge(tunnel)) if up else None)  # type: ignore[arg-type]
+                     for conn in waiting)
+        if joined and not up:
+            log.info("%s: closed %d local connection(s) that waited for the tunnel",
+                     self.bound, joined)
+
     def _protocol(self) -> asyncio.Protocol:
         t = self.current()
         if t is None or t.closed:
+            if self._early is not None and len(self._early) < MAX_EARLY:
+                return _Early(self._early)
             return _Refuse()
+        return self._bridge(t)
+
+    def _bridge(self, t: Tunnel) -> asyncio.Protocol:
         bridge = t.bridge(self.service)
         if self.service is not None:
             label = self.service
@@ -159,6 +229,8 @@ class Listener:
                 f"{u.dropped_queue + u.dropped_refused + self.udp.dropped_no_tunnel} dropped")
 
     def close(self) -> None:
+        if self._early is not None:
+            self.first_tunnel(None)
         if self.server is not None:
             self.server.close()
         if self.udp is not None:

@@ -31,6 +31,7 @@ from ..proto.identity import Identity
 from ..punch.manager import PathManager
 from ..punch.types import GatherWanted, NetPath, PathChanged, PunchFailed, SuspectChanged
 from ..quic import engines
+from ..quic.credit import ALPNS
 from ..quic.flow import FlowControlledConnection
 from .candidates import portmap_candidates
 from .driver import VIRTUAL_PEER, QuicDriver
@@ -43,7 +44,9 @@ from .udp import AUX_SOCKETS, UdpEndpoint
 log = logging.getLogger("quictun.session")
 portmap_log = logging.getLogger("quictun.portmap")
 
-ALPN = "quictun/1"
+# the in-connection protocol: quictun/1+credit (per-stream credit, quic/credit.py)
+# preferred, plain quictun/1 still spoken (not the signalling protocol's version)
+ALPN = ALPNS
 
 
 def quic_configuration(is_client: bool, identity: Identity, config: TunnelConfig) -> Any:

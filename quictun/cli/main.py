@@ -40,7 +40,8 @@ def main(ctx: click.Context, verbose: int, log_format: str) -> None:
     secret), QUICTUN_TICKET (a ticket), QUICTUN_SIGNAL_TOKEN (relay token), QUICTUN_HOME
     (identity, generated secrets, imported tickets; default ~/.config/quictun),
     QUICTUN_SIGNAL_CA (CA file for a wss:// relay with its own certificate),
-    QUICTUN_ENGINE (QUIC engine: aioquic, qh3 or auto), QUICTUN_LOG_FORMAT (text or json).
+    QUICTUN_ENGINE (QUIC engine: auto, the default, is qh3 when installed; aioquic, qh3),
+    QUICTUN_LOG_FORMAT (text or json).
     """
     ctx.ensure_object(dict)
     ctx.obj.update(verbose=verbose, log_format=log_format)

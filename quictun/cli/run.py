@@ -82,8 +82,14 @@ async def run_connect(
                                   f"{exc.strerror}") from None
             host, port = servers[0].sockets[0].getsockname()[:2]
             lines.append(f"SOCKS5 and HTTP CONNECT proxy on {host}:{port}")
-        current[0] = await opener()
-        await _check_listing(name, current[0], listeners, socks is not None)
+        up: Tunnel | None = None
+        try:
+            current[0] = await opener()
+            await _check_listing(name, current[0], listeners, socks is not None)
+            up = current[0]
+        finally:  # connections that came before the tunnel join it now (or are closed)
+            for lst in listeners:
+                lst.first_tunnel(up)
         for line in lines:  # once the tunnel is up: scripts wait for these lines
             log.info("%s", line)
         await _listen(current, opener, name, stats_interval)

@@ -77,7 +77,7 @@ def serve(name: str, forwards: tuple[str, ...], allows: tuple[str, ...], pair: b
       QUICTUN_SECRET     the shared secret (instead of a generated one)
       QUICTUN_HOME       identity, generated secrets (default ~/.config/quictun)
       QUICTUN_SIGNAL_CA  CA file to trust for a wss:// relay (e.g. certs/relay.crt)
-      QUICTUN_ENGINE     QUIC engine: aioquic (default), qh3, auto
+      QUICTUN_ENGINE     QUIC engine: auto (default: qh3 if installed), aioquic, qh3
       QUICTUN_PORTMAP    0: ask the router for no port mapping (--no-portmap)
     """
     from .. import store
@@ -224,7 +224,7 @@ def connect(target: str | None, listens: tuple[str, ...], stdio: bool, service: 
       QUICTUN_TICKET     a ticket (instead of a stored one)
       QUICTUN_HOME       identity, imported tickets (default ~/.config/quictun)
       QUICTUN_SIGNAL_CA  CA file to trust for a wss:// relay (e.g. certs/relay.crt)
-      QUICTUN_ENGINE     QUIC engine: aioquic (default), qh3, auto
+      QUICTUN_ENGINE     QUIC engine: auto (default: qh3 if installed), aioquic, qh3
       QUICTUN_PORTMAP    0: ask the router for no port mapping (--no-portmap)
     """
     specs, socks_at, mode_bits = _connect_modes(listens, stdio, socks, list_only, service,

@@ -2,7 +2,9 @@
 
 ``QUICTUN_ENGINE`` chooses: ``aioquic`` (default dependency), ``qh3`` (optional extra
 ``quictun[fast]``: an aioquic fork whose connection core is native Rust) or ``auto``
-(qh3 when a usable one is installed, else aioquic). Unset means :data:`DEFAULT`.
+(qh3 when a usable one is installed, else aioquic). Unset means :data:`DEFAULT`, which
+is ``auto``: installing ``quictun[fast]`` is enough to get qh3. Each end picks its own
+engine; mixed pairs interoperate.
 
 Everything QUIC-specific the rest of quictun needs goes through an :class:`Engine`:
 the connection base class, the configuration class, the events module, the long-header
@@ -12,9 +14,12 @@ peer's identity fingerprint after the handshake.
 The two engines differ where it matters to us:
 
 * aioquic keeps its whole connection in Python; quictun overrides its flow-control
-  writers (``quicconn.py``). qh3 2.x keeps frames, streams and credit in its native
-  core: receive credit is granted as events are *popped* from that core, so quictun
-  bounds memory by holding events in the core until the application consumes.
+  writers (``flow.py``). qh3 2.x keeps frames, streams and credit in its native
+  core: receive credit is granted as events are *popped* from that core, in arrival
+  order, so per-stream limits come from the ``quictun/1+credit`` in-band credit
+  (``credit.py``) and the core holds events only while the connection is full. quictun
+  reaches into qh3 2.1's private internals for that (``_core``, ``_drain_core``), so
+  only qh3 2.1.x is accepted (:data:`QH3_SUPPORTED`).
 * aioquic takes ``cryptography`` objects for the certificate and key; qh3 takes its own
   (built from DER / PEM bytes). Both accept Ed25519 server certificates, but a qh3
   *client* does not offer Ed25519 unless told to (done here), so identities stay
@@ -25,7 +30,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from types import ModuleType
@@ -39,12 +46,14 @@ from ..proto.identity import Identity, certificate_fingerprint
 ENV = "QUICTUN_ENGINE"
 NAMES = ("aioquic", "qh3")
 CHOICES = (*NAMES, "auto")
-# What an unset QUICTUN_ENGINE means. Not qh3 (yet), although it is about twice as fast:
-# with qh3 a stalled stream stalls its whole connection (see quicconn._NativeFlowControl),
-# and qh3 2.1.0 as a server fails its first flight to an aioquic 1.7 client ("packet
-# builder capacity exhausted", recovered only by a retransmission); tests/test_engines.py
-# pins both as strict xfails, so they announce when they are fixed.
-DEFAULT = "aioquic"
+# What an unset QUICTUN_ENGINE means: qh3 when installed (quictun[fast]), else aioquic,
+# the default dependency. The two reasons qh3 was held back are fixed and tested in
+# tests/quic/test_engines.py: a stalled stream no longer stalls a qh3 connection (the
+# quictun/1+credit stream, creditstream.py), and a qh3 server answers an aioquic
+# client's first flight (flow.py feeds its zero-padded Initial to qh3 whole).
+DEFAULT = "auto"
+# qh3 versions whose private internals flow.py relies on (pyproject pins the same range)
+QH3_SUPPORTED = ((2, 1), (2, 2))  # >= 2.1, < 2.2
 
 
 class EngineUnavailable(ImportError):
@@ -90,7 +99,7 @@ class Engine:
         is_client: bool,
         identity: Identity,
         *,
-        alpn: str,
+        alpn: str | Sequence[str],
         max_datagram_size: int,
         max_stream_data: int,
         max_data: int,
@@ -99,10 +108,11 @@ class Engine:
     ) -> Any:
         """A client or server configuration carrying ``identity`` (the server's
         certificate; a client does not verify it: it pins the fingerprint after the
-        handshake, see :meth:`peer_fingerprint`)."""
+        handshake, see :meth:`peer_fingerprint`). ``alpn``: one protocol or several,
+        in order of preference (a server picks the first one the client offers)."""
         cfg = self.QuicConfiguration(
             is_client=is_client,
-            alpn_protocols=[alpn],
+            alpn_protocols=[alpn] if isinstance(alpn, str) else list(alpn),
             max_datagram_size=max_datagram_size,
             max_stream_data=max_stream_data,
             max_data=max_data,
@@ -116,6 +126,12 @@ class Engine:
             if self.name == "qh3":
                 from qh3.tls import SignatureAlgorithm
 
+                # qh3 clients probe the path MTU by default (1280..1472 bytes). QUIC
+                # here talks to one virtual peer whatever the path (aio/driver.py), so a
+                # size confirmed over the relay, or on IPv4, would then be used on a
+                # direct path that may not carry it: a black hole. Path MTU is the
+                # path layer's business; qh3 keeps max_datagram_size, like aioquic.
+                cfg.probe_datagram_size = False
                 # qh3 clients leave EdDSA out by default; our identities are Ed25519
                 cfg.signature_algorithms = [
                     SignatureAlgorithm.ED25519,
@@ -176,16 +192,31 @@ def _load_qh3() -> Engine:
     except ImportError as exc:
         raise EngineUnavailable(
             f"qh3 is not installed (pip install 'quictun[fast]'): {exc}") from None
-    if not hasattr(QuicConnection, "_drain_core"):
-        # qh3 1.x: a Python connection like aioquic's, but with the flow-control writers
-        # inlined, so quictun cannot make its windows follow the application
-        import qh3
+    import qh3
 
+    version = _version_tuple(getattr(qh3, "__version__", "0"))
+    low, high = QH3_SUPPORTED
+    if not hasattr(QuicConnection, "_drain_core") or not low <= version < high:
+        # qh3 1.x: a Python connection like aioquic's, with the flow-control writers
+        # inlined; a later 2.x may move the internals flow.py reaches into
         raise EngineUnavailable(
             f"qh3 {getattr(qh3, '__version__', '?')} is not supported: quictun needs "
-            "qh3 >= 2.1 (native connection core)")
+            "qh3 >= 2.1, < 2.2 (pip install 'quictun[fast]')")
     return Engine("qh3", QuicConnection, QuicConfiguration, events, Buffer,
                   native_core=True, errors=(AssertionError, ValueError, QuicConnectionError))
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    """(2, 1, 0) for "2.1.0"; non-numeric parts end it ("2.2.0rc1" -> (2, 2, 0))."""
+    out = []
+    for part in text.split("."):
+        digits = re.match(r"\d*", part).group()  # type: ignore[union-attr]
+        if not digits:
+            break
+        out.append(int(digits))
+        if digits != part:
+            break
+    return tuple(out)
 
 
 _LOADERS = {"aioquic": _load_aioquic, "qh3": _load_qh3}

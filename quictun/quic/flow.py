@@ -6,7 +6,8 @@ advance only as the application reports bytes *consumed* (:meth:`FlowControlled.
 Stock aioquic doubles its windows whenever data arrives, and qh3 grants credit as soon as
 data is handed out, whether or not anyone read it, so a fast sender and a slow reader
 would grow memory without bound. The windows are the configuration's ``max_stream_data``
-and ``max_data`` (the initial credit), so one number sets both.
+and ``max_data`` (the initial credit), so one number sets both. Per stream, qh3 needs
+more: the ``quictun/1+credit`` extension (:mod:`quictun.quic.creditstream`).
 
 The asyncio driver that feeds such a connection is :mod:`quictun.aio.driver`.
 """
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 
 from ..config import TunnelConfig
 from . import engines
+from .creditstream import CreditedStreams
 from .engines import Engine
 
 _MAX_STREAM_DATA_CAPACITY = 1 + 8 + 8
@@ -29,8 +31,9 @@ _DATAGRAM_FRAME = 1 + 2
 CID_LENGTH = 8  # both engines' connection ids (qh3 builds bigger packets than this needs)
 
 
-class _FlowControl:
-    """Consumption bookkeeping shared by both engines (see FlowControlledConnection)."""
+class _FlowControl(CreditedStreams):
+    """Consumption bookkeeping shared by both engines (see FlowControlledConnection),
+    and the per-stream credit of ``quictun/1+credit`` (see CreditedStreams)."""
 
     engine: Engine
     authenticated_packets: int  # grows with every packet that decrypted
@@ -43,24 +46,28 @@ class _FlowControl:
         self._pending: dict[int, int] = {}  # delivered but not consumed, per live stream
         self._pending_total = 0
         self.authenticated_packets = 0
+        self._init_credit()
 
     def delivered(self, stream_id: int, n: int) -> None:
         """Record ``n`` bytes handed to the application for ``stream_id``."""
-        self._pending[stream_id] = self._pending.get(stream_id, 0) + n
+        pending = self._pending[stream_id] = self._pending.get(stream_id, 0) + n
         self._pending_total += n
+        self._credit_delivered(stream_id, pending)
 
     def consume(self, stream_id: int, n: int) -> None:
         """Record that the application released ``n`` bytes of ``stream_id``."""
-        self._consumed[stream_id] = self._consumed.get(stream_id, 0) + n
+        consumed = self._consumed[stream_id] = self._consumed.get(stream_id, 0) + n
         if stream_id in self._pending:
             take = min(n, self._pending[stream_id])
             self._pending[stream_id] -= take
             self._pending_total -= take
+            self._credit_consumed(stream_id, consumed)
 
     def forget_stream(self, stream_id: int) -> None:
         """The application is done with a stream: its unconsumed bytes are released."""
         self._pending_total -= self._pending.pop(stream_id, 0)
         self._consumed.pop(stream_id, None)
+        self._credit_forget(stream_id)
 
     def datagram_limit(self) -> int:
         """The largest DATAGRAM frame payload (RFC 9221) one packet carries now; 0 when the
@@ -113,12 +120,14 @@ class _AioquicFlowControl(_FlowControl):
         loss.max_ack_delay = min(loss.max_ack_delay, self.peer_max_ack_delay)
 
     def unacked(self, stream_id: int) -> int:
-        """Bytes written to the stream and not yet acknowledged by the peer."""
+        """Bytes written to the stream and not yet acknowledged by the peer (or held
+        for the peer's credit)."""
+        held = self.held_back(stream_id)
         stream = self._streams.get(stream_id)  # type: ignore[attr-defined]
         if stream is None:
-            return 0
+            return held
         s = stream.sender
-        return s._buffer_stop - s._buffer_start  # type: ignore[no-any-return]
+        return s._buffer_stop - s._buffer_start + held  # type: ignore[no-any-return]
 
     def stream_alive(self, stream_id: int) -> bool:
         """Whether the connection still keeps state for ``stream_id``."""
@@ -186,19 +195,23 @@ class _NativeFlowControl(_FlowControl):
     """qh3 2.x: frames, streams and credit live in the native core.
 
     The core grants receive credit (``popped + window``, per stream and for the
-    connection) as its events are popped, and has no other hook. So received stream
-    data is counted as it is popped, and while any stream holds ``stream_window`` or
-    the connection ``connection_window`` unconsumed bytes, the core's events stay in
-    the core: the sender stops at the credit already granted. Memory per stalled stream
-    is thus at most about two windows (one with the application, one in the core), and,
-    unlike aioquic, a stalled stream holds back the whole connection until it drains
-    or is forgotten (events of other streams wait in the core behind it).
+    connection) as its events are popped, in arrival order, and has no other hook. So
+    received stream data is counted as it is popped, and while the connection holds
+    ``connection_window`` unconsumed bytes the core's events stay in the core: the
+    sender stops at the credit already granted. Per stream, with a ``quictun/1+credit``
+    peer the in-band credit (:mod:`quictun.quic.credit`) bounds each stream to one
+    window while every event is popped, so one slow reader does not hold back the
+    others; with a plain ``quictun/1`` peer the core is also held while any stream holds
+    ``stream_window`` unconsumed bytes (and then that stream stalls the connection).
+    Memory per stalled stream is at most about two windows (one with the application,
+    one in the core).
     """
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self._init_flow_control()
         self._over: set[int] = set()  # streams at or above stream_window unconsumed
+        self._datagram: bytes | None = None  # the datagram being received
 
     # accounting happens as events leave the core (_GatedCore), not when the engine
     # hands them on: the gate must close in the middle of one drain
@@ -207,8 +220,14 @@ class _NativeFlowControl(_FlowControl):
 
     def _popped(self, stream_id: int, n: int) -> None:
         super().delivered(stream_id, n)
-        if self._pending[stream_id] >= self.stream_window:
+        if self._recv_credit is None and self._pending[stream_id] >= self.stream_window:
             self._over.add(stream_id)
+
+    def _negotiated(self, alpn: str | None) -> None:
+        super()._negotiated(alpn)
+        if self._recv_credit is not None and self._over:
+            self._over.clear()  # the peer's credit bounds each stream from now on
+            self._release()
 
     def consume(self, stream_id: int, n: int) -> None:
         super().consume(stream_id, n)
@@ -222,7 +241,8 @@ class _NativeFlowControl(_FlowControl):
         self._release()
 
     def _held(self) -> bool:
-        return bool(self._over) or self._pending_total >= self.connection_window
+        return bool(self._over) or self._pending_total >= self.connection_window or (
+            self._overrun != 0)
 
     def _release(self) -> None:
         """Pop what the core held back, now that the application made room."""
@@ -233,17 +253,26 @@ class _NativeFlowControl(_FlowControl):
         super()._create_core(*args)  # type: ignore[misc]
         self._core = _GatedCore(self._core, self)  # type: ignore[has-type]
 
+    def receive_datagram(self, data: bytes, addr: object, now: float) -> None:
+        self._datagram = data  # the whole UDP payload, for _GatedCore.receive_datagram
+        try:
+            super().receive_datagram(data, addr, now)  # type: ignore[misc]
+        finally:
+            self._datagram = None
+
     def _learn_remote_source_cid(self, data: bytes) -> None:
         self.authenticated_packets += 1  # called for every packet the core accepted
         super()._learn_remote_source_cid(data)  # type: ignore[misc]
 
     def unacked(self, stream_id: int) -> int:
         """Bytes written to the stream and not yet sent (in-flight ones are bounded
-        by the peer's window; qh3 does not expose them per stream)."""
+        by the peer's window; qh3 does not expose them per stream), or held for the
+        peer's credit."""
         try:
-            return int(self.get_send_buffer_size(stream_id))  # type: ignore[attr-defined]
+            queued = int(self.get_send_buffer_size(stream_id))  # type: ignore[attr-defined]
         except self.engine.errors:
-            return 0
+            queued = 0
+        return queued + self.held_back(stream_id)
 
     def stream_alive(self, stream_id: int) -> bool:
         """Whether the stream is still open for sending on our side."""
@@ -271,6 +300,25 @@ class _GatedCore:
         if ev is not None and ev[0] == "stream_data" and ev[2]:
             owner._popped(ev[1], len(ev[2]))
         return ev  # type: ignore[no-any-return]
+
+    def receive_datagram(self, packet: bytes, addr: Any, now: float,
+                         size: int | None = None) -> Any:
+        """Feed one packet; a first packet followed only by zero padding goes in whole.
+
+        qh3's facade hands its core one packet at a time, and qh3 2.1's core credits
+        only those bytes against its anti-amplification limit (RFC 9000 section 8.1
+        counts the whole datagram). aioquic pads its Initial with zeros *after* the
+        packet (about 500 bytes of packet in a 1350-byte datagram), so a qh3 server
+        could send only three times the packet, less than its first flight, and its
+        packet builder then failed ("packet builder capacity exhausted") instead of
+        waiting. The core skips the padding itself (it parses no packet there), as it
+        would off the wire.
+        """
+        full = self._owner._datagram
+        if (full is not None and len(packet) < len(full) and full.startswith(packet)
+                and full.count(0, len(packet)) == len(full) - len(packet)):
+            packet = full
+        return self._core.receive_datagram(packet, addr, now, size)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._core, name)

@@ -242,3 +242,74 @@ def test_listen_reconnects_after_the_server_comes_back(relay, echo_server, spawn
         assert conn.p.poll() is None, conn.text()
         time.sleep(0.5)
     assert "Traceback" not in conn.text()
+
+
+def _connect_early(port: int, proc: Proc) -> socket.socket:
+    """A connection to ``port`` as soon as ``connect --listen`` bound it (before the
+    tunnel is up)."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=60)
+        except OSError:
+            assert time.monotonic() < deadline and proc.p.poll() is None, proc.text()
+            time.sleep(0.005)
+
+
+def test_a_connection_before_the_tunnel_is_up_waits_for_it(relay, spawn) -> None:  # type: ignore[no-untyped-def]
+    """`connect --listen` binds its port before it opens the tunnel (a busy port is
+    reported at once); a client that connects in between used to be reset (the first
+    push of issue 13: "[Errno 104] Connection reset by peer"). It now waits and goes
+    through once the tunnel is up."""
+    from helpers import free_port
+
+    _proc, url = relay
+    target = TcpServer(hash_then_reply)
+    try:
+        _serve(spawn, url, target.port)
+        port = free_port()
+        conn = spawn(["connect", "box", "--listen", f"127.0.0.1:{port}", "--signal", url],
+                     home="cli", name="connect")
+        s = _connect_early(port, conn)
+        assert "listening on" not in conn.text()  # the case in question
+        payload = os.urandom(1 << 20)
+        with s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        assert reply.decode().split() == [hashlib.sha256(payload).hexdigest(),
+                                          str(len(payload))], conn.text()
+    finally:
+        target.close()
+
+
+def test_a_connection_waiting_for_a_tunnel_that_never_comes_is_closed(
+        spawn, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A relay that never answers (it accepts TCP, then nothing): the first tunnel fails
+    after the relay's deadline; the connection that waited for it is closed, not left
+    hanging, and connect ends with one line."""
+    from helpers import free_port
+
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(8)  # the kernel completes the handshake; nobody ever answers
+    url = f"ws://127.0.0.1:{mute.getsockname()[1]}/"
+    port = free_port()
+    try:
+        conn = spawn(["connect", "box", "--listen", f"127.0.0.1:{port}", "--signal", url],
+                     home="cli", name="connect")
+        with _connect_early(port, conn) as s:
+            assert s.recv(100) == b""  # closed once the tunnel failed (after ~10 s)
+        assert conn.p.wait(30) == 1
+        text = conn.text()
+        assert "closed 1 local connection(s) that waited for the tunnel" in text, text
+        assert "relay" in text.splitlines()[-1] and "Traceback" not in text, text
+    finally:
+        mute.close()

@@ -1,4 +1,5 @@
-"""Fixtures for the network lab: ``lab_factory`` builds Labs and always tears them down."""
+"""Fixtures for the network lab: ``lab_factory`` builds Labs and always tears them down;
+``lab_engine`` runs a tunnel cell once per QUIC engine."""
 
 from __future__ import annotations
 
@@ -12,6 +13,34 @@ from .netlab import Lab, SiteSpec, lab_available, list_namespaces, sweep_stale_n
 
 _PREFIX = "qtl"
 _probe_result: list[str | None] = []
+
+
+def _engine_params() -> list[Any]:
+    """One param per QUIC engine; qh3 skips, with the reason, where it is not installed
+    (the ``test`` extra installs it, so CI runs both)."""
+    from quictun.quic import engines
+
+    have = set(engines.available())
+    return [pytest.param(name, id=name, marks=[] if name in have else [pytest.mark.skip(
+        reason="qh3 2.1 is not installed (pip install -e '.[test]' or '.[fast]')")])
+        for name in engines.NAMES]
+
+
+def engine_pair_params() -> list[Any]:
+    """(serve engine, connect engine) for every pair, the mixed ones too."""
+    from quictun.quic import engines
+
+    have = set(engines.available())
+    return [pytest.param((s, c), id=f"serve-{s}-connect-{c}", marks=[] if {s, c} <= have
+                         else [pytest.mark.skip(reason="qh3 2.1 is not installed")])
+            for s in engines.NAMES for c in engines.NAMES]
+
+
+@pytest.fixture(params=_engine_params())
+def lab_engine(request: pytest.FixtureRequest) -> str:
+    """The QUIC engine (QUICTUN_ENGINE) of both ends of a lab tunnel: every tunnel cell
+    runs once on aioquic and once on qh3."""
+    return request.param  # type: ignore[no-any-return]
 
 
 def lab_skip_reason() -> str | None:

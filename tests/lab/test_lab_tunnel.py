@@ -2,8 +2,8 @@
 
 Each test checks the data (SHA-256 of 10 MB) and proves the path with the lab's nftables
 counters: a direct tunnel moves its bytes as site<->site UDP on the wan, a relayed one as
-TCP to the relay. Skipped (with the reason) while the CLI is missing; the fallback cases
-are skipped until ``quictun connect --help`` offers ``--relay-only``.
+TCP to the relay. Every cell runs on each QUIC engine (``lab_engine``, both ends alike);
+the direct cells run on every pair of engines, mixed ones included.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import engine_pair_params
 from .netlab import Lab, LabProcess, SiteSpec
 from .service import SERVICE
 
@@ -80,11 +81,16 @@ PATH_RE = r"path=(direct|relay)"
 
 
 class Tunnel:
-    """Relay + service + `quictun serve` in host A + `quictun connect` in host B."""
+    """Relay + service + `quictun serve` in host A + `quictun connect` in host B.
 
-    def __init__(self, lab: Lab, workdir: Path, *, family: int = 4) -> None:
+    ``engines``: the QUIC engine (QUICTUN_ENGINE) of serve and of connect; None leaves
+    the default (``auto``)."""
+
+    def __init__(self, lab: Lab, workdir: Path, *, family: int = 4,
+                 engines: tuple[str, str] | None = None) -> None:
         self.lab = lab
         self.workdir = workdir
+        self.engines = engines
         self.signal = lab.signal_url6 if family == 6 else lab.signal_url
         bindir = workdir / "bin"
         bindir.mkdir(parents=True, exist_ok=True)
@@ -102,8 +108,11 @@ class Tunnel:
         home.mkdir(exist_ok=True)
         # the lab's addresses (198.18.0.0/15) are not global: QUICTUN_LAB relaxes the
         # checks that protect real networks (birthday targets), see quictun/config.py
-        return {"QUICTUN_SECRET": SECRET, "QUICTUN_HOME": str(home), "PYTHONPATH": str(REPO),
-                "QUICTUN_LAB": "1"}
+        env = {"QUICTUN_SECRET": SECRET, "QUICTUN_HOME": str(home), "PYTHONPATH": str(REPO),
+               "QUICTUN_LAB": "1"}
+        if self.engines is not None:
+            env["QUICTUN_ENGINE"] = self.engines[0 if site == "a" else 1]
+        return env
 
     def start_relay(self) -> LabProcess:
         relay = self.lab.spawn(
@@ -183,17 +192,40 @@ class Tunnel:
         if down:
             assert "DOWN ok" in out, out
 
+    def assert_clean_logs(self) -> None:
+        """Both ends run the engines asked for, and neither logged a traceback, a refused
+        client, a closed tunnel or a credit overrun."""
+        for i, proc in enumerate((self.serve_proc, self.connect_proc)):
+            assert proc is not None and proc.alive, proc.tail() if proc else "not started"
+            out = proc.output()
+            for bad in ("Traceback", "refused a client", "reconnecting", "credit exceeded"):
+                assert bad not in out, out
+            if self.engines is not None:
+                assert loaded_engine(proc.pid) == self.engines[i], (self.engines, i)
+
     def spawn_transfer(self, up: int = 0, down: int = 0) -> LabProcess:
         return self.lab.spawn_python(self.lab.host_b_ns, CLIENT, str(LISTEN_PORT), str(up),
                                      str(down), name="transfer")
 
 
+def loaded_engine(pid: int) -> str:
+    """The QUIC engine a running quictun process uses: qh3 if its native core is mapped
+    (quictun imports qh3 only for that engine), else aioquic."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return "qh3" if re.search(r"/qh3/_hazmat[^/]*\.so", maps) else "aioquic"
+
+
 @pytest.fixture
-def tunnel_factory(tmp_path: Path) -> Callable[..., Tunnel]:
-    def make(lab: Lab, *, family: int = 4) -> Tunnel:
-        return Tunnel(lab, tmp_path, family=family)
+def tunnel_factory(tmp_path: Path, lab_engine: str) -> Callable[..., Tunnel]:
+    """``make(lab, family=4, engines=None)``: a Tunnel whose two ends run ``lab_engine``
+    (each cell runs once per engine), unless ``engines`` names the pair."""
+    def make(lab: Lab, *, family: int = 4, engines: tuple[str, str] | None = None) -> Tunnel:
+        return Tunnel(lab, tmp_path, family=family, engines=engines or (lab_engine, lab_engine))
 
     return make
+
+
+ENGINE_PAIRS = engine_pair_params()
 
 
 TunnelFactory = Callable[..., Tunnel]
@@ -214,41 +246,104 @@ def assert_relayed(lab: Lab, size: int) -> None:
 
 
 # ---------------------------------------------------------------------------- direct paths
-def test_firewall_pair_ipv4_direct(lab_factory: LabFactory,
-                                   tunnel_factory: TunnelFactory) -> None:
+# The direct cells run on every pair of QUIC engines (serve, connect), mixed ones too; each
+# pushes first (issue 13: with qh3 the first push through connect --listen was reset),
+# then pulls.
+@pytest.mark.parametrize("pair", ENGINE_PAIRS)
+def test_firewall_pair_ipv4_direct(lab_factory: LabFactory, tmp_path: Path,
+                                   pair: tuple[str, str]) -> None:
     spec = SiteSpec("firewall", ipv6=False)
     lab = lab_factory(spec, spec)
-    t = tunnel_factory(lab)
+    t = Tunnel(lab, tmp_path, engines=pair)
     t.start()
     m = t.wait_path("direct")
-    t.transfer(down=SIZE)
-    assert_direct(lab, SIZE, family=4)
     assert lab.host_a_ip4 in m.string
     t.transfer(up=SIZE)
+    assert_direct(lab, SIZE, family=4)
+    t.transfer(down=SIZE)
     assert_direct(lab, 2 * SIZE, family=4)
+    t.assert_clean_logs()
 
 
-def test_firewall_pair_ipv6_direct(lab_factory: LabFactory,
-                                   tunnel_factory: TunnelFactory) -> None:
+@pytest.mark.parametrize("pair", ENGINE_PAIRS)
+def test_firewall_pair_ipv6_direct(lab_factory: LabFactory, tmp_path: Path,
+                                   pair: tuple[str, str]) -> None:
     spec = SiteSpec("firewall", ipv4=False)
     lab = lab_factory(spec, spec)
-    t = tunnel_factory(lab, family=6)
+    t = Tunnel(lab, tmp_path, family=6, engines=pair)
     t.start()
     m = t.wait_path("direct")
     assert lab.host_a_ip6 in m.string
-    t.transfer(down=SIZE)
+    t.transfer(up=SIZE)
     assert_direct(lab, SIZE, family=6)
+    t.transfer(down=SIZE)
+    assert_direct(lab, 2 * SIZE, family=6)
+    t.assert_clean_logs()
 
 
-def test_cone_pair_direct(lab_factory: LabFactory, tunnel_factory: TunnelFactory) -> None:
+@pytest.mark.parametrize("pair", ENGINE_PAIRS)
+def test_cone_pair_direct(lab_factory: LabFactory, tmp_path: Path,
+                          pair: tuple[str, str]) -> None:
     spec = SiteSpec("cone", ipv6=False)  # IPv4 only: the NAT must be traversed
     lab = lab_factory(spec, spec)
-    t = tunnel_factory(lab)
+    t = Tunnel(lab, tmp_path, engines=pair)
     t.start()
     m = t.wait_path("direct")
     assert lab.router_a_wan_ip4 in m.string  # B reaches A through A's public address
-    t.transfer(down=SIZE)
+    t.transfer(up=SIZE)
     assert_direct(lab, SIZE, family=4)
+    t.transfer(down=SIZE)
+    assert_direct(lab, 2 * SIZE, family=4)
+    t.assert_clean_logs()
+
+
+UPLINK_MTU_1400 = """
+table inet qtest_mtu {
+  chain forward_chain {
+    type filter hook forward priority -5; policy accept;
+    tcp flags syn tcp option maxseg size set rt mtu
+    icmp type destination-unreachable icmp code frag-needed drop
+    icmpv6 type packet-too-big drop
+  }
+  chain output_chain {
+    type filter hook output priority -5; policy accept;
+    icmp type destination-unreachable icmp code frag-needed drop
+    icmpv6 type packet-too-big drop
+  }
+}
+"""
+BLOCK_DIRECT_UDP = """
+table bridge qtest_block {
+  chain forward_chain {
+    type filter hook forward priority -20; policy accept;
+    meta l4proto udp drop
+  }
+}
+"""
+
+
+def test_datagram_size_learned_on_the_relay_is_not_used_direct(
+        lab_factory: LabFactory, tunnel_factory: TunnelFactory) -> None:
+    """Site A's uplink carries 1400 bytes and drops ICMP "too big"; the tunnel starts on
+    the relay (direct UDP blocked), then goes direct. QUIC sees one virtual peer whatever
+    the path, so a datagram size qh3's own path-MTU probing confirmed over the relay (up
+    to 1472 bytes) black-holed on the direct path."""
+    spec = SiteSpec("firewall", ipv6=False)
+    lab = lab_factory(spec, spec)
+    lab.run(lab.router_a_ns, ["ip", "link", "set", "wan0", "mtu", "1400"], check=True)
+    lab.run(lab.router_a_ns, ["nft", "-f", "-"], input=UPLINK_MTU_1400, check=True)
+    lab.run(lab.wan_ns, ["nft", "-f", "-"], input=BLOCK_DIRECT_UDP, check=True)
+    t = tunnel_factory(lab)
+    t.start()  # connect listens: QUIC is up, over the relay
+    assert t.last_path() == "relay"
+    t.transfer(up=MB)  # over the relay, while a probing engine would raise its size
+    lab.run(lab.wan_ns, ["nft", "delete", "table", "bridge", "qtest_block"], check=True)
+    t.wait_path("direct", timeout=30)
+    before = lab.direct_udp_bytes(4)
+    t.transfer(up=SIZE, timeout=90)
+    t.transfer(down=SIZE, timeout=90)
+    assert lab.direct_udp_bytes(4) - before >= 2 * SIZE
+    t.assert_clean_logs()
 
 
 def test_same_lan_uses_lan_path(lab_factory: LabFactory,

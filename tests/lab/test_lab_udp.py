@@ -97,10 +97,10 @@ print(json.dumps({"sent": count, "received": len(seen), "dup": dup, "bad": bad,
 """
 
 
-def _udp_tunnel(lab_factory: LabFactory, tmp_path: Path) -> tuple[Lab, Tunnel]:
+def _udp_tunnel(lab_factory: LabFactory, tmp_path: Path, engine: str) -> tuple[Lab, Tunnel]:
     spec = SiteSpec("cone", ipv6=False)
     lab = lab_factory(spec, spec)
-    t = Tunnel(lab, tmp_path)
+    t = Tunnel(lab, tmp_path, engines=(engine, engine))
     t.start_relay()
     t.start_service()
     echo = lab.spawn_python(lab.host_a_ns, UDP_ECHO, str(UDP_SERVICE_PORT), name="udp-echo")
@@ -120,8 +120,9 @@ def run_udp(lab: Lab, count: int, rate: float, sizes: list[int],
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_udp_echo_under_ten_percent_loss(lab_factory: LabFactory, tmp_path: Path) -> None:
-    lab, t = _udp_tunnel(lab_factory, tmp_path)
+def test_udp_echo_under_ten_percent_loss(lab_factory: LabFactory, tmp_path: Path,
+                                         lab_engine: str) -> None:
+    lab, t = _udp_tunnel(lab_factory, tmp_path, lab_engine)
     warm = run_udp(lab, 50, 100, [200])
     assert warm["received"] == 50, warm  # no loss yet: everything comes back
     lab.set_loss(10)
@@ -139,8 +140,9 @@ def test_udp_echo_under_ten_percent_loss(lab_factory: LabFactory, tmp_path: Path
     t.transfer(down=MB)  # the TCP service shares the tunnel, still fine under loss
 
 
-def test_wireguard_sized_flow(lab_factory: LabFactory, tmp_path: Path) -> None:
-    lab, t = _udp_tunnel(lab_factory, tmp_path)
+def test_wireguard_sized_flow(lab_factory: LabFactory, tmp_path: Path,
+                              lab_engine: str) -> None:
+    lab, t = _udp_tunnel(lab_factory, tmp_path, lab_engine)
     # WireGuard's messages: initiation 148, response 92, keepalive 32, and transport
     # data of MTU + 32 bytes; with MTU 1280 that is 1312, which fits one QUIC packet
     wg = [148, 92, 32, 1312, 1312, 1312, 1312, 1312, 1312, 1312]
@@ -224,14 +226,15 @@ def _wg_up(lab: Lab, ns: str, name: str, key: Path, listen: int | None, peer_pub
 
 
 @needs_wg
-def test_real_wireguard_through_the_tunnel(lab_factory: LabFactory, tmp_path: Path) -> None:
+def test_real_wireguard_through_the_tunnel(lab_factory: LabFactory, tmp_path: Path,
+                                           lab_engine: str) -> None:
     """wireguard-go in both hosts, MTU 1280: B's peer endpoint is connect's UDP listener,
     A's WireGuard listens behind serve's udp service; a TCP transfer across WireGuard's
     own addresses is checked end to end (SHA-256), and its bytes crossed the wan as the
     tunnel's direct UDP."""
     spec = SiteSpec("cone", ipv6=False)
     lab = lab_factory(spec, spec)
-    t = Tunnel(lab, tmp_path)
+    t = Tunnel(lab, tmp_path, engines=(lab_engine, lab_engine))
     t.start_relay()
     t.start_service()
     t.serve("--forward", "wg=udp:127.0.0.1:51820")

@@ -11,6 +11,7 @@ import pytest
 from quictun.config import TunnelConfig
 from quictun.proto.identity import Identity
 from quictun.quic import engines
+from quictun.quic.credit import ALPNS
 from quictun.quic.engines import Engine
 from quictun.quic.flow import connection_class
 
@@ -40,13 +41,17 @@ def engine(request: pytest.FixtureRequest) -> Engine:
 
 
 def make_pair(client_engine: Engine, server_engine: Engine,
-              ident: Identity | None = None) -> tuple[Any, Any]:
-    """A connected-to-be client/server pair, each on its own engine."""
+              ident: Identity | None = None,
+              alpn: str | tuple[str, ...] = ALPNS,
+              server_alpn: str | tuple[str, ...] | None = None) -> tuple[Any, Any]:
+    """A connected-to-be client/server pair, each on its own engine (ALPN as quictun's:
+    quictun/1+credit, with per-stream credit, unless ``alpn`` / ``server_alpn`` say
+    otherwise)."""
     ident = ident or Identity.generate()
-    kw = {"alpn": "t", "max_datagram_size": 1350, "max_stream_data": STREAM_WINDOW,
+    kw = {"max_datagram_size": 1350, "max_stream_data": STREAM_WINDOW,
           "max_data": CONNECTION_WINDOW, "idle_timeout": 60.0}
-    ccfg = client_engine.configuration(True, ident, **kw)
-    scfg = server_engine.configuration(False, ident, **kw)
+    ccfg = client_engine.configuration(True, ident, alpn=alpn, **kw)
+    scfg = server_engine.configuration(False, ident, alpn=server_alpn or alpn, **kw)
     client = connection_class(client_engine)(configuration=ccfg)
     server = connection_class(server_engine)(
         configuration=scfg,
@@ -104,7 +109,7 @@ def unconsumed_run(client: Any, server: Any, rounds: int = 50) -> tuple[int, int
 
 def window_slack(engine: Engine) -> int:
     # qh3's core hands data out a packet at a time: the event that crosses the window
-    # is delivered whole (see quicconn._NativeFlowControl)
+    # is delivered whole (see quic/flow.py _NativeFlowControl)
     return 1350 if engine.native_core else 0
 
 
