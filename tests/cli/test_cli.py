@@ -381,6 +381,16 @@ def test_connect_ticket_file_and_env(tmp_path: Path) -> None:
                    "QUICTUN_TICKET: this is not a quictun ticket")
 
 
+def test_a_short_secret_is_warned_about_and_a_long_one_is_not() -> None:
+    url = f"ws://127.0.0.1:{free_port()}/"
+    for secret, warned in (("hunter2", True), ("correct-horse-battery", False)):
+        r = run("connect", "box", "--stdio", "--signal", url, env={"QUICTUN_SECRET": secret})
+        assert bool(re.search(r"warning: the secret is short \(7 characters\).*about 300 a day",
+                              r.output)) == warned, r.output
+        assert secret not in r.output  # never echoed
+        one_line_error(r, f"cannot reach the relay at {re.escape(url)}")
+
+
 def test_stored_ticket_damaged_is_one_line(tmp_path: Path) -> None:
     d = tmp_path / "home" / "tickets"
     d.mkdir(parents=True)
