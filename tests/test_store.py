@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,19 @@ def test_known_clients_survive_a_restart(tmp_path: Path,
     again = store.KnownClients("box")
     assert list(again.fingerprints) == ["ab" * 32, "cd" * 32]
     assert "cd" * 32 in again and "ab" * 32 not in store.KnownClients("other")
+
+
+def test_write_private_never_writes_through_a_planted_symlink(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    planted = tmp_path / "secret"
+    planted.symlink_to(victim)  # someone planted a link where the secret goes
+    old = os.umask(0)  # even with a permissive umask, the file is the owner's only
+    try:
+        store.write_private(planted, b"the secret")
+    finally:
+        os.umask(old)
+    assert victim.read_text() == "keep me"
+    assert not planted.is_symlink() and planted.read_bytes() == b"the secret"
+    assert stat.S_IMODE(planted.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
