@@ -36,8 +36,21 @@ if patch.get("uvloop"):
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 from quictun.config import TunnelConfig
 cfg = TunnelConfig.from_environment(os.environ)
-if "datagram" in patch:
+if "datagram" in patch:  # QUIC's starting size (and a direct path's without discovery)
     cfg = cfg.replace(max_datagram=int(patch["datagram"]))
+if "fixed" in patch:  # one size everywhere, path MTU discovery off (quictun before it)
+    n = int(patch["fixed"])
+    cfg = cfg.replace(max_datagram=n, pmtu=None, relay_datagram_size=n)
+if "pmtu_max" in patch:  # largest size probed; 0: no discovery
+    import dataclasses
+    from quictun.config import PmtuConfig
+    n = int(patch["pmtu_max"])
+    cfg = cfg.replace(pmtu=dataclasses.replace(cfg.pmtu or PmtuConfig(), max_size=n)
+                      if n else None)
+if "relay_dgram" in patch:
+    cfg = cfg.replace(relay_datagram_size=int(patch["relay_dgram"]))
+if "offload" in patch:  # auto | off | gso | gro (quictun/aio/udpio.py)
+    cfg = cfg.replace(udp_offload=patch["offload"])
 if "window_mb" in patch:
     w = int(float(patch["window_mb"]) * 1024 * 1024)
     cfg = cfg.replace(stream_window=w, connection_window=4 * w)
