@@ -126,8 +126,7 @@ class Server:
 
         Raises :class:`TunnelError` when the first registration fails, or when the relay
         refuses the name or the token (no retry can help)."""
-        delay = 1.0
-        first = True
+        delay, first = 1.0, True
         load_engine()  # the QUIC engine now, not while the first client waits
         try:
             while True:
