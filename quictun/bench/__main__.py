@@ -40,7 +40,17 @@ from typing import Any
 
 import click
 
-from .rig import PY, Proc, Rig, cpu_seconds, mbps, ping_pong, push_and_verify, status_kib
+from .rig import (
+    PY,
+    Proc,
+    Rig,
+    cpu_seconds,
+    mbps,
+    parse_levers,
+    ping_pong,
+    push_and_verify,
+    status_kib,
+)
 
 
 # --------------------------------------------------------------------------- 1. engine
@@ -479,7 +489,10 @@ def table(out: dict[str, Any]) -> str:
 def main(quick: bool, json_path: Path, size_mb: int | None, levers: tuple[str, ...],
          only: str | None, profile_dir: Path | None, quiet: bool) -> None:
     """Measure quictun's throughput, latency, memory and relay capacity on this machine."""
-    patch = dict(lv.split("=", 1) for lv in levers)
+    try:
+        patch = parse_levers(levers)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     if profile_dir is not None:
         profile_dir = profile_dir.resolve()
         profile_dir.mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,34 @@ else:
 """
 
 
+# The levers WRAPPER knows (``--lever NAME=VALUE`` of both benchmarks), with what each sets.
+LEVERS = {
+    "uvloop": "1: uvloop's event loop",
+    "datagram": "N: QUIC's starting datagram size (max_datagram)",
+    "fixed": "N: one datagram size everywhere, path MTU discovery off",
+    "pmtu_max": "N: largest size path MTU discovery probes (0: no discovery)",
+    "relay_dgram": "N: datagram size on the relayed path",
+    "offload": "off|gso|gro|auto: UDP GSO/GRO (udp_offload)",
+    "cc": "NAME: congestion control (e.g. cubic)",
+    "window_mb": "N: stream window in MB (connection window 4x)",
+    "send_high_kb": "N: send buffer high-water mark in KiB",
+    "ack_delay_ms": "N: the peer's max ACK delay",
+}
+
+
+def parse_levers(levers: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``NAME=VALUE`` strings as the patch :data:`WRAPPER` reads. Raises ValueError, with
+    one line naming the known levers, for a malformed or unknown one."""
+    patch: dict[str, str] = {}
+    for lv in levers:
+        name, eq, value = lv.partition("=")
+        if not eq or name not in LEVERS or not value:
+            raise ValueError(f"bad --lever {lv!r}: use NAME=VALUE with NAME one of "
+                             f"{', '.join(LEVERS)}")
+        patch[name] = value
+    return patch
+
+
 # --------------------------------------------------------------------------- helpers
 def mbps(nbytes: int, seconds: float) -> float:
     return round(nbytes / seconds / 1e6, 1) if seconds > 0 else 0.0

@@ -58,3 +58,16 @@ print(json.dumps({"max": c.max_datagram, "pmtu": c.pmtu and c.pmtu.max_size,
                            timeout=60, env=env)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout) == want, patch
+
+
+def test_bad_levers_are_one_line(tmp_path: Path) -> None:
+    """Both benchmarks refuse a malformed or unknown lever in one line, before measuring."""
+    env = base_env(tmp_path / "home")
+    for argv in (["quictun.bench", "--lever", "nope=1"],
+                 ["quictun.bench.compare", "--lever", "fixed"]):
+        r = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True,
+                           timeout=60, env=env, cwd=tmp_path)
+        assert r.returncode != 0, argv
+        assert "Traceback" not in r.stderr, r.stderr
+        line = [ln for ln in r.stderr.splitlines() if "bad --lever" in ln]
+        assert line and "fixed" in line[0] and "offload" in line[0], r.stderr
