@@ -11,7 +11,9 @@
   1500 and stay within the LAN's limit.
 
 Each black-hole test first checks, with the relay's UDP echo, that the lab really drops a
-1300-byte datagram and passes a 1200-byte one.
+1300-byte datagram and passes a 1200-byte one. Every cell runs on each QUIC engine
+(``lab_engine``): the path manager's discovery is the same; aioquic's datagrams follow it,
+qh3's stay at 1200.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ from .test_lab_tunnel import (
 
 
 @pytest.fixture
-def tunnel_factory(tmp_path: Path) -> Callable[..., Tunnel]:
+def tunnel_factory(tmp_path: Path, lab_engine: str) -> Callable[..., Tunnel]:
+    """Tunnels whose two ends run ``lab_engine``: every cell runs on each QUIC engine (the
+    path's size is the path manager's, whatever the engine; qh3's QUIC keeps 1200)."""
     def make(lab: Lab, *, family: int = 4) -> Tunnel:
-        return Tunnel(lab, tmp_path, family=family)
+        return Tunnel(lab, tmp_path, family=family, engines=(lab_engine, lab_engine))
 
     return make
 
