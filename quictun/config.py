@@ -5,7 +5,7 @@ CLI) down to the QUIC configuration, the flow control, the stream bridges, the s
 proof gate and the path manager (:class:`~quictun.punch.types.PathConfig`). Protocol
 constants (ALPN, stream numbers, error codes) are not tunables and stay with their codecs.
 
-The defaults are what ships; the benchmark's levers build other instances. Two
+The defaults are what ships; the benchmark's levers build other instances. Three
 environment switches are read, by the CLI only (:meth:`TunnelConfig.from_environment`):
 
 * :data:`PORTMAP_ENV` (``QUICTUN_PORTMAP=0``): ask the router for no port mapping. The
@@ -16,6 +16,8 @@ environment switches are read, by the CLI only (:meth:`TunnelConfig.from_environ
   ranges, not global ones, so it relaxes the checks that exist to protect real networks
   (birthday targets, port mappings whose external address is not global). No user ever
   needs it.
+* :data:`OFFLOAD_ENV` (``QUICTUN_UDP_OFFLOAD=off|gso|gro|auto``): which Linux UDP offloads
+  the tunnel socket may use (:attr:`TunnelConfig.udp_offload`; the benchmark's lever).
 """
 
 from __future__ import annotations
@@ -24,16 +26,20 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .punch.pmtu import PmtuConfig
 from .punch.types import PathConfig
 
-__all__ = ["DEFAULT_SIGNAL", "LAB_ENV", "PORTMAP_ENV", "PORTMAP_PROTOCOLS", "PortmapConfig",
-           "TunnelConfig"]
+__all__ = ["DEFAULT_SIGNAL", "LAB_ENV", "OFFLOAD_ENV", "OFFLOADS", "PORTMAP_ENV",
+           "PORTMAP_PROTOCOLS", "PmtuConfig", "PortmapConfig", "TunnelConfig"]
 
 DEFAULT_SIGNAL = "ws://127.0.0.1:8765/"
 """The relay URL when none is given: one on this machine (``quictun demo`` runs it)."""
 
 LAB_ENV = "QUICTUN_LAB"
 PORTMAP_ENV = "QUICTUN_PORTMAP"
+OFFLOAD_ENV = "QUICTUN_UDP_OFFLOAD"
+OFFLOADS = ("auto", "off", "gso", "gro")
+"""The choices of :attr:`TunnelConfig.udp_offload`."""
 _OFF = ("0", "no", "off", "false")
 
 PORTMAP_PROTOCOLS = ("pcp", "natpmp", "upnp")
@@ -86,8 +92,21 @@ class TunnelConfig:
     """Tunables of one tunnel (both ends read the same defaults). Sizes in bytes, times in
     seconds."""
 
-    max_datagram: int = 1350
-    """Largest UDP payload QUIC sends."""
+    max_datagram: int = 1200
+    """QUIC's datagram size at the start (its Initials are padded to it): the 1200 bytes
+    every QUIC path must carry. Above that only what path MTU discovery proved on the
+    current path is used (:attr:`pmtu`); a fixed 1350 black-holed every full datagram on
+    a 1280-MTU path that filters ICMP. With ``pmtu=None`` every direct path uses it."""
+    pmtu: PmtuConfig | None = field(default_factory=PmtuConfig)
+    """Path MTU discovery on the selected direct path (:mod:`quictun.punch.pmtu`); None:
+    never probe, a direct path keeps :attr:`max_datagram`."""
+    relay_datagram_size: int = 16380
+    """The datagram size used on the relay path: a WebSocket carries any size up to the
+    relay's 64 KiB frame limit (batches stay well below), and aioquic's 2-byte frame
+    lengths stop at 16383. Big datagrams cut the relay path's CPU per byte five-fold."""
+    udp_offload: str = "auto"
+    """Linux UDP offloads of the tunnel socket (:mod:`quictun.aio.udpio`): ``auto`` (GSO
+    and GRO where the kernel has them), ``off``, ``gso`` or ``gro`` (only that one)."""
     stream_window: int = 2 * 1024 * 1024
     """Receive window per stream: credit beyond what the application consumed."""
     connection_window: int = 8 * 1024 * 1024
@@ -143,6 +162,11 @@ class TunnelConfig:
     portmap: PortmapConfig = field(default_factory=PortmapConfig)
     """Asking the gateway for port mappings (UPnP IGD, NAT-PMP, PCP)."""
 
+    def __post_init__(self) -> None:
+        if self.udp_offload not in OFFLOADS:
+            raise ValueError(f"unknown UDP offload {self.udp_offload!r}; choose one of "
+                             f"{', '.join(OFFLOADS)} ({OFFLOAD_ENV})")
+
     def replace(self, **changes: object) -> TunnelConfig:
         """A copy with ``changes`` (dataclasses.replace)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -154,9 +178,11 @@ class TunnelConfig:
         exceptions when ``QUICTUN_LAB=1``: birthday probing may aim at non-global
         addresses (see :attr:`PathConfig.birthday_any_address`), and a port mapping whose
         external address is not global is used (see
-        :attr:`PortmapConfig.require_global`)."""
+        :attr:`PortmapConfig.require_global`). ``QUICTUN_UDP_OFFLOAD`` sets
+        :attr:`udp_offload`. Raises ValueError (one line) for an unknown offload."""
         portmap = environ.get(PORTMAP_ENV, "").strip().lower() not in _OFF
-        cfg = cls(portmap=PortmapConfig(enabled=portmap))
+        offload = environ.get(OFFLOAD_ENV, "").strip().lower() or "auto"
+        cfg = cls(portmap=PortmapConfig(enabled=portmap), udp_offload=offload)
         if environ.get(LAB_ENV) == "1":
             cfg = cfg.replace(
                 paths=dataclasses.replace(cfg.paths, birthday_any_address=True),

@@ -132,8 +132,9 @@ class StreamBridge(asyncio.Protocol):
             self.driver.send(self.stream_id, self.send_first)
             self.send_first = b""
         # not isinstance(WriteTransport): uvloop's socket transports do not subclass it
-        if self._done:  # the stream ended while the target was being connected
-            transport.abort()  # type: ignore[attr-defined]
+        if self._done:  # the stream ended while the target (or stdin) was being connected
+            # sockets abort; a read pipe (connect --stdio's stdin) has only close()
+            getattr(transport, "abort", transport.close)()
             return
         if self.duplex and self._writer is None:
             self.attach_writer(transport)  # type: ignore[arg-type]

@@ -50,7 +50,7 @@ from .datagrams import DatagramFlow
 from .handlers import ClientHandler
 from .portmap import PortMapper
 from .relay import RelayError, SignalClient
-from .session import PeerSession, new_path_manager
+from .session import PeerSession, load_engine, new_path_manager
 from .udp import UdpEndpoint
 
 __all__ = ["DatagramFlow", "StatusCallback", "Tunnel", "connect", "open_tunnel"]
@@ -221,7 +221,9 @@ async def open_tunnel(
     identity = identity or load_or_create()
     sc = SignalClient(signal, token=token)
     status(f"contacting the relay {signal}")
-    welcome = await sc.open()
+    # the QUIC engine is imported while the relay answers our hello (not later: the
+    # answer to the offer must find us ready to punch at once, like the peer)
+    welcome = await sc.open(while_waiting=load_engine)
     try:
         if mode == Mode.RELAY and not welcome.relay:
             raise TunnelError("--relay-only was asked for, but this relay does not relay")

@@ -7,23 +7,27 @@ sends keepalive PINGs, and hands events to an :class:`EventHandler`. It decides 
 
 QUIC always talks to :data:`VIRTUAL_PEER`; which physical path a datagram takes is the
 path manager's business (:mod:`quictun.punch.manager`), so path switches are invisible
-to QUIC.
+to QUIC. The datagram size follows the path too (:meth:`QuicDriver.set_max_datagram_size`,
+applied once the handshake is complete).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from ..config import TunnelConfig
-from ..quic.flow import FlowControlled
+from ..quic.flow import MIN_DATAGRAM_SIZE, FlowControlled
 from .timer import Timer
 
 if TYPE_CHECKING:
     from aioquic.quic import events
 
 __all__ = ["VIRTUAL_PEER", "EventHandler", "QuicDriver"]
+
+log = logging.getLogger("quictun.quic")
 
 VIRTUAL_PEER = ("198.51.100.1", 1)  # never sent to: a label for "the peer", whatever the path
 
@@ -43,7 +47,9 @@ class EventHandler(Protocol):
 class QuicDriver:
     """Drive a :class:`FlowControlledConnection` from asyncio.
 
-    ``send_datagram(data)`` is called for every datagram QUIC wants sent to the peer.
+    ``send_datagram(data)`` is called for every datagram QUIC wants sent to the peer,
+    or, if given, ``send_datagrams(list)`` once per flush with all of them (in order: a
+    shell can then hand a run of same-sized datagrams to the kernel in one call).
     Input: :meth:`datagram_received`. All mutating calls schedule one flush on the
     loop, so a burst of input produces one batch of output.
     """
@@ -55,11 +61,18 @@ class QuicDriver:
         handler: EventHandler | None = None,
         *,
         keepalive: float = TunnelConfig.keepalive,
+        send_datagrams: Callable[[list[bytes]], None] | None = None,
     ) -> None:
         self.quic = quic
         self._events = quic.engine.events
         self._errors = quic.engine.errors
         self._send = send_datagram
+        self._send_many = send_datagrams
+        self.on_stall: Callable[[], None] | None = None
+        """Called when a probe timeout fired (QUIC heard no ACK for a while)."""
+        self.max_datagram_size = MIN_DATAGRAM_SIZE  # in effect
+        self._wanted_size = MIN_DATAGRAM_SIZE
+        self._handshake_done = False
         self._handler: EventHandler = handler or _NullHandler()
         self.on_closed: Callable[[], None] | None = None
         self._loop = asyncio.get_running_loop()
@@ -136,6 +149,22 @@ class QuicDriver:
         self.quic.consume(stream_id, n)
         self.schedule_flush()
 
+    def set_max_datagram_size(self, size: int) -> None:
+        """Use datagrams of up to ``size`` bytes (the current path's, from path MTU
+        discovery). Applied once the handshake is complete (Initials stay at the
+        configured size); the last size asked for wins. The connection may cap it (the
+        peer's max_udp_payload_size; qh3 keeps its size, see quic/flow.py)."""
+        self._wanted_size = size
+        if self._handshake_done and not self._closed:
+            self._apply_size()
+
+    def _apply_size(self) -> None:
+        before = self.max_datagram_size
+        self.max_datagram_size = self.quic.set_max_datagram_size(self._wanted_size)
+        if self.max_datagram_size != before:
+            log.debug("QUIC datagram size %d -> %d bytes (asked %d)", before,
+                      self.max_datagram_size, self._wanted_size)
+
     def close(self, error_code: int = 0, reason: str = "") -> None:
         """Send CONNECTION_CLOSE and end at once (no draining period: the socket goes)."""
         if self._closed:
@@ -154,9 +183,14 @@ class QuicDriver:
         if self._closed:
             return
         now = self._loop.time()
-        for data, _addr in self.quic.datagrams_to_send(now):
-            self.bytes_out += len(data)
-            self._send(data)
+        datagrams = [data for data, _addr in self.quic.datagrams_to_send(now)]
+        if datagrams:
+            self.bytes_out += sum(map(len, datagrams))
+            if self._send_many is not None:
+                self._send_many(datagrams)
+            else:
+                for data in datagrams:
+                    self._send(data)
         self._process_events()
         self._arm_timer()
 
@@ -164,7 +198,10 @@ class QuicDriver:
         self._timer.set(self.quic.get_timer())
 
     def _on_timer(self) -> None:
+        ptos = self.quic.pto_count()
         self.quic.handle_timer(self._loop.time())
+        if self.on_stall is not None and self.quic.pto_count() > ptos:
+            self.on_stall()
         self._process_events()
         self._flush()
 
@@ -198,6 +235,8 @@ class QuicDriver:
             elif isinstance(ev, events.StopSendingReceived):
                 h.on_stop_sending(ev.stream_id, ev.error_code)
             elif isinstance(ev, events.HandshakeCompleted):
+                self._handshake_done = True
+                self._apply_size()
                 h.on_handshake(ev)
             elif isinstance(ev, events.ConnectionTerminated):
                 self._terminate(ev.error_code, ev.reason_phrase)

@@ -80,8 +80,10 @@ class SignalClient:
         self.relayed_in = 0
         self.connected = False
 
-    async def open(self, timeout: float = 10.0) -> sigproto.Welcome:
-        """Connect and say hello. Raises :class:`TunnelError` with a one-line reason."""
+    async def open(self, timeout: float = 10.0,
+                   while_waiting: Callable[[], object] | None = None) -> sigproto.Welcome:
+        """Connect and say hello. Raises :class:`TunnelError` with a one-line reason.
+        ``while_waiting``: work to do while the hello travels (see :meth:`request`)."""
         from websockets.asyncio.client import connect
         from websockets.exceptions import InvalidStatus, WebSocketException
 
@@ -133,7 +135,8 @@ class SignalClient:
                                agent=f"quictun/{__version__}")
         try:
             reply = await self.request(
-                hello, lambda m: isinstance(m, sigproto.Welcome), timeout=timeout
+                hello, lambda m: isinstance(m, sigproto.Welcome), timeout=timeout,
+                while_waiting=while_waiting,
             )
         except RelayError as exc:
             await self.close()  # no half-open WebSocket and reader tasks left behind
@@ -165,6 +168,7 @@ class SignalClient:
         match: Callable[[sigproto.Message], bool],
         *,
         timeout: float,
+        while_waiting: Callable[[], object] | None = None,
     ) -> sigproto.Message:
         """Send ``msg`` and return the first message for which ``match`` is true.
 
@@ -172,13 +176,17 @@ class SignalClient:
         that carries no session and that no waiting ``match`` accepts is the answer to the
         *oldest* request still waiting: that one fails with :class:`RelayError`. Errors
         about a session are for ``match`` to accept (``connect`` does), else they go to
-        :attr:`on_message`.
+        :attr:`on_message`. ``while_waiting`` is called once the message is on its way
+        (synchronous work, e.g. imports, that then overlaps the round trip; what it
+        raises propagates).
         """
         fut: asyncio.Future[sigproto.Message] = asyncio.get_running_loop().create_future()
         entry = (match, fut)
         self._waiters.append(entry)
         try:
             await self.send(msg)
+            if while_waiting is not None:
+                while_waiting()
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise TunnelError(f"the relay did not answer within {timeout:.0f} s") from None

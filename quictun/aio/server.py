@@ -43,7 +43,7 @@ from .client import StatusCallback, check_mode, now_ms
 from .handlers import ServerHandler
 from .pairing import PairingHost
 from .relay import RelayError, SignalClient
-from .session import PeerSession, new_path_manager
+from .session import PeerSession, load_engine, new_path_manager
 from .targets import Forwarding
 from .udp import UdpEndpoint
 
@@ -126,8 +126,8 @@ class Server:
 
         Raises :class:`TunnelError` when the first registration fails, or when the relay
         refuses the name or the token (no retry can help)."""
-        delay = 1.0
-        first = True
+        delay, first = 1.0, True
+        load_engine()  # the QUIC engine now, not while the first client waits
         try:
             while True:
                 sc = SignalClient(self.url, token=self.token)

@@ -6,8 +6,11 @@ the QUIC connection (through :class:`~quictun.aio.driver.QuicDriver`). It moves 
 probes and QUIC datagrams in from the socket and the relay, and each QUIC datagram out
 where the path manager's current path says (straight to a peer address over the punched
 socket, or through the relay as a binary WebSocket frame). QUIC itself always sees the
-same virtual peer, so a path switch never disturbs the connection. The one decision left
-here is I/O bookkeeping: how many extra sockets the process may open (:data:`AUX_SOCKETS`).
+same virtual peer, so a path switch never disturbs the connection. The size of QUIC's
+datagrams follows the path manager's DatagramSizeChanged (path MTU discovery); a flush's
+datagrams leave in as few system calls as the kernel allows (GSO, :mod:`.udpio`). The one
+decision left here is I/O bookkeeping: how many extra sockets the process may open
+(:data:`AUX_SOCKETS`).
 
 The session also owns its socket's port mapping (:class:`~quictun.aio.portmap.PortMapper`,
 if any): a mapping granted after the offer or answer went out is sent to the peer
@@ -26,13 +29,23 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..config import TunnelConfig
+from ..errors import TunnelError
 from ..proto.addr import Addr, Candidate, decode_candidates, format_addr
 from ..proto.identity import Identity
 from ..punch.manager import PathManager
-from ..punch.types import GatherWanted, NetPath, PathChanged, PunchFailed, SuspectChanged
+from ..punch.pathmtu import PathMtu
+from ..punch.types import (
+    DatagramSizeChanged,
+    GatherWanted,
+    NetPath,
+    PathChanged,
+    PunchFailed,
+    SuspectChanged,
+    describe,
+)
 from ..quic import engines
 from ..quic.credit import ALPNS
-from ..quic.flow import FlowControlledConnection
+from ..quic.flow import connection_class
 from .candidates import portmap_candidates
 from .driver import VIRTUAL_PEER, QuicDriver
 from .handlers import HandlerBase
@@ -40,6 +53,7 @@ from .portmap import Mapping, PortMapper
 from .relay import SignalClient
 from .timer import Timer
 from .udp import AUX_SOCKETS, UdpEndpoint
+from .udpio import Offload, route_mtu
 
 log = logging.getLogger("quictun.session")
 portmap_log = logging.getLogger("quictun.portmap")
@@ -47,6 +61,19 @@ portmap_log = logging.getLogger("quictun.portmap")
 # the in-connection protocol: quictun/1+credit (per-stream credit, quic/credit.py)
 # preferred, plain quictun/1 still spoken (not the signalling protocol's version)
 ALPN = ALPNS
+
+
+def load_engine() -> engines.Engine:
+    """The process's QUIC engine, imported on first use (a connect imports it while the
+    relay answers its hello, a serve before it registers: see docs/architecture.md).
+
+    Raises:
+        TunnelError: one line if ``$QUICTUN_ENGINE`` names an unknown or missing engine.
+    """
+    try:
+        return engines.current()
+    except (engines.EngineUnavailable, ValueError) as exc:
+        raise TunnelError(f"{exc} (QUICTUN_ENGINE)") from None
 
 
 def quic_configuration(is_client: bool, identity: Identity, config: TunnelConfig) -> Any:
@@ -120,6 +147,8 @@ class PeerSession:
         self._tasks: set[asyncio.Task[None]] = set()
         self._path: NetPath | None = None
         self._dup = False  # also send QUIC over the relay (direct path is suspect)
+        self._size = paths.mtu.datagram_size  # the current path's (DatagramSizeChanged)
+        self._offload = Offload.named(config.udp_offload)
         self._aux: dict[int, UdpEndpoint] = {}  # birthday sockets by path-manager slot
         self._birthday_logged = False
         self.portmap = portmap
@@ -127,6 +156,8 @@ class PeerSession:
         self._release: asyncio.Task[None] | None = None
         endpoint.on_stun = self._stun_received
         endpoint.on_quic = self._quic_received
+        endpoint.on_too_big = self._too_big
+        endpoint.set_offload(self._offload)
         if portmap is not None:
             portmap.on_change = self._mappings_changed
         if is_client:
@@ -212,16 +243,19 @@ class PeerSession:
     # -- QUIC ----------------------------------------------------------------------------
     def _create_connection(self, first: bytes | None) -> bool:
         if self.is_client:
-            quic = FlowControlledConnection(configuration=self.quic_config)
+            quic = connection_class()(configuration=self.quic_config)
             quic.connect(VIRTUAL_PEER, now=self.loop.time())
         else:
             dcid = engines.current().server_initial(first or b"")
             if dcid is None:
                 return False  # only a full-size Initial may create the server connection
-            quic = FlowControlledConnection(configuration=self.quic_config,
-                                            original_destination_connection_id=dcid)
+            quic = connection_class()(configuration=self.quic_config,
+                                      original_destination_connection_id=dcid)
         quic.peer_max_ack_delay = self.config.peer_max_ack_delay
-        self.driver = QuicDriver(quic, self._send_quic, keepalive=self.config.keepalive)
+        self.driver = QuicDriver(quic, self._send_quic, keepalive=self.config.keepalive,
+                                 send_datagrams=self._send_quic_many)
+        self.driver.on_stall = self._quic_stalled
+        self._apply_size()
         self.driver.datagram_backlog_limit = self.config.udp_backlog
         self.handler = self._handler_factory(self.driver)
         self.driver.set_handler(self.handler)
@@ -246,6 +280,48 @@ class PeerSession:
         elif self.signal is not None:
             self.signal.send_relay(self.session_id, data)
 
+    # -- datagram size and batching (path MTU discovery, GSO) --------------------------
+    def _send_quic_many(self, datagrams: list[bytes]) -> None:
+        """One flush of QUIC datagrams: on a direct path in as few system calls as the
+        kernel allows (GSO), else one by one as :meth:`_send_quic`."""
+        path = self._path
+        if path is None or path.kind != "direct" or path.remote is None:
+            for data in datagrams:
+                self._send_quic(data)
+            return
+        ep = self._aux.get(path.slot, self.endpoint) if path.slot else self.endpoint
+        ep.send_many(datagrams, path.remote)
+        if self._dup and self.signal is not None:
+            for data in datagrams:
+                self.signal.send_relay(self.session_id, data)
+
+    def _apply_size(self) -> None:
+        """Tell QUIC the datagram size of the current path; while the direct path is
+        suspect every datagram also goes over the relay, so it must fit both."""
+        if self.driver is None:
+            return
+        size = self._size
+        if self._dup:
+            size = min(size, self.paths.mtu.relay_size)
+        self.driver.set_max_datagram_size(size)  # also before the handshake: it remembers
+
+    def _size_changed(self, size: int) -> None:
+        self._size = size
+        log.info("datagram size %d bytes (%s)", size, describe(self._path))
+        self._apply_size()
+
+    def _quic_stalled(self) -> None:
+        """QUIC's probe timeout fired: let the path manager check the path's size."""
+        if not self.closed:
+            self.paths.mtu.note_quic_stall()
+            self._service()
+
+    def _too_big(self, addr: Addr, size: int) -> None:
+        """The stack refused a datagram of ``size`` bytes to ``addr`` (EMSGSIZE)."""
+        if not self.closed:
+            self.paths.mtu.note_send_too_big(addr, size, self.loop.time())
+            self._service()
+
     # -- path manager ----------------------------------------------------------------
     def _service(self) -> None:
         """Send what the path manager wants sent, handle its events, re-arm its timer."""
@@ -268,10 +344,13 @@ class PeerSession:
                 log.info("direct path %s", "quiet: also sending over the relay" if ev.suspect
                          else "answers again: direct only")
                 self._dup = ev.suspect
+                self._apply_size()
                 if ev.suspect and self.driver is not None:
                     self.driver.ping()  # the direct path went quiet: probe QUIC over the relay
             elif isinstance(ev, GatherWanted):
                 self._gather()
+            elif isinstance(ev, DatagramSizeChanged):
+                self._size_changed(ev.size)
             elif isinstance(ev, PunchFailed):
                 self._on_failed(ev.reason)
         if not self.closed:
@@ -306,6 +385,8 @@ class PeerSession:
                 return None
             ep.on_stun = lambda d, a: self._stun_received(d, a, slot)
             ep.on_quic = self._quic_received
+            ep.on_too_big = self._too_big
+            ep.set_offload(self._offload)
             self._aux[slot] = ep
         return ep
 
@@ -372,8 +453,8 @@ def new_path_manager(
     *, local_key: bytes, remote_key: bytes, mode: str, relay_available: bool,
     config: TunnelConfig,
 ) -> PathManager:
-    """A PathManager wired to this host's networks and the OS random source, that asks
-    for re-gathering."""
+    """A PathManager wired to this host's networks, the OS random source and the route
+    MTU (the path MTU search's ceiling), that asks for re-gathering."""
     from .candidates import local_networks
 
     return PathManager(
@@ -386,4 +467,6 @@ def new_path_manager(
         random_bytes=os.urandom,
         multi_socket=True,
         regather=True,
+        mtu=PathMtu(config.pmtu, relay_size=config.relay_datagram_size,
+                    unprobed=config.max_datagram, route_mtu=route_mtu),
     )

@@ -5,7 +5,8 @@ datagram is classified by its first byte (RFC 7983 as updated by RFC 9443): STUN
 (0–3, with the magic cookie) goes to ``on_stun``, QUIC (64–255) to ``on_quic``, anything
 else is dropped. Answers to our own STUN queries to the relay's reflectors are taken
 out first. Addresses are always plain ``(ip, port)`` pairs; IPv4 peers of a dual-stack
-socket are mapped to and from ``::ffff:a.b.c.d`` here and nowhere else.
+socket are mapped to and from ``::ffff:a.b.c.d`` here and nowhere else. The socket calls
+themselves (GSO/GRO batching, don't-fragment) are :class:`quictun.aio.udpio.UdpIO`'s.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 
 from ..proto import stun
 from ..proto.addr import Addr, unmap
+from .udpio import Offload, UdpIO
 
 log = logging.getLogger("quictun.endpoint")
 
@@ -30,8 +32,11 @@ class UdpEndpoint:
     """A bound UDP socket with STUN/QUIC demultiplexing.
 
     The socket is read directly from the event loop's reader callback, draining every
-    queued datagram per wake-up (up to ``READ_BATCH``): QUIC then flushes once per batch
-    instead of once per packet, which is most of the per-packet cost in Python.
+    queued datagram per wake-up (up to ``READ_BATCH`` reads, each maybe a GRO buffer of
+    several datagrams): QUIC then flushes once per batch instead of once per packet,
+    which is most of the per-packet cost in Python. :meth:`send_many` sends a flush's
+    datagrams with as few system calls as the kernel allows (GSO, see
+    :meth:`set_offload`; off until asked for).
     """
 
     READ_BATCH = 64
@@ -42,6 +47,9 @@ class UdpEndpoint:
         self.dual_stack = False
         self.on_stun: Callable[[bytes, Addr], None] = lambda data, addr: None
         self.on_quic: Callable[[bytes, Addr], None] = lambda data, addr: None
+        self.on_too_big: Callable[[Addr, int], None] = lambda addr, size: None
+        """Called when the stack refused a datagram of that size to addr (EMSGSIZE)."""
+        self.io: UdpIO | None = None
         self._queries: dict[bytes, asyncio.Future[Addr]] = {}
         self.port = 0
         self.closed = False
@@ -76,25 +84,22 @@ class UdpEndpoint:
             except OSError:
                 pass
         sock.setblocking(False)
+        ep.io = UdpIO(sock, on_too_big=lambda a, n: ep.on_too_big(_plain(a), n))
         ep._sock, ep._loop = sock, loop
         loop.add_reader(sock.fileno(), ep._readable)
         ep.port = sock.getsockname()[1]
         return ep
 
+    def set_offload(self, offload: Offload) -> None:
+        """Use these kernel offloads from now on, where the kernel has them (see
+        :class:`~quictun.aio.udpio.UdpIO`)."""
+        if self.io is not None:
+            self.io.configure(offload)
+
     # -- input -----------------------------------------------------------------------
     def _readable(self) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        for _ in range(self.READ_BATCH):
-            try:
-                data, addr = sock.recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # ICMP errors surface here (port unreachable...)
-                log.debug("udp error: %s", exc)
-                continue
-            self.datagram_received(data, addr)
+        if self.io is not None and self._sock is not None:
+            self.io.receive(self.datagram_received, self.READ_BATCH)
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         if not data:
@@ -123,17 +128,28 @@ class UdpEndpoint:
         if ttl is not None:
             self._send_ttl(data, addr, ttl)
             return
+        target = self._sockaddr(addr)
+        if target is not None and self.io is not None:
+            self.io.send_one(data, target)
+
+    def send_many(self, datagrams: list[bytes], addr: Addr) -> None:
+        """Send datagrams to one address, in order, in as few system calls as possible
+        (a full socket buffer drops the rest: QUIC recovers)."""
+        if self._sock is None or self.closed or self.io is None:
+            return
+        target = self._sockaddr(addr)
+        if target is not None:
+            self.io.send(datagrams, target)
+
+    def _sockaddr(self, addr: Addr) -> tuple[str, int] | None:
+        """The socket's form of ``addr`` (IPv4-mapped on a dual-stack socket), or None if
+        this socket cannot reach it (IPv6 from an IPv4-only socket)."""
         host = addr[0]
         if self.dual_stack and ":" not in host:
-            host = "::ffff:" + host
-        elif not self.dual_stack and ":" in host:
-            return  # cannot reach IPv6 from an IPv4-only socket
-        try:
-            self._sock.sendto(data, (host, addr[1]))
-        except (BlockingIOError, InterruptedError):
-            pass  # socket buffer full: a dropped datagram, QUIC recovers
-        except OSError as exc:
-            log.debug("sendto %s failed: %s", addr, exc)
+            return ("::ffff:" + host, addr[1])
+        if not self.dual_stack and ":" in host:
+            return None
+        return (host, addr[1])
 
     def _send_ttl(self, data: bytes, addr: Addr, ttl: int) -> None:
         sock = self._sock

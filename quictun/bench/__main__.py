@@ -12,9 +12,11 @@ Measures, in one run (see docs/benchmark.md for the method and results):
 8. for scale: ssh ``-L`` forwarding and raw loopback TCP.
 
 ``--lever NAME=VALUE`` (repeatable) runs the quictun processes through a small wrapper
-that patches them first (``uvloop=1``, ``datagram=1452``, ``cc=cubic``,
-``window_mb=8``, ``send_high_kb=4096``, ``ack_delay_ms=25``); ``--only tunnel``
-restricts a run to items 2-3.
+that patches them first (``uvloop=1``, ``datagram=1452`` (QUIC's starting size),
+``fixed=1350`` (one datagram size everywhere, path MTU discovery off), ``pmtu_max=N``
+(largest size probed; 0: no discovery), ``relay_dgram=N``, ``offload=off|gso|gro|auto``,
+``cc=cubic``, ``window_mb=8``, ``send_high_kb=4096``, ``ack_delay_ms=25``); ``--only
+tunnel`` restricts a run to items 2-3. Tunnel results carry CPU seconds per GB per end.
 ``--profile DIR`` writes cProfile data of the tunnel processes to DIR.
 """
 
@@ -38,7 +40,17 @@ from typing import Any
 
 import click
 
-from .rig import PY, Proc, Rig, cpu_seconds, mbps, ping_pong, push_and_verify, status_kib
+from .rig import (
+    PY,
+    Proc,
+    Rig,
+    cpu_seconds,
+    mbps,
+    parse_levers,
+    ping_pong,
+    push_and_verify,
+    status_kib,
+)
 
 
 # --------------------------------------------------------------------------- 1. engine
@@ -205,6 +217,9 @@ def tunnel_throughput(rig: Rig, nbytes: int, relay_only: bool,
     res = push_and_verify(port, payload)
     res["connect_cpu_s"] = round(cpu_seconds(conn.p.pid) - c0, 2)
     res["serve_cpu_s"] = round(cpu_seconds(serve.p.pid) - s0, 2)
+    gb = nbytes / 1e9
+    res["cpu_s_per_gb"] = {"connect": round(res["connect_cpu_s"] / gb, 1),
+                           "serve": round(res["serve_cpu_s"] / gb, 1)}
     if relay_only:
         res["relay_cpu_s_total"] = round(cpu_seconds(rig.relay.p.pid), 2)
     return res, conn, port
@@ -463,7 +478,8 @@ def table(out: dict[str, Any]) -> str:
               type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--size-mb", type=int, default=None, help="Throughput payload (default 50, quick 5).")
 @click.option("--lever", "levers", multiple=True, metavar="NAME=VALUE",
-              help="Patch quictun processes: uvloop=1, datagram=N, cc=cubic, window_mb=N, "
+              help="Patch quictun processes: uvloop=1, datagram=N, fixed=N, pmtu_max=N, "
+                   "relay_dgram=N, offload=off|gso|gro|auto, cc=cubic, window_mb=N, "
                    "send_high_kb=N, ack_delay_ms=N.")
 @click.option("--only", type=click.Choice(["engine", "tunnel"]), default=None,
               help="Run only the engine ceiling, or only the tunnel throughputs.")
@@ -473,7 +489,10 @@ def table(out: dict[str, Any]) -> str:
 def main(quick: bool, json_path: Path, size_mb: int | None, levers: tuple[str, ...],
          only: str | None, profile_dir: Path | None, quiet: bool) -> None:
     """Measure quictun's throughput, latency, memory and relay capacity on this machine."""
-    patch = dict(lv.split("=", 1) for lv in levers)
+    try:
+        patch = parse_levers(levers)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     if profile_dir is not None:
         profile_dir = profile_dir.resolve()
         profile_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,9 @@ Also, per run, the one-core in-memory QUIC ceiling (two connections in one proce
 sockets: ``python -m quictun.bench``'s engine measurement) and the machine's load. Cases
 run interleaved within a run, so drift hits all alike; medians and ranges over runs.
 Needs root and nft for the lab (else only the ceiling is measured); holesail is skipped,
-with one line, without node/npm.
+with one line, without node/npm. ``--lever NAME=VALUE`` starts every quictun process
+through :data:`quictun.bench.rig.WRAPPER` with that patch (the levers of ``python -m
+quictun.bench``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from tests.lab.netlab import lab_available, sweep_stale_namespaces
 from . import holesail as hs
 from .compare_report import render
 from .labrig import REPO, CompareLab, RssSampler, classify
+from .rig import parse_levers
 from .tools import Ends, start_holesail, start_quictun, start_raw, start_ssh
 
 PY = sys.executable
@@ -268,7 +271,8 @@ def start_lab(opts: argparse.Namespace, work: Path, holesail_prefix: Path | None
               skipped: dict[str, str], log: Callable[[str], None]) -> CompareLab | None:
     """The lab, up; or None, with the reason in ``skipped["lab"]`` (one line on stderr)."""
     cl = CompareLab(work, prefix=opts.prefix, slow_rate=opts.slow_rate_mb * MB,
-                    holesail_prefix=holesail_prefix, sshd="ssh" not in skipped)
+                    holesail_prefix=holesail_prefix, sshd="ssh" not in skipped,
+                    patch=opts.patch)
     try:
         cl.start()  # closes whatever it built when it fails
     except (RuntimeError, AssertionError, OSError, subprocess.SubprocessError) as exc:
@@ -299,6 +303,7 @@ def run(opts: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     out: dict[str, Any] = {"meta": meta(opts.argv, sizes), "skipped": {},
                            "cases": [c.__dict__ for c in case_list], "runs": []}
     out["meta"]["runs"] = runs
+    out["meta"]["levers"] = opts.patch
     out["meta"]["qh3_installed"] = qh3
     reason = lab_available()
     if reason:
@@ -338,6 +343,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ttfb", type=int, help="TTFB samples per case and run (default 3)")
     ap.add_argument("--cases", help="comma separated case keys or tools (quictun, ssh, "
                     "holesail, raw, quictun-qh3, ...)")
+    ap.add_argument("--lever", action="append", default=[], metavar="NAME=VALUE",
+                    help="patch every quictun process, as python -m quictun.bench --lever "
+                    "(fixed=1200, pmtu_max=N, offload=off, ...)")
     ap.add_argument("--no-mixed", action="store_true", help="no mixed-engine quictun pairs")
     ap.add_argument("--no-holesail", action="store_true", help="leave holesail out")
     ap.add_argument("--holesail-dir", help=f"npm prefix for holesail (default "
@@ -356,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     opts = parser().parse_args(args)
     opts.argv = args
+    try:
+        opts.patch = parse_levers(opts.lever)
+    except ValueError as exc:
+        raise SystemExit(f"compare: {exc}") from None
     t0 = time.monotonic()
 
     def log(msg: str) -> None:

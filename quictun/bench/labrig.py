@@ -38,7 +38,7 @@ from typing import Any
 from tests.lab.netlab import Lab, LabProcess, SiteSpec
 
 from . import holesail as hs
-from .rig import cpu_seconds, status_kib
+from .rig import WRAPPER, cpu_seconds, status_kib
 
 REPO = Path(__file__).resolve().parents[2]
 SINK_PORT = 7000
@@ -265,8 +265,10 @@ class CompareLab:
     """The two-firewall lab with the relay, the sink, sshd and (optionally) a HyperDHT."""
 
     def __init__(self, work: Path, *, prefix: str = "qtc", slow_rate: float = 4e6,
-                 holesail_prefix: Path | None = None, sshd: bool = True) -> None:
+                 holesail_prefix: Path | None = None, sshd: bool = True,
+                 patch: dict[str, str] | None = None) -> None:
         self.work = work
+        self.patch = patch or {}  # --lever: quictun runs through rig.WRAPPER
         (work / "logs").mkdir(parents=True, exist_ok=True)
         fw = SiteSpec("firewall", ipv6=False)
         self.lab = Lab(fw, fw, prefix=prefix, logdir=str(work / "logs"))
@@ -344,7 +346,13 @@ class CompareLab:
         home.mkdir(exist_ok=True)
         # QUICTUN_LAB: the lab's 198.18.0.0/15 is not global (see quictun/config.py)
         return {"QUICTUN_SECRET": self.secret, "QUICTUN_HOME": str(home),
-                "PYTHONPATH": str(REPO), "QUICTUN_LAB": "1", "QUICTUN_ENGINE": engine or ""}
+                "PYTHONPATH": str(REPO), "QUICTUN_LAB": "1", "QUICTUN_ENGINE": engine or "",
+                "QUICTUN_BENCH_PATCH": json.dumps(self.patch)}
+
+    def quictun_argv(self) -> list[str]:
+        """How to start quictun: through the levers' wrapper when there are levers."""
+        py = sys.executable
+        return [py, "-c", WRAPPER] if self.patch else [py, "-m", "quictun"]
 
     def ssh_argv(self, *args: str) -> list[str]:
         return [shutil.which("ssh") or "ssh", "-F", "/dev/null", "-i", str(self.ssh_key),

@@ -36,8 +36,21 @@ if patch.get("uvloop"):
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 from quictun.config import TunnelConfig
 cfg = TunnelConfig.from_environment(os.environ)
-if "datagram" in patch:
+if "datagram" in patch:  # QUIC's starting size (and a direct path's without discovery)
     cfg = cfg.replace(max_datagram=int(patch["datagram"]))
+if "fixed" in patch:  # one size everywhere, path MTU discovery off (quictun before it)
+    n = int(patch["fixed"])
+    cfg = cfg.replace(max_datagram=n, pmtu=None, relay_datagram_size=n)
+if "pmtu_max" in patch:  # largest size probed; 0: no discovery
+    import dataclasses
+    from quictun.config import PmtuConfig
+    n = int(patch["pmtu_max"])
+    cfg = cfg.replace(pmtu=dataclasses.replace(cfg.pmtu or PmtuConfig(), max_size=n)
+                      if n else None)
+if "relay_dgram" in patch:
+    cfg = cfg.replace(relay_datagram_size=int(patch["relay_dgram"]))
+if "offload" in patch:  # auto | off | gso | gro (quictun/aio/udpio.py)
+    cfg = cfg.replace(udp_offload=patch["offload"])
 if "window_mb" in patch:
     w = int(float(patch["window_mb"]) * 1024 * 1024)
     cfg = cfg.replace(stream_window=w, connection_window=4 * w)
@@ -62,6 +75,34 @@ if prof_path:
 else:
     main(obj={"config": cfg})
 """
+
+
+# The levers WRAPPER knows (``--lever NAME=VALUE`` of both benchmarks), with what each sets.
+LEVERS = {
+    "uvloop": "1: uvloop's event loop",
+    "datagram": "N: QUIC's starting datagram size (max_datagram)",
+    "fixed": "N: one datagram size everywhere, path MTU discovery off",
+    "pmtu_max": "N: largest size path MTU discovery probes (0: no discovery)",
+    "relay_dgram": "N: datagram size on the relayed path",
+    "offload": "off|gso|gro|auto: UDP GSO/GRO (udp_offload)",
+    "cc": "NAME: congestion control (e.g. cubic)",
+    "window_mb": "N: stream window in MB (connection window 4x)",
+    "send_high_kb": "N: send buffer high-water mark in KiB",
+    "ack_delay_ms": "N: the peer's max ACK delay",
+}
+
+
+def parse_levers(levers: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``NAME=VALUE`` strings as the patch :data:`WRAPPER` reads. Raises ValueError, with
+    one line naming the known levers, for a malformed or unknown one."""
+    patch: dict[str, str] = {}
+    for lv in levers:
+        name, eq, value = lv.partition("=")
+        if not eq or name not in LEVERS or not value:
+            raise ValueError(f"bad --lever {lv!r}: use NAME=VALUE with NAME one of "
+                             f"{', '.join(LEVERS)}")
+        patch[name] = value
+    return patch
 
 
 # --------------------------------------------------------------------------- helpers

@@ -61,7 +61,7 @@ def start_quictun(cl: CompareLab, tag: str, engine_b: str | None,
     """quictun ``serve`` in A and ``connect --listen`` in B; None engine: the default."""
     lab = cl.lab
     name = f"cmp-{tag}"
-    qt = [PY, "-m", "quictun"]
+    qt = cl.quictun_argv()
     serve = lab.spawn(lab.host_a_ns, [*qt, "serve", name, "--forward",
                                       f"127.0.0.1:{SINK_PORT}", "--signal", lab.signal_url],
                       env=cl.quictun_env("a", engine_a), name=f"serve-{tag}")

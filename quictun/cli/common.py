@@ -140,7 +140,11 @@ def tunnel_config() -> TunnelConfig:
     ctx = click.get_current_context(silent=True)
     obj = ctx.find_root().obj if ctx is not None else None
     cfg = obj.get("config") if isinstance(obj, dict) else None
-    cfg = cfg if cfg is not None else TunnelConfig.from_environment(os.environ)
+    if cfg is None:
+        try:
+            cfg = TunnelConfig.from_environment(os.environ)
+        except ValueError as exc:  # e.g. QUICTUN_UDP_OFFLOAD=nonsense
+            raise UserError(str(exc)) from None
     if isinstance(obj, dict) and obj.get("no_portmap"):
         cfg = cfg.replace(portmap=dataclasses.replace(cfg.portmap, enabled=False))
     return cfg

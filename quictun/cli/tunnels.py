@@ -79,6 +79,7 @@ def serve(name: str, forwards: tuple[str, ...], allows: tuple[str, ...], pair: b
       QUICTUN_SIGNAL_CA  CA file to trust for a wss:// relay (e.g. certs/relay.crt)
       QUICTUN_ENGINE     QUIC engine: auto (default: qh3 if installed), aioquic, qh3
       QUICTUN_PORTMAP    0: ask the router for no port mapping (--no-portmap)
+      QUICTUN_UDP_OFFLOAD  Linux UDP offloads: auto (default), off, gso, gro
     """
     from .. import store
     from ..aio import server as api
@@ -226,6 +227,7 @@ def connect(target: str | None, listens: tuple[str, ...], stdio: bool, service: 
       QUICTUN_SIGNAL_CA  CA file to trust for a wss:// relay (e.g. certs/relay.crt)
       QUICTUN_ENGINE     QUIC engine: auto (default: qh3 if installed), aioquic, qh3
       QUICTUN_PORTMAP    0: ask the router for no port mapping (--no-portmap)
+      QUICTUN_UDP_OFFLOAD  Linux UDP offloads: auto (default), off, gso, gro
     """
     specs, socks_at, mode_bits = _connect_modes(listens, stdio, socks, list_only, service,
                                                 unix_mode)

@@ -160,7 +160,7 @@ def parse(text: str) -> PairingCode:
     t = _SEPARATORS.sub("-", text.strip().lower()).strip("-")
     t = _GLUED.sub(r"\1-\2", t)
     parts = [p for p in t.split("-") if p]
-    if len(parts) != 1 + WORDS_PER_CODE or not parts[0].isdigit():
+    if len(parts) != 1 + WORDS_PER_CODE or not (parts[0].isascii() and parts[0].isdigit()):
         raise PairingCodeError(f"a pairing code is a number and {WORDS_PER_CODE} words, "
                                "like 7-aardvark-zucchini")
     number = int(parts[0])

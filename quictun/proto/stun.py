@@ -40,6 +40,7 @@ __all__ = [
     "ATTR_MESSAGE_INTEGRITY_SHA256",
     "ATTR_FINGERPRINT",
     "ATTR_SOFTWARE",
+    "ATTR_PADDING",
     "StunError",
     "StunMessage",
     "is_stun",
@@ -70,6 +71,7 @@ ATTR_PRIORITY = 0x0024
 ATTR_MESSAGE_INTEGRITY_SHA256 = 0x001C
 ATTR_FINGERPRINT = 0x8028
 ATTR_SOFTWARE = 0x8022
+ATTR_PADDING = 0x0026  # RFC 5780 §7.6: pads a message to a chosen size (path MTU probes)
 
 _FAMILY_V4 = 0x01
 _FAMILY_V6 = 0x02
@@ -357,9 +359,15 @@ def binding_request(
     username: str | None = None,
     key: bytes | None = None,
     extra: Sequence[tuple[int, bytes]] = (),
+    pad_to: int | None = None,
 ) -> bytes:
     """Build a Binding request with optional USERNAME, extra attributes, integrity and
-    FINGERPRINT (always)."""
+    FINGERPRINT (always).
+
+    ``pad_to``: add a PADDING attribute (zeros, before the integrity attribute) so that
+    the whole message is exactly ``pad_to`` bytes: a path MTU probe. Raises ValueError
+    unless ``pad_to`` is a multiple of 4 leaving room for the attribute header.
+    """
     attrs: list[tuple[int, bytes]] = []
     if username is not None:
         raw = username.encode("utf-8")
@@ -367,6 +375,13 @@ def binding_request(
             raise ValueError("username too long")
         attrs.append((ATTR_USERNAME, raw))
     attrs.extend(extra)
+    if pad_to is not None:
+        used = HEADER_SIZE + sum(4 + len(v) + _pad(len(v)) for _t, v in attrs)
+        used += (4 + 32 if key is not None else 0) + 8  # integrity, FINGERPRINT
+        room = pad_to - used - 4
+        if pad_to % 4 or room < 0:
+            raise ValueError(f"cannot pad a Binding request to {pad_to} bytes")
+        attrs.append((ATTR_PADDING, bytes(room)))
     return encode(BINDING_REQUEST, txid, attrs, integrity_key=key)
 
 

@@ -9,12 +9,13 @@ it datagrams and the time, and calls, after every input::
 
     datagrams_to_send(now)   # send each (data, addr) on the UDP socket
     next_event()             # until None: PathChanged, SuspectChanged, GatherWanted,
-                             # PunchFailed
+                             # DatagramSizeChanged, PunchFailed
     get_timer()              # re-arm; call handle_timer(now) when it fires
 
 It also decides when the shell must re-learn our own candidates and tell the peer
 (:class:`GatherWanted`, scheduled by :mod:`quictun.punch.gather`); the shell reports the
-end of each gathering with :meth:`PathManager.gathered`.
+end of each gathering with :meth:`PathManager.gathered`. The size QUIC may use on the
+current path (path MTU discovery) is :attr:`PathManager.mtu`'s (:mod:`quictun.punch.pathmtu`).
 
 Probes are STUN Binding requests signed (MESSAGE-INTEGRITY-SHA256) with ``remote_key``;
 the peer answers with a Binding success carrying XOR-MAPPED-ADDRESS, signed with its
@@ -60,6 +61,7 @@ from ..proto import stun
 from ..proto.limits import Sighting, TokenBucket
 from .birthday import Birthday, start_attempt
 from .gather import FIRST_DELAY, GatherSchedule
+from .pathmtu import PathMtu
 from .probes import ALTERNATE_FACTOR, CandidateState, Datagram, Outbox
 from .selection import MAX_CANDIDATES, MAX_PRFLX, CandidateTable, repunch_targets, target
 from .types import (
@@ -102,6 +104,7 @@ class PathManager:
             (slots) on request, so this side may take the birthday *hard* role.
         regather: the shell can re-learn our candidates on request
             (:class:`GatherWanted`); off, none is ever asked for.
+        mtu: path MTU discovery (default: none; every path at 1200 bytes, no events).
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class PathManager:
         random_bytes: Callable[[int], bytes],
         multi_socket: bool = False,
         regather: bool = False,
+        mtu: PathMtu | None = None,
     ) -> None:
         if mode not in ("auto", "direct", "relay"):
             raise ValueError(f"unknown mode: {mode!r}")
@@ -140,6 +144,8 @@ class PathManager:
         self._was_direct = False  # the path of the last PathChanged was direct
         self._path_seen = False  # a PathChanged was emitted
         self._suspect = False  # the last SuspectChanged said suspect
+        self.mtu = (mtu or PathMtu()).bind(self._cands, self._outbox, self._events,
+                                           lambda: (self._selected, self._on_relay))
 
         self._started = False
         self._start_time = 0.0
@@ -157,7 +163,6 @@ class PathManager:
         """``"easy"`` / ``"hard"`` once a birthday attempt started (diagnostics)."""
 
     # ------------------------------------------------------------------ public API
-
     @property
     def current(self) -> NetPath | None:
         """Where to send QUIC datagrams now: a direct path, the relay, or None (nowhere)."""
@@ -245,7 +250,7 @@ class PathManager:
             except ValueError:
                 return
         if c is not None and c.validated:
-            c.last_alive = now
+            c.last_alive = c.traffic_at = now
             c.first_unanswered = None
 
     def note_relay_traffic(self, now: float) -> None:
@@ -318,6 +323,7 @@ class PathManager:
             times.append(self._start_time + self._cfg.punch_timeout)
         if (t := self._gather.next_time) is not None:
             times.append(t)
+        times += self.mtu.timers()
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
@@ -335,14 +341,13 @@ class PathManager:
 
     def stats(self) -> dict[str, Any]:
         """Counters: probes sent, requests/responses received, validations, switches..."""
-        out: dict[str, Any] = dict(self._stats)
+        out: dict[str, Any] = {**self._stats, **self.mtu.report()}
         out["candidates"] = len(self._cands)
         out["validated"] = sorted(c.addr for c in self._cands.values() if c.validated)
         out["pending_transactions"] = len(self._txns)
         return out
 
     # ------------------------------------------------------------------ candidates
-
     def _learn_prflx(self, addr: Addr) -> CandidateState | None:
         c, forgot = self._cands.learn_prflx(addr, self._selected)
         if forgot is not None:
@@ -356,9 +361,9 @@ class PathManager:
         c.validated = False
         c.first_unanswered = None
         self._txns.forget(c.addr)
+        self.mtu.forget(c)
 
     # ------------------------------------------------------------------ STUN input
-
     def _handle_request(
         self, data: bytes, msg: stun.StunMessage, src: Addr, now: float, slot: int
     ) -> None:
@@ -411,6 +416,7 @@ class PathManager:
             self._stats["invalid_dropped"] += 1
             return
         c = self._cands.get(src)
+        self.mtu.answered(c, txn, now)
         if c is None and txn.learn:  # a birthday probe hit: the peer answered a random port
             c = self._learn_prflx(src)
             if c is not None:
@@ -442,7 +448,6 @@ class PathManager:
             self._reselect(now)
 
     # ------------------------------------------------------------------ timers
-
     def _service(self, now: float) -> None:
         """Apply every deadline due at ``now``, then queue due probes."""
         if self._mode == "relay":
@@ -462,6 +467,8 @@ class PathManager:
         for c in self._cands.values():
             if c.next_probe is not None and c.next_probe <= now:
                 self._send_probe(c, now)
+        if self.mtu.service(now):
+            self._reselect(now)  # a path cannot carry 1200 bytes (or can again)
         self._check_suspect(now)
 
     def _check_suspect(self, now: float) -> None:
@@ -552,22 +559,13 @@ class PathManager:
         return deadline
 
     def _check_punch_deadline(self, now: float) -> None:
-        if not self._started or self._punch_deadline_done:
-            return
-        if now < self._punch_deadline():
+        if not self._started or self._punch_deadline_done or now < self._punch_deadline():
             return
         self._punch_deadline_done = True
         if self.current is None and not self._relay_wanted():
-            if self._mode == "direct":
-                reason = f"no direct path within {self._cfg.punch_timeout:g} s (direct mode)"
-            elif self._mode == "relay":
-                reason = "relay unavailable"
-            else:
-                reason = f"no direct path within {self._cfg.punch_timeout:g} s and no relay"
-            self._events.append(PunchFailed(reason))
+            self._events.append(PunchFailed.at_deadline(self._mode, self._cfg.punch_timeout))
 
     # ------------------------------------------------------------------ selection
-
     def _relay_wanted(self) -> bool:
         return self._mode != "direct" and self._relay_available
 
@@ -602,6 +600,7 @@ class PathManager:
         self._stats["switches"] += 1
         path = self.current
         self._events.append(PathChanged(path))
+        self.mtu.switched(before, now)  # its DatagramSizeChanged follows the PathChanged
         direct = path is not None and path.kind == "direct"
         if self._regather:
             if self._was_direct and not direct:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from ..proto import stun
 from ..proto.limits import ReplayWindow, Sighting
+from .pmtu import Pmtu
 from .types import Addr, NetPath, PathConfig
 
 __all__ = [
@@ -84,6 +85,13 @@ class CandidateState:
     fast_until: float = float("-inf")
     slot: int = 0
     probes: int = 0
+    pmtu: Pmtu | None = None  # path MTU state, made when first selected; reset on death
+    traffic_at: float | None = None  # last authenticated QUIC packet from this address
+
+    @property
+    def usable(self) -> bool:
+        """Validated, and not known unable to carry 1200-byte datagrams (path MTU)."""
+        return self.validated and (self.pmtu is None or self.pmtu.usable)
 
     def path(self) -> NetPath:
         """This candidate as a direct :class:`~quictun.punch.types.Path`."""
@@ -130,6 +138,7 @@ class Txn:
     sent_at: float
     slot: int = 0
     learn: bool = False  # a birthday probe: a signed answer teaches a prflx candidate
+    pmtu_size: int = 0  # a path MTU probe of this many bytes (its answer feeds .pmtu)
 
 
 class TransactionTable:
@@ -236,12 +245,15 @@ class Outbox:
         return txn
 
     def request(self, addr: Addr, slot: int, now: float, ttl: int | None = None, *,
-                learn: bool = False) -> None:
+                learn: bool = False, pad_to: int = 0) -> None:
         """Queue a signed Binding request to ``addr`` from socket ``slot``; ``learn``: an
-        answer from ``addr`` may create a candidate (a birthday probe)."""
+        answer from ``addr`` may create a candidate (a birthday probe); ``pad_to``: a path
+        MTU probe of exactly that many bytes (PADDING; its Txn remembers the size)."""
         txid = self._random_bytes(12)
-        self.txns.add(txid, Txn(addr=addr, sent_at=now, slot=slot, learn=learn), now)
-        self._queue.append((stun.binding_request(txid, key=self._remote_key), addr, ttl, slot))
+        self.txns.add(txid, Txn(addr=addr, sent_at=now, slot=slot, learn=learn,
+                                pmtu_size=pad_to), now)
+        request = stun.binding_request(txid, key=self._remote_key, pad_to=pad_to or None)
+        self._queue.append((request, addr, ttl, slot))
 
     def answer(self, txid: bytes, src: Addr, slot: int) -> None:
         """Queue a signed Binding success for the peer's request ``txid`` from ``src``."""

@@ -5,7 +5,9 @@ From the relay or from no path, upgrade to it as soon as one exists. From a dire
 switch only to a *strictly* lower rank, never on RTT, so loss and jitter cannot make it
 flap; or, early, when the selected path went quiet (through a heartbeat and the fast
 probes after it) while another of no worse rank answered recently: the peer's NAT moved
-it. Never to a worse rank, so loss on a LAN path cannot flap it either.
+it. Never to a worse rank, so loss on a LAN path cannot flap it either. A validated path
+that path MTU discovery found unable to carry even 1200 bytes (:mod:`.pmtu`, ERROR) is
+not *usable*: it is never selected until a retry passes.
 
 Room: at most ``limit`` signalled (or prflx) candidates; a new one evicts the one
 signalled longest ago that is neither validated nor selected (:func:`eviction_victim`).
@@ -30,8 +32,8 @@ EARLY_MOVE_EXTRA = 1.0  # s of fast probing unanswered before moving off a silen
 
 
 def best(cands: Iterable[CandidateState]) -> CandidateState | None:
-    """The best validated candidate, or None."""
-    live = [c for c in cands if c.validated]
+    """The best usable candidate (validated, and able to carry 1200 bytes), or None."""
+    live = [c for c in cands if c.usable]
     if not live:
         return None
     return min(live, key=lambda c: (c.rank, c.validation_rtt or 0.0, c.addr))
@@ -52,12 +54,12 @@ def target(
     cands = list(cands)
     top = best(cands)
     cur = selected
-    if cur is not None and cur.validated:
+    if cur is not None and cur.usable:
         if top is not None and top.rank < cur.rank:
             return top, False
         if cur.silent(cfg, now, EARLY_MOVE_EXTRA):
             alive = [c for c in cands
-                     if c.validated and c is not cur and c.rank <= cur.rank
+                     if c.usable and c is not cur and c.rank <= cur.rank
                      and not c.silent(cfg, now)]
             if alive:
                 return min(alive, key=lambda c: (c.rank, c.validation_rtt or 0.0)), False

@@ -22,6 +22,7 @@ __all__ = [
     "PunchFailed",
     "SuspectChanged",
     "GatherWanted",
+    "DatagramSizeChanged",
     "Event",
     "PathConfig",
     "normalize_addr",
@@ -148,11 +149,31 @@ class GatherWanted:
 
 
 @dataclass(frozen=True)
+class DatagramSizeChanged:
+    """The largest UDP payload QUIC may send on the current path changed (path MTU
+    discovery, :mod:`quictun.punch.pathmtu`; emitted after the PathChanged that caused
+    it, and whenever the current path's proven size moves)."""
+
+    size: int
+    """Bytes of UDP payload, never below 1200; the relay path's own size on the relay."""
+
+
+@dataclass(frozen=True)
 class PunchFailed:
     """No path at all by the punch deadline (direct-only mode, or no relay)."""
 
     reason: str
     """Human-readable explanation."""
+
+    @classmethod
+    def at_deadline(cls, mode: str, timeout: float) -> PunchFailed:
+        """The failure when punching ends with no path in ``mode`` (``timeout``: the
+        punch timeout in seconds, for the reason)."""
+        if mode == "direct":
+            return cls(f"no direct path within {timeout:g} s (direct mode)")
+        if mode == "relay":
+            return cls("relay unavailable")
+        return cls(f"no direct path within {timeout:g} s and no relay")
 
 
 @dataclass
@@ -197,5 +218,5 @@ class PathConfig:
     the spray at a victim's internal network. Only for labs and simulations."""
 
 
-Event = PathChanged | PunchFailed | SuspectChanged | GatherWanted
+Event = PathChanged | PunchFailed | SuspectChanged | GatherWanted | DatagramSizeChanged
 """Everything :meth:`PathManager.next_event` returns."""

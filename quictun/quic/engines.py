@@ -120,6 +120,11 @@ class Engine:
         )
         # RFC 9221: the DATAGRAM frames we accept (None: none, the peer must not send any)
         cfg.max_datagram_frame_size = max_datagram_frame_size
+        if self.name == "qh3":
+            # qh3's own PMTU search (client only) runs on the virtual peer, blind to path
+            # switches and with no black-hole fallback, and its core offers no way to
+            # change the size later: keep qh3 at the given size (quictun.punch.pathmtu)
+            cfg.probe_datagram_size = False
         if is_client:
             cfg.verify_mode = ssl.CERT_NONE  # we pin the fingerprint after the handshake
             cfg.server_name = "quictun"

@@ -9,6 +9,12 @@ would grow memory without bound. The windows are the configuration's ``max_strea
 and ``max_data`` (the initial credit), so one number sets both. Per stream, qh3 needs
 more: the ``quictun/1+credit`` extension (:mod:`quictun.quic.creditstream`).
 
+The datagram size follows the path (:meth:`FlowControlled.set_max_datagram_size`, from
+path MTU discovery, :mod:`quictun.punch.pathmtu`): aioquic builds bigger packets from the
+next one on, up to :data:`AIOQUIC_MAX_DATAGRAM` and the peer's ``max_udp_payload_size``;
+qh3 2.1 fixes the size when its core is made, so it stays at the configured one.
+:meth:`FlowControlled.datagram_limit` follows the size in effect.
+
 The asyncio driver that feeds such a connection is :mod:`quictun.aio.driver`.
 """
 
@@ -29,6 +35,9 @@ _MAX_DATA_CAPACITY = 1 + 8
 _SHORT_HEADER = 1 + 2 + 16
 _DATAGRAM_FRAME = 1 + 2
 CID_LENGTH = 8  # both engines' connection ids (qh3 builds bigger packets than this needs)
+MIN_DATAGRAM_SIZE = 1200  # QUIC's floor (RFC 9000 §14); every connection starts there
+MAX_UDP_PAYLOAD = 65527  # max_udp_payload_size when the peer announces none (RFC 9000 §18.2)
+AIOQUIC_MAX_DATAGRAM = 16383  # aioquic writes STREAM/CRYPTO lengths as 2-byte varints
 
 
 class _FlowControl(CreditedStreams):
@@ -47,6 +56,7 @@ class _FlowControl(CreditedStreams):
         self._pending_total = 0
         self.authenticated_packets = 0
         self._init_credit()
+        self.peer_max_udp_payload = MAX_UDP_PAYLOAD
 
     def delivered(self, stream_id: int, n: int) -> None:
         """Record ``n`` bytes handed to the application for ``stream_id``."""
@@ -118,6 +128,34 @@ class _AioquicFlowControl(_FlowControl):
         super()._parse_transport_parameters(data, from_session_ticket)  # type: ignore[misc]
         loss = self._loss  # type: ignore[attr-defined]
         loss.max_ack_delay = min(loss.max_ack_delay, self.peer_max_ack_delay)
+        from aioquic.buffer import Buffer
+        from aioquic.quic.packet import pull_quic_transport_parameters
+
+        # aioquic checks the peer's max_udp_payload_size but never obeys it (a qh3 client
+        # announces 1472): remember it, set_max_datagram_size() stays below it
+        params = pull_quic_transport_parameters(Buffer(data=data))
+        if params.max_udp_payload_size is not None:
+            self.peer_max_udp_payload = params.max_udp_payload_size
+
+    def set_max_datagram_size(self, size: int) -> int:
+        """Build datagrams of up to ``size`` bytes from now on (at least 1200, at most
+        what the peer accepts); returns the size in effect. Packets already sent keep
+        their size; what they carried is re-framed at the new size if they are lost."""
+        size = max(MIN_DATAGRAM_SIZE, min(size, self.peer_max_udp_payload,
+                                          AIOQUIC_MAX_DATAGRAM))
+        self._max_datagram_size = size  # read by every new packet builder
+        loss = self._loss  # type: ignore[attr-defined]
+        loss._pacer._max_datagram_size = size
+        cc = loss._cc  # reno and cubic grow and floor their window in datagrams
+        if hasattr(cc, "_max_datagram_size"):
+            cc._max_datagram_size = size
+        if hasattr(cc, "additive_increase_factor"):
+            cc.additive_increase_factor = size
+        return size
+
+    def pto_count(self) -> int:
+        """Probe timeouts in a row (0 once an ACK arrives): a stall indicator."""
+        return int(self._loss._pto_count)  # type: ignore[attr-defined]
 
     def unacked(self, stream_id: int) -> int:
         """Bytes written to the stream and not yet acknowledged by the peer (or held
@@ -260,6 +298,17 @@ class _NativeFlowControl(_FlowControl):
         finally:
             self._datagram = None
 
+    def set_max_datagram_size(self, size: int) -> int:
+        """qh3 2.1 fixes the datagram size when its core is made (no binding changes it
+        later): the size stays the configured one (1200 by default, see
+        :attr:`quictun.config.TunnelConfig.max_datagram`)."""
+        return int(self._configuration.max_datagram_size)  # type: ignore[attr-defined]
+
+    def pto_count(self) -> int:
+        """Probe timeouts in a row (0 once an ACK arrives): a stall indicator."""
+        core = self._core  # type: ignore[attr-defined]
+        return int(core.pto_count) if core is not None else 0
+
     def _learn_remote_source_cid(self, data: bytes) -> None:
         self.authenticated_packets += 1  # called for every packet the core accepted
         super()._learn_remote_source_cid(data)  # type: ignore[misc]
@@ -360,8 +409,15 @@ class FlowControlled(Protocol):
     def datagram_limit(self) -> int: ...
     def datagram_backlog(self) -> int: ...
     def is_terminated(self) -> bool: ...
+    def set_max_datagram_size(self, size: int) -> int: ...
+    def pto_count(self) -> int: ...
     def __getattr__(self, name: str) -> Any: ...
 
 
-# the class for the engine chosen by $QUICTUN_ENGINE (see engines.py)
-FlowControlledConnection: type[Any] = connection_class()
+def __getattr__(name: str) -> Any:
+    """``FlowControlledConnection``: the class for the engine chosen by $QUICTUN_ENGINE
+    (see engines.py), made on first use, so importing this module does not import the
+    QUIC engine (a connect needs it only once the relay answered its hello)."""
+    if name == "FlowControlledConnection":
+        return connection_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -254,7 +254,7 @@ def test_a_mode_the_server_cannot_answer_stops_with_one_line(site, tmp_path: Pat
     err = r.stderr.decode()
     errors = [ln for ln in err.splitlines() if "error:" in ln]
     assert r.returncode == 1 and len(errors) == 1 and re.search(pattern, errors[0]), err
-    assert "Traceback" not in err
+    assert "Traceback" not in err, err
 
 
 @pytest.mark.parametrize(("args", "pattern"), [

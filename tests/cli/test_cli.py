@@ -69,10 +69,11 @@ def test_group_help() -> None:
 # every environment variable each command reads (directly or through the library)
 HELP_ENV = {
     "serve": ["QUICTUN_SIGNAL", "QUICTUN_SIGNAL_TOKEN", "QUICTUN_SECRET", "QUICTUN_SECRET_FILE",
-              "QUICTUN_HOME", "QUICTUN_SIGNAL_CA", "QUICTUN_ENGINE", "QUICTUN_PORTMAP"],
+              "QUICTUN_HOME", "QUICTUN_SIGNAL_CA", "QUICTUN_ENGINE", "QUICTUN_PORTMAP",
+              "QUICTUN_UDP_OFFLOAD"],
     "connect": ["QUICTUN_SIGNAL", "QUICTUN_SIGNAL_TOKEN", "QUICTUN_SECRET",
                 "QUICTUN_SECRET_FILE", "QUICTUN_TICKET", "QUICTUN_HOME", "QUICTUN_SIGNAL_CA",
-                "QUICTUN_ENGINE", "QUICTUN_PORTMAP"],
+                "QUICTUN_ENGINE", "QUICTUN_PORTMAP", "QUICTUN_UDP_OFFLOAD"],
     "import": ["QUICTUN_HOME"],
     "demo": ["QUICTUN_DEMO_FORWARD", "QUICTUN_DEMO_PORT", "QUICTUN_HOME"],
     "netcheck": ["QUICTUN_SIGNAL", "QUICTUN_SIGNAL_TOKEN", "QUICTUN_SIGNAL_CA",
@@ -710,3 +711,12 @@ def test_a_second_serve_with_the_same_identity_takes_over_and_the_first_exits(
         first.stop()
         if second is not None:
             second.stop()
+
+
+@pytest.mark.parametrize("cmd", [["connect", "box", "--stdio"],
+                                 ["serve", "box", "--forward", "127.0.0.1:9"]])
+def test_an_unknown_udp_offload_is_one_line(cmd: list[str]) -> None:
+    r = run(*cmd, "--signal", "ws://127.0.0.1:9/",
+            env={"QUICTUN_UDP_OFFLOAD": "turbo", "QUICTUN_SECRET": "s" * 24})
+    one_line_error(r, r"unknown UDP offload 'turbo'; choose one of auto, off, gso, gro "
+                      r"\(QUICTUN_UDP_OFFLOAD\)")

@@ -10,7 +10,10 @@ For every lab case (see ``CASES``) it starts the relay (wan), a small service an
 - ``quictun connect --listen`` (host B): the first and the final ``path=`` line and the time
   from process start until ``path=direct`` (if ever); a 5 MB download with the lab's
   counters reset first (direct UDP bytes on the wan, or on the LAN for ``same-lan``, versus
-  TCP bytes to/from the relay); a 10 MB download timed (MB/s, SHA-256 verified).
+  TCP bytes to/from the relay); a 10 MB download timed (MB/s, SHA-256 verified), with the
+  CPU seconds per GB of each end (``/proc/PID/stat``) and the last direct datagram size
+  connect logged (path MTU discovery). ``QUICTUN_UDP_OFFLOAD=off|gso|gro|auto`` in the
+  environment reaches every quictun process (the GSO/GRO lever).
 - time to first byte, 3 times: wall time from starting a fresh ``quictun connect NAME
   --stdio`` (serve already registered) until an echoed line comes back; median reported.
 
@@ -41,6 +44,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from quictun.bench.rig import cpu_seconds
 
 from .netlab import Lab, LabProcess, SiteSpec, lab_available, sweep_stale_namespaces
 from .service import SERVICE
@@ -135,6 +140,8 @@ class Case:
     hops: int = 0  # >0: drop IPv4 with TTL <= hops on the wan (emulated internet routers)
     rebinding: bool = False
     fast_start: bool = False
+    uplink_mtu: int = 0  # >0: site a's uplink MTU, ICMP "too big" filtered (a black hole)
+    lan_mtu: int = 0  # >0 (same_lan only): the LAN's MTU, e.g. 9000
 
 
 def _v4(kind: str, **kw: Any) -> SiteSpec:
@@ -160,6 +167,13 @@ CASES = [
          loss=10),
     Case("cone-idle", "cone<->cone, udp conntrack timeout 5 s, 20 s idle", _v4("cone"),
          _v4("cone"), udp_timeout=5, idle=20.0),
+    Case("cone-mtu1280", "cone<->cone, 1280-MTU uplink at a, ICMP too-big filtered",
+         _v4("cone"), _v4("cone"), uplink_mtu=1280),
+    Case("fw-v6-mtu1280", "firewall<->firewall IPv6, 1280-MTU uplink, ICMP filtered",
+         SiteSpec("firewall", ipv4=False), SiteSpec("firewall", ipv4=False), family=6,
+         uplink_mtu=1280),
+    Case("same-lan-jumbo", "same LAN with a 9000-byte MTU", SiteSpec("cone"),
+         SiteSpec("cone"), same_lan=True, lan_mtu=9000),
 ]
 
 
@@ -287,6 +301,7 @@ class Rig:
                            f"127.0.0.1:{SERVICE_PORT}", "--signal", self.signal],
                           env=self.env("a"), name="serve")
         serve.wait_for_line(r"serving", timeout=20)
+        self.serve = serve
 
     def connect_argv(self, *args: str, relay_after: float | None = None) -> list[str]:
         tail = ["connect", NAME, *args, "--signal", self.signal]
@@ -457,6 +472,10 @@ def run_case(case: Case, workroot: Path) -> dict[str, Any]:
         if case.udp_timeout is not None:
             for site in ("a", "b"):
                 lab.set_udp_timeout(site, case.udp_timeout)
+        if case.uplink_mtu:
+            lab.set_uplink_mtu("a", case.uplink_mtu)
+        if case.lan_mtu:
+            lab.set_lan_mtu(case.lan_mtu)
         rig.start()
         proc, watch = rig.connect_listen()
         try:
@@ -482,7 +501,12 @@ def run_case(case: Case, workroot: Path) -> dict[str, Any]:
                                "path": _classify(d_bytes, r_bytes, COUNTER_SIZE)}
             if case.same_lan:
                 out["counters"]["wan_udp"] = lab.direct_udp_bytes()
+            cpu0 = (cpu_seconds(proc.pid), cpu_seconds(rig.serve.pid))
             res10 = rig.client("down", THROUGHPUT_SIZE, timeout=300)
+            gb = THROUGHPUT_SIZE / 1e9
+            out["cpu_s_per_gb"] = {
+                "connect": round((cpu_seconds(proc.pid) - cpu0[0]) / gb, 1),
+                "serve": round((cpu_seconds(rig.serve.pid) - cpu0[1]) / gb, 1)}
             if res10["ok"]:
                 out["mbps"] = round(THROUGHPUT_SIZE / MB / (res10["end"] - res10["t0"]), 2)
             else:
@@ -490,6 +514,8 @@ def run_case(case: Case, workroot: Path) -> dict[str, Any]:
             out["throughput_sha_ok"] = res10["ok"]
             paths = watch.paths()
             out["final_path"] = paths[-1][1] if paths else None
+            sizes = re.findall(r"datagram size (\d+) bytes \(path=direct", proc.output())
+            out["datagram_size"] = int(sizes[-1]) if sizes else None
             out["path_lines"] = len(paths)
             if case.rebinding:
                 out["rebinding"] = run_rebinding(rig, watch)
@@ -590,6 +616,10 @@ def render(results: dict[str, Any]) -> str:
            "every TTFB).", ""]
     notes = []
     for c in results["cases"]:
+        if c.get("cpu_s_per_gb"):
+            cpu = c["cpu_s_per_gb"]
+            notes.append(f"- {c['title']}: direct datagram size {c.get('datagram_size')}, "
+                         f"CPU s/GB connect {cpu['connect']}, serve {cpu['serve']}")
         if c.get("idle"):
             notes.append(f"- {c['title']}: {c['idle'][0]}; path changes during the idle "
                          f"period: {c.get('idle_path_changes') or 'none'}")

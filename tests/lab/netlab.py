@@ -74,6 +74,10 @@ API (sites are named ``"a"`` and ``"b"``)::
       flush_conntrack(site) -> None; conntrack_list(site) -> str
       set_masquerade_ports(site, lo, hi) -> None   # UDP only; TCP keeps plain masquerade
       set_loss(percent, site=None) -> None         # None: wan bridge; "a"/"b": router forward
+      set_uplink_mtu(site, mtu, *, filter_icmp=True) -> None
+                                   # router wan0 + its wan bridge port; ICMP "too big" dropped
+      set_lan_mtu(mtu) -> None     # same_lan only: the LAN bridge, its ports, hosts' eth0
+      icmp_too_big_dropped() -> int   # ICMP "too big"/"frag needed" dropped by that filter
       describe() -> str            # counters, rulesets, conntrack and process log tails
 
     LabProcess: name, ns, argv, popen, pid, stdout_path, stderr_path, logdir
@@ -849,11 +853,74 @@ table bridge qlab_lan {
         else:
             ns, fam, table = self.router_ns(site), "inet", "qlab_router"
         cmds = [f"flush chain {fam} {table} loss_chain"]
+        # nft refuses "mod 100 < 100" (the comparison is always true): 100 % is all UDP
+        pick = "" if percent == 100 else f"numgen random mod 100 < {percent} "
         if percent:
             cmds.append(f"add rule {fam} {table} loss_chain meta l4proto udp "
-                        f"numgen random mod 100 < {percent} counter name loss_drops drop")
+                        f"{pick}counter name loss_drops drop")
         self._nft(ns, "\n".join(cmds) + "\n")
         self._loss[site] = percent
+
+    def set_uplink_mtu(self, site: str, mtu: int, *, filter_icmp: bool = True) -> None:
+        """Give ``site``'s uplink an IP MTU of ``mtu`` (its router's wan0 and the wan
+        bridge port facing it), like a PPPoE or tunnelled uplink.
+
+        With ``filter_icmp`` (the default) ICMP "fragmentation needed" / ICMPv6 "packet
+        too big" are dropped where they arise (the router's own output, and anything
+        forwarded by it or bridged on the wan; counted in ``icmp_too_big_dropped()``):
+        bigger datagrams then vanish without a trace, in both directions (the bridge
+        drops oversized frames silently), a path MTU black hole.
+        """
+        router, port = self.router_ns(site), f"r{site}"
+        if self.same_lan:
+            raise ValueError("same_lan labs have one router: use set_lan_mtu")
+        self._ip(router, "link", "set", "wan0", "mtu", str(mtu))
+        self._ip(self.wan_ns, "link", "set", port, "mtu", str(mtu))
+        if not filter_icmp:
+            return
+        drop = ('icmp type destination-unreachable icmp code frag-needed '
+                'counter name too_big_dropped drop\n'
+                '    icmpv6 type packet-too-big counter name too_big_dropped drop')
+        self._nft(router, f"""
+table inet qlab_pmtu {{
+  counter too_big_dropped {{}}
+  chain output_chain {{
+    type filter hook output priority -10; policy accept;
+    {drop}
+  }}
+  chain forward_chain {{
+    type filter hook forward priority -10; policy accept;
+    {drop}
+  }}
+}}
+""")
+        if "qlab_pmtu" not in _sh(["ip", "netns", "exec", self.wan_ns, "nft", "list",
+                                   "tables"]).stdout:
+            self._nft(self.wan_ns, f"""
+table bridge qlab_pmtu {{
+  counter too_big_dropped {{}}
+  chain forward_chain {{
+    type filter hook forward priority -10; policy accept;
+    {drop}
+  }}
+}}
+""")
+
+    def set_lan_mtu(self, mtu: int) -> None:
+        """same_lan only: give the shared LAN (bridge, its ports, both hosts' eth0) an
+        MTU of ``mtu``, e.g. 9000 for jumbo frames."""
+        if not self.same_lan:
+            raise ValueError("set_lan_mtu needs a same_lan lab")
+        r = self.router_a_ns
+        for site in ("a", "b"):
+            self._ip(r, "link", "set", f"h{site}", "mtu", str(mtu))
+            self._ip(self.host_ns(site), "link", "set", "eth0", "mtu", str(mtu))
+        self._ip(r, "link", "set", "lan0", "mtu", str(mtu))
+
+    def icmp_too_big_dropped(self) -> int:
+        """Packets dropped by the ICMP "too big" filter of ``set_uplink_mtu``."""
+        return sum(pk for key, (pk, _b) in self.counters().items()
+                   if key.endswith("qlab_pmtu/too_big_dropped"))
 
     # ------------------------------------------------------------------ diagnostics
     def describe(self) -> str:

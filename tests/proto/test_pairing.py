@@ -133,3 +133,9 @@ def test_any_code_with_any_separators_and_case_parses_back(rand: bytes, seps: li
         return
     text = f"{code.number}{seps[0]}{code.words[0]}{seps[1]}{code.words[1]}"
     assert pairing.parse(text.upper() if upper else text) == code
+
+
+def test_a_non_ascii_digit_is_a_clear_error() -> None:
+    """'²'.isdigit() is true but int('²') fails: still one PairingCodeError."""
+    with pytest.raises(PairingCodeError):
+        pairing.parse("²-aardvark-zucchini")

@@ -133,6 +133,25 @@ def test_integrity_sha256_round_trip() -> None:
     assert stun.decode(nofp).get(stun.ATTR_FINGERPRINT) is None
 
 
+@pytest.mark.parametrize("size", [1200, 1252, 1472, 8972, 16380])
+@pytest.mark.parametrize("key", [None, b"k" * 32], ids=["unsigned", "signed"])
+def test_padded_request_is_exactly_the_size(size: int, key: bytes | None) -> None:
+    txid = os.urandom(12)
+    data = stun.binding_request(txid, key=key, pad_to=size, username="u:v")
+    assert len(data) == size
+    msg = stun.decode(data)  # the FINGERPRINT still checks
+    assert msg.txid == txid and msg.get(stun.ATTR_PADDING) is not None
+    if key is not None:
+        assert stun.verify_integrity(data, key)
+        assert not stun.verify_integrity(data, b"x" * 32)
+
+
+@pytest.mark.parametrize("size", [1202, 40])
+def test_impossible_padding_is_refused(size: int) -> None:
+    with pytest.raises(ValueError, match="cannot pad"):
+        stun.binding_request(os.urandom(12), key=b"k" * 32, pad_to=size)
+
+
 def test_is_stun_demux() -> None:
     req = stun.binding_request(os.urandom(12))
     assert stun.is_stun(req)

@@ -28,6 +28,11 @@ NAT model (all per NAT box):
   outbound flow toward that remote cannot use that public port: like Linux
   ``masquerade``, that one flow gets another port (the "trap" of NOTES.md section 1).
 
+MTU: ``Network.mtu`` (None: unlimited) is the largest UDP payload the internet between
+the sites carries; bigger datagrams vanish without a trace, as where ICMP "too big" is
+filtered (a path MTU black hole). Fake QUIC datagrams are padded to the size the peer's
+manager last announced (DatagramSizeChanged), so a size above the MTU loses them.
+
 TTL: a datagram sent with an explicit TTL loses one hop at the sender's NAT box (if
 any) and ``Network.internet_hops`` on the way; it is dropped if that exhausts it, so a
 low-TTL probe opens the sender's own NAT state and never reaches the far one.
@@ -63,6 +68,8 @@ from quictun.punch import (
     PathManager,
     PunchFailed,
 )
+from quictun.punch.pathmtu import PathMtu
+from quictun.punch.types import DatagramSizeChanged, Event
 
 Handler = Callable[[bytes, Addr], None]
 
@@ -284,6 +291,8 @@ class Network:
         self.jitter = jitter
         self.loss = loss
         self.internet_hops = 8  # routers between two sites (explicit-TTL datagrams only)
+        self.mtu: int | None = None  # largest UDP payload between the sites (None: any)
+        self.too_big = 0
         self.ttl_expired = 0
         self._public: dict[str, Nat | Host] = {}
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
@@ -331,6 +340,10 @@ class Network:
                 self.dropped += 1
                 return
             src = nat.outbound(src, dst, self.now)
+        if self.mtu is not None and len(data) > self.mtu:
+            self.too_big += 1  # dropped silently: ICMP "too big" is filtered
+            self.dropped += 1
+            return
         if ttl is not None and ttl - (nat is not None) <= self.internet_hops:
             self.ttl_expired += 1  # died on the way, after opening our own NAT state
             return
@@ -410,7 +423,8 @@ class Peer:
         self.port = port
         self.addr = host.bind(port, self._on_datagram)
         self.other: Peer | None = None
-        self.events: list[tuple[float, PathChanged | PunchFailed]] = []
+        self.events: list[tuple[float, Event]] = []
+        self.datagram_size = pm.mtu.datagram_size  # the last DatagramSizeChanged
         self.srflx: Addr | None = None  # from the first reflector that answered
         self.srflxs: list[Addr] = []  # every distinct reflexive address seen
         self.aux: set[int] = set()  # open extra sockets (slots)
@@ -427,6 +441,10 @@ class Peer:
 
     def failures(self) -> list[PunchFailed]:
         return [e for _, e in self.events if isinstance(e, PunchFailed)]
+
+    def sizes(self) -> list[tuple[float, int]]:
+        """(time, size) of every DatagramSizeChanged."""
+        return [(t, e.size) for t, e in self.events if isinstance(e, DatagramSizeChanged)]
 
     def candidates(self) -> list[Candidate]:
         cands = [Candidate(self.addr, "host")]
@@ -479,7 +497,9 @@ class Peer:
             self.quic_unsendable += 1
         elif path.kind == "direct":
             assert path.remote is not None
-            self.host.send(self.port + path.slot, QUIC_PREFIX + self.name.encode(), path.remote)
+            data = QUIC_PREFIX + self.name.encode()
+            data += bytes(self.datagram_size - len(data))
+            self.host.send(self.port + path.slot, data, path.remote)
         else:
             self.sim.relay_send(self)
 
@@ -497,6 +517,8 @@ class Peer:
                 del self.host.sockets[self.port + slot]
         while (event := self.pm.next_event()) is not None:
             self.events.append((now, event))
+            if isinstance(event, DatagramSizeChanged):
+                self.datagram_size = event.size
             self.sim.on_event(self, event)
 
 
@@ -528,6 +550,7 @@ class Sim:
         key_seed: int = 0,
         multi_socket: bool = True,
         birthday_any_address: bool = True,
+        mtu: PathMtu | None = None,
     ) -> Peer:
         """Add a peer on ``host``. The simulated "public" addresses (203.0.113.0/24,
         198.19.0.0/16) are not globally routable, so birthday probing is allowed toward
@@ -546,6 +569,7 @@ class Sim:
                                        birthday_any_address=birthday_any_address),
             random_bytes=rng.randbytes,
             multi_socket=multi_socket,
+            mtu=mtu,
         )
         peer = Peer(self, name, host, pm, port)
         self.peers.append(peer)
@@ -609,7 +633,7 @@ class Sim:
 
         self.net.schedule(self.net.now + self.relay_latency, signal)
 
-    def on_event(self, peer: Peer, event: PathChanged | PunchFailed) -> None:
+    def on_event(self, peer: Peer, event: Event) -> None:
         if (
             self.regather_on_fallback
             and isinstance(event, PathChanged)
