@@ -40,6 +40,7 @@ from typing import Any
 
 import click
 
+from .pyenv import like_a_user
 from .rig import (
     PY,
     Proc,
@@ -493,6 +494,9 @@ def main(quick: bool, json_path: Path, size_mb: int | None, levers: tuple[str, .
         patch = parse_levers(levers)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if like_a_user() and not quiet:
+        print("PYTHONDONTWRITEBYTECODE was set: dropped, so every process starts from cached "
+              "bytecode as on a user's machine", file=sys.stderr)
     if profile_dir is not None:
         profile_dir = profile_dir.resolve()
         profile_dir.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ from tests.lab.netlab import lab_available, sweep_stale_namespaces
 from . import holesail as hs
 from .compare_report import render
 from .labrig import REPO, CompareLab, RssSampler, classify
+from .pyenv import like_a_user
 from .rig import parse_levers
 from .tools import Ends, start_holesail, start_quictun, start_raw, start_ssh
 
@@ -375,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[compare {time.monotonic() - t0:6.1f}s] {msg}", file=sys.stderr,
                   flush=True)
 
+    if like_a_user():
+        log("PYTHONDONTWRITEBYTECODE was set: dropped, so every process starts from cached "
+            "bytecode as on a user's machine")
     out = run(opts, log)
     out["meta"]["seconds"] = round(time.monotonic() - t0, 1)
     text = render(out)
