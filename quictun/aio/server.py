@@ -33,6 +33,7 @@ from ..proto.limits import ReplayWindow, Sighting
 from ..proto.offer import E_STALE, E_VERSION, SKEW_MS, ClientHello, OfferError
 from ..proto.pairing import PairingCode
 from ..proto.pairing import generate as generate_code
+from ..proto.resume import ResumeKey
 from ..proto.services import ServiceError, services_from
 from ..proto.throttle import Throttle
 from ..proto.ticket import Ticket
@@ -43,6 +44,7 @@ from .client import StatusCallback, check_mode, now_ms
 from .handlers import ServerHandler
 from .pairing import PairingHost
 from .relay import RelayError, SignalClient
+from .relink import announce, new_signal_client, resume
 from .session import PeerSession, load_engine, new_path_manager
 from .targets import Forwarding
 from .udp import UdpEndpoint
@@ -69,6 +71,7 @@ class _ServedSession:
     started: float
     client_fp: str = ""
     relay_closed: bool = False  # the relay already ended this session (no Close needed)
+    resume_key: ResumeKey | None = None  # given to the relay: the session may move links
 
 
 class Server:
@@ -130,7 +133,7 @@ class Server:
         load_engine()  # the QUIC engine now, not while the first client waits
         try:
             while True:
-                sc = SignalClient(self.url, token=self.token)
+                sc = new_signal_client(self.url, self.token, self.config)
                 try:
                     await self._register(sc)
                 except TunnelError as exc:
@@ -166,6 +169,7 @@ class Server:
         held by another identity or a refused token)."""
         try:
             await sc.open()
+            await self._resume_sessions(sc)  # before the name: the relay ends the others
             await self._claim(sc, self.name)
             if self.pairing is not None and self.pairing.live():
                 await self._claim_pairing(sc, self.pairing)
@@ -207,6 +211,18 @@ class Server:
             assert host is not None
         raise _Permanent("no free pairing number on this relay after 5 draws; try again "
                          "later")
+
+    async def _resume_sessions(self, sc: SignalClient) -> None:
+        """Move our live sessions to the new relay link ``sc`` (after a NAT reset or a
+        network change broke the old one; see :mod:`quictun.aio.relink`)."""
+        sc.on_relay = self._on_relay  # relayed packets may follow each ``resumed``
+        sc.on_message = self._on_message
+        for sid, served in list(self.sessions.items()):
+            if served.resume_key is None or served.session.closed or served.relay_closed:
+                continue
+            if await resume(sc, sid, served.resume_key):
+                log.info("session %d resumed on the new relay link", sid)
+                served.session.relay_restored(sc)
 
     def _register_message(self, sc: SignalClient, name: str) -> sigproto.Register:
         """``register`` signed over this connection's challenge with the name's registration
@@ -466,13 +482,18 @@ class Server:
                 client_pub=hello.public, target=self.target, on_authenticated=on_auth),
             on_path=on_path,
             on_failed=lambda reason: session.close(reason),
-            regather=lambda: regather(sc, ep, self.mode),
+            regather=lambda: regather(session.signal or sc, ep, self.mode),
             portmap=mapper, signalled=pending.mine,
         )
         served.session = session
         self.sessions[sid] = served
+        served.resume_key = ResumeKey(keys.resume_seed("server"))
+        self._spawn(self._announce(sc, sid, served.resume_key))
         self._spawn(self._watch(sid, served))
         session.start()
+
+    async def _announce(self, sc: SignalClient, sid: int, key: ResumeKey) -> None:
+        await announce(sc, sid, key)
 
     async def _watch(self, sid: int, served: _ServedSession) -> None:
         """End a session whose QUIC never starts; log its summary when it ends."""
