@@ -156,7 +156,7 @@ class MatchmakerConfig:
     name_grace: float = 60.0
     #: how long a session whose member's connection dropped waits for it to ``resume``
     #: (0: never; the session ends at once, as before)
-    resume_window: float = 20.0
+    resume_window: float = 15.0
     max_errors: int = 10
     max_names_per_conn: int = 32
     max_pending_per_conn: int = 32

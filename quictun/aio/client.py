@@ -162,8 +162,9 @@ class Tunnel:
         return self.session.closed or self.handler.closed.done()
 
     async def wait_closed(self) -> str:
-        """Wait until the tunnel ends; returns why."""
-        return await self.handler.closed
+        """Wait until the tunnel ends; returns why. Cancelling the wait leaves the
+        tunnel as it is."""
+        return await asyncio.shield(self.handler.closed)
 
     @property
     def bytes_sent(self) -> int:

@@ -158,11 +158,21 @@ class Server:
             await self._close_sessions()
 
     async def _close_sessions(self) -> None:
-        """Close every session and wait for their port mappings to be deleted."""
-        sessions = [s.session for s in self.sessions.values()]
-        for session in sessions:
-            session.close("server stopped")
-        await asyncio.gather(*(s.released() for s in sessions))
+        """Close every session (CONNECTION_CLOSE, and ``close`` to the relay while the
+        link is up, so that each client knows at once, also over a relayed path), then
+        wait for their port mappings to be deleted. Idempotent."""
+        served = list(self.sessions.items())
+        for _sid, s in served:
+            s.session.close("server stopped")
+        sc = self.signal
+        if sc is not None and sc.connected and served:
+            await asyncio.sleep(0)  # the CONNECTION_CLOSEs leave first (the relay path too)
+            for sid, s in served:
+                if not s.relay_closed:
+                    s.relay_closed = True
+                    with contextlib.suppress(TunnelError):
+                        await sc.send(sigproto.Close(session=sid, reason="server stopped"))
+        await asyncio.gather(*(s.session.released() for _sid, s in served))
 
     async def _register(self, sc: SignalClient) -> None:
         """Connect and register the name. Raises TunnelError (``permanent`` for a name
@@ -253,6 +263,9 @@ class Server:
                 self.on_pairing(self.pairing.code)
         try:
             await lost
+        except asyncio.CancelledError:
+            await self._close_sessions()  # stopping: tell every client while we can
+            raise
         finally:
             self.registered.clear()
             await sc.close()
@@ -524,13 +537,17 @@ class Server:
         h = served.session.handler
         per = h.opener.totals() if isinstance(h, ServerHandler) else {}
         seconds = round(time.monotonic() - served.started, 1)
-        text = (f"client {served.client_fp[:16]} disconnected after {seconds:.1f} s, "
+        closed = h.closed if h is not None else None
+        why = printable(closed.result()) if closed is not None and closed.done() \
+            and not closed.cancelled() else ""
+        text = (f"client {served.client_fp[:16]} disconnected after {seconds:.1f} s"
+                f"{f' ({why})' if why else ''}, "
                 f"{getattr(h, 'connections', 0)} connections, "
                 f"{drv.bytes_in if drv else 0} bytes in, {drv.bytes_out if drv else 0} out")
         if per:
             text += "; " + "; ".join(f"{k}: {v.text()}" for k, v in sorted(per.items()))
         fields = {"event": "client-disconnected", "client": served.client_fp,
-                  "seconds": seconds, "bytes_in": drv.bytes_in if drv else 0,
+                  "seconds": seconds, "reason": why, "bytes_in": drv.bytes_in if drv else 0,
                   "bytes_out": drv.bytes_out if drv else 0,
                   "services": {k: v.as_dict() for k, v in sorted(per.items())}}
         if self.on_event is not None:
