@@ -516,8 +516,9 @@ class PathManager:
         if not was_selected:
             return
         self._stats["paths_died"] += 1
-        if self._bday_retry.allow(now):  # a NAT reset may need birthday probing again
-            self._bday_decided, self._bday_at = False, now + self._cfg.birthday_after
+        at = self._bday_retry.next_attempt(now, self._cfg.birthday_after)
+        if at is not None:  # a NAT reset may need birthday probing again (recovery.py)
+            self._bday_decided, self._bday_at = False, at
         self._selected = None  # _reselect emits the single PathChanged below
         self._repunch(now, previous=c)
 

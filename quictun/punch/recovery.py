@@ -21,9 +21,10 @@ for probe answers (:func:`check_data`):
 
 **A dead path may need a new birthday attempt.** After a NAT reset a symmetric NAT maps
 the tunnel to new ports, and only birthday probing finds them again. The manager runs
-one attempt at the start; :class:`BirthdayRetry` allows ``retries`` more, each only after
-the selected path died and at least ``spacing`` seconds after the previous one, so the
-total spray stays bounded (see :mod:`quictun.punch.birthday` for why it must be).
+one attempt at the start; :class:`BirthdayRetry` allows ``retries`` more, each after the
+selected path died (if nothing validated by then) and at least ``spacing`` seconds after
+the previous one, so the total spray stays bounded (see :mod:`quictun.punch.birthday`
+for why it must be).
 """
 
 from __future__ import annotations
@@ -86,9 +87,10 @@ def release_distrust(cands: Iterable[CandidateState], now: float) -> bool:
 
 
 class BirthdayRetry:
-    """How many more birthday attempts a session may make after its direct path died."""
+    """How many more birthday attempts a session may make after its direct path died,
+    and when."""
 
-    def __init__(self, retries: int = 2, spacing: float = 60.0) -> None:
+    def __init__(self, retries: int = 2, spacing: float = 30.0) -> None:
         self.left = retries
         self.spacing = spacing
         self._last: float | None = None
@@ -97,13 +99,15 @@ class BirthdayRetry:
         """An attempt started (the first one too): the spacing counts from here."""
         self._last = now
 
-    def allow(self, now: float) -> bool:
-        """Whether the selected path's death at ``now`` may start another attempt (spends
-        one retry if so)."""
-        if self.left <= 0 or (self._last is not None and now - self._last < self.spacing):
-            return False
+    def next_attempt(self, now: float, delay: float) -> float | None:
+        """The selected path died at ``now``: when another attempt may start (``delay``
+        from now, and ``spacing`` after the previous attempt), spending one retry; None
+        when none is left."""
+        if self.left <= 0:
+            return None
         self.left -= 1
-        return True
+        last = self._last if self._last is not None else now - self.spacing
+        return max(now + delay, last + self.spacing)
 
 
 def birthday_toward(cands: Iterable[CandidateState], ours: list[Candidate] | None,

@@ -79,13 +79,11 @@ def test_a_quiet_spell_ends_with_quic_not_with_probe_answers() -> None:
 def test_birthday_retries_are_bounded_and_spaced() -> None:
     retry = BirthdayRetry(retries=2, spacing=60.0)
     retry.started(0.0)
-    assert not retry.allow(30.0)  # too soon after the first attempt
-    assert retry.allow(70.0)
-    retry.started(73.0)
-    assert not retry.allow(100.0)
-    assert retry.allow(140.0)
-    retry.started(143.0)
-    assert not retry.allow(1000.0)  # spent
+    assert retry.next_attempt(10.0, 3.0) == 60.0  # not before the spacing
+    retry.started(60.0)
+    assert retry.next_attempt(200.0, 3.0) == 203.0  # long after: the usual delay
+    retry.started(203.0)
+    assert retry.next_attempt(1000.0, 3.0) is None  # spent
 
 
 def test_symmetric_nat_that_moved_gets_a_new_birthday_attempt() -> None:
@@ -98,9 +96,8 @@ def test_symmetric_nat_that_moved_gets_a_new_birthday_attempt() -> None:
     sim.run_for(30.0)
     assert kinds(a)[-1] == kinds(b)[-1] == "direct", (kinds(a), kinds(b))
     first = a.pm.stats()["birthday_probes"] + b.pm.stats()["birthday_probes"]
-    sim.run_for(60.0)  # past the retry spacing
-    nat_of(a).rebind()
-    sim.run_for(60.0)
+    nat_of(a).rebind()  # soon after the first attempt: the retry waits for the spacing
+    sim.run_for(90.0)
     for peer in (a, b):
         assert peer.pm.stats()["paths_died"] >= 1
         assert kinds(peer)[-1] == "direct", kinds(peer)
