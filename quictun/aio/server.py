@@ -150,7 +150,8 @@ class Server:
                                          f"{self.name}` with this identity started); this "
                                          "one stops")
                     self.emit("lost the relay; reconnecting")
-                await asyncio.sleep(delay)
+                # live sessions wait to resume on the new link: try again sooner
+                await asyncio.sleep(min(delay, 0.25) if self.sessions and delay <= 1 else delay)
                 delay = min(delay * 2, 30.0)
         finally:
             for task in list(self._tasks):
