@@ -45,6 +45,7 @@ from .handlers import ServerHandler
 from .pairing import PairingHost
 from .relay import RelayError, SignalClient
 from .relink import announce, new_signal_client, resume
+from .served import ServedSession, close_all, log_summary
 from .session import PeerSession, load_engine, new_path_manager
 from .targets import Forwarding
 from .udp import UdpEndpoint
@@ -63,15 +64,6 @@ class _Pending:
     mine: list[Candidate]
     throttle_key: object
     timer: asyncio.TimerHandle | None = None
-
-
-@dataclass
-class _ServedSession:
-    session: PeerSession
-    started: float
-    client_fp: str = ""
-    relay_closed: bool = False  # the relay already ended this session (no Close needed)
-    resume_key: ResumeKey | None = None  # given to the relay: the session may move links
 
 
 class Server:
@@ -105,7 +97,7 @@ class Server:
         self.known_clients: KnownClients | set[str] = known if known is not None else set()
         self.on_event = on_event
         self.emit = on_event or (lambda s: log.info("%s", s))
-        self.sessions: dict[int, _ServedSession] = {}
+        self.sessions: dict[int, ServedSession] = {}
         self._pending: dict[int, _Pending] = {}
         self._accepting: set[int] = set()
         # hints seen (their ephemeral keys): a replayed offer costs no throttle charge.
@@ -156,24 +148,7 @@ class Server:
         finally:
             for task in list(self._tasks):
                 task.cancel()
-            await self._close_sessions()
-
-    async def _close_sessions(self) -> None:
-        """Close every session (CONNECTION_CLOSE, and ``close`` to the relay while the
-        link is up, so that each client knows at once, also over a relayed path), then
-        wait for their port mappings to be deleted. Idempotent."""
-        served = list(self.sessions.items())
-        for _sid, s in served:
-            s.session.close("server stopped")
-        sc = self.signal
-        if sc is not None and sc.connected and served:
-            await asyncio.sleep(0)  # the CONNECTION_CLOSEs leave first (the relay path too)
-            for sid, s in served:
-                if not s.relay_closed:
-                    s.relay_closed = True
-                    with contextlib.suppress(TunnelError):
-                        await sc.send(sigproto.Close(session=sid, reason="server stopped"))
-        await asyncio.gather(*(s.session.released() for _sid, s in served))
+            await close_all(self.sessions, self.signal)
 
     async def _register(self, sc: SignalClient) -> None:
         """Connect and register the name. Raises TunnelError (``permanent`` for a name
@@ -477,7 +452,7 @@ class Server:
                                  asyncio.get_running_loop().time())
         # the client proved the secret: ask for a mapping now (sent in-band once granted)
         mapper = start_portmap(ep, self.mode, self.config.portmap)
-        served = _ServedSession(session=None, started=time.monotonic())  # type: ignore[arg-type]
+        served = ServedSession(session=None, started=time.monotonic())  # type: ignore[arg-type]
 
         def on_auth(client_fp: str) -> None:
             served.client_fp = client_fp
@@ -509,7 +484,7 @@ class Server:
     async def _announce(self, sc: SignalClient, sid: int, key: ResumeKey) -> None:
         await announce(sc, sid, key)
 
-    async def _watch(self, sid: int, served: _ServedSession) -> None:
+    async def _watch(self, sid: int, served: ServedSession) -> None:
         """End a session whose QUIC never starts; log its summary when it ends."""
         session = served.session
         waited = 0.0
@@ -529,33 +504,7 @@ class Server:
             with contextlib.suppress(TunnelError):
                 await self.signal.send(sigproto.Close(session=sid, reason="ended"))
         if served.client_fp:
-            self._summary(served)
-
-    def _summary(self, served: _ServedSession) -> None:
-        """The per-client line: totals, then each service's connections and bytes (also
-        as JSON fields with ``--log-format json``)."""
-        drv = served.session.driver
-        h = served.session.handler
-        per = h.opener.totals() if isinstance(h, ServerHandler) else {}
-        seconds = round(time.monotonic() - served.started, 1)
-        closed = h.closed if h is not None else None
-        why = printable(closed.result()) if closed is not None and closed.done() \
-            and not closed.cancelled() else ""
-        text = (f"client {served.client_fp[:16]} disconnected after {seconds:.1f} s"
-                f"{f' ({why})' if why else ''}, "
-                f"{getattr(h, 'connections', 0)} connections, "
-                f"{drv.bytes_in if drv else 0} bytes in, {drv.bytes_out if drv else 0} out")
-        if per:
-            text += "; " + "; ".join(f"{k}: {v.text()}" for k, v in sorted(per.items()))
-        fields = {"event": "client-disconnected", "client": served.client_fp,
-                  "seconds": seconds, "reason": why, "bytes_in": drv.bytes_in if drv else 0,
-                  "bytes_out": drv.bytes_out if drv else 0,
-                  "services": {k: v.as_dict() for k, v in sorted(per.items())}}
-        if self.on_event is not None:
-            self.on_event(text)
-        else:
-            log.info("%s", text, extra={"fields": fields})
-
+            log_summary(served, self.on_event)
 
 def _who(key: object) -> str:
     """A throttle key for a log line: a known client's short fingerprint, or strangers."""
