@@ -240,7 +240,7 @@ class Server:
         try:
             await lost
         except asyncio.CancelledError:
-            await self._close_sessions()  # stopping: tell every client while we can
+            await close_all(self.sessions, sc)  # stopping: tell every client while we can
             raise
         finally:
             self.registered.clear()
