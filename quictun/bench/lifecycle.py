@@ -9,6 +9,11 @@
   (its "closed; reconnecting" line), and from the new ``serve``'s "serving" line until a
   local connection through the listener echoes again (tried every 0.2 s; a connection
   made meanwhile that waits counts as soon as it echoes).
+* **relay restart**: ``quictun-signal`` stopped (SIGTERM) and started again on the same
+  port while ``connect --listen`` and ``serve`` run: seconds from the new relay's
+  "listening" line until ``serve`` has registered its name again, whether the running
+  tunnel kept working (an echo through the listener), and until a new ``connect``
+  reaches the name again (first echo of a fresh ``connect --stdio``).
 
 Prints a markdown table (median of ``--runs``) on stdout.
 """
@@ -103,6 +108,33 @@ def restart(rig: Rig, serve: Proc, conn: Proc, port: int, sig: int) -> tuple[dic
             }, new
 
 
+def relay_restart(rig: Rig, serve: Proc, port: int) -> dict[str, Any]:
+    """Stop the relay, start a new one on the same port at once; the figures."""
+    since = serve.log.stat().st_size
+    relay_port = rig.url.rsplit(":", 1)[1].strip("/")
+    rig.relay.stop(signal.SIGTERM)
+    relay = Proc([PY, "-m", "signal_server", "--host", "127.0.0.1", "--port", relay_port,
+                  "--max-per-ip", "1000"], rig.work / f"relay-{time.monotonic_ns()}.log",
+                 env=rig._env("relay"))
+    rig.procs.append(relay)
+    rig.relay = relay
+    relay.wait_for(r"listening on ws://")
+    t_up = time.monotonic()
+    registered = _seen(serve, r"serving 'box'", since, GIVE_UP)
+    kept = _echo(port, timeout=10)
+    t_new = None
+    while time.monotonic() < t_up + GIVE_UP:
+        try:
+            rig.ttfb("box")
+            t_new = time.monotonic()
+            break
+        except (RuntimeError, OSError):
+            time.sleep(0.2)
+    return {"registered": None if registered is None else round(registered - t_up, 2),
+            "tunnel_kept": kept,
+            "new_connect": None if t_new is None else round(t_new - t_up, 2)}
+
+
 def _median(xs: list[float | None]) -> str:
     vals = [x for x in xs if x is not None]
     text = f"{statistics.median(vals):.2f}" if vals else "-"
@@ -116,7 +148,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     out: dict[str, list[Any]] = {"ghost_sighup": [], "ghost_sigkill": [],
-                                 "restart_sigterm": [], "restart_sigkill": []}
+                                 "restart_sigterm": [], "restart_sigkill": [],
+                                 "relay_restart": []}
     with tempfile.TemporaryDirectory(prefix="qt-bench-life-") as tmp:
         rig = Rig(Path(tmp), {}, None)
         try:
@@ -131,6 +164,10 @@ def main() -> int:
                     fig, serve = restart(rig, serve, conn, port, sig)
                     out[key].append(fig)
                     print(f"{key}: {fig}", file=sys.stderr, flush=True)
+            for _ in range(args.runs):
+                fig = relay_restart(rig, serve, port)
+                out["relay_restart"].append(fig)
+                print(f"relay_restart: {fig}", file=sys.stderr, flush=True)
         finally:
             rig.close()
     if args.json:
@@ -144,6 +181,12 @@ def main() -> int:
         ("serve SIGKILL: client knows", _median([f["noticed"] for f in out["restart_sigkill"]])),
         ("serve SIGKILL + restart: echo again after", _median(
             [f["echo_after_restart"] for f in out["restart_sigkill"]])),
+        ("relay SIGTERM + restart: serve registered again after", _median(
+            [f["registered"] for f in out["relay_restart"]])),
+        ("relay SIGTERM + restart: a new connect works after", _median(
+            [f["new_connect"] for f in out["relay_restart"]])),
+        ("relay SIGTERM + restart: running tunnel kept (runs)",
+         f"{sum(f['tunnel_kept'] for f in out['relay_restart'])}/{args.runs}"),
     ]
     print("| case | seconds (median) |\n|---|---|")
     for name, value in rows:

@@ -73,6 +73,20 @@ def ssh_argv(t: Tunnel, sshdir: Path) -> list[str]:
             "-i", str(sshdir / "client_key"), f"root@{NAME}"]
 
 
+def _last_state(text: str) -> str | None:
+    """An end's latest path state in ``text`` (its log since the reset): "direct",
+    "relay", "none", or "quiet" (a direct path quiet, also sending over the relay)."""
+    state = None
+    for line in text.splitlines():
+        if m := re.search(r"path=(direct|relay|none)", line):
+            state = m.group(1)
+        elif "direct path quiet" in line:
+            state = "quiet"
+        elif "direct path answers again" in line:
+            state = "direct"
+    return state
+
+
 @needs_tools
 @pytest.mark.parametrize(("a", "b", "reset"), [
     ("cone", "cone", "a"),
@@ -96,37 +110,64 @@ def test_ssh_transfer_survives_a_full_nat_reset(lab_factory: LabFactory,
     r = lab.run(lab.host_b_ns, [*ssh, "echo", "hello"], env=t.env("b"), timeout=90)
     assert r.returncode == 0 and r.stdout.strip() == "hello", r.stderr
     payload = random.Random(11).randbytes(SIZE)
-    result: dict[str, object] = {}
+    # the remote side prints the digest, then keeps the session (and so this tunnel) up
+    # until we end it: afterwards, the same tunnel must be direct again
+    err_path = tmp_path / "ssh.stderr"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen(["ip", "netns", "exec", lab.host_b_ns, *ssh,
+                                 "sha256sum; exec sleep 600"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                env={**os.environ, **t.env("b")})
+    digest: dict[str, bytes] = {}
 
     def transfer() -> None:
-        # -o ProxyCommand stays in host B; sha256sum runs behind sshd in host A
-        p = subprocess.run(["ip", "netns", "exec", lab.host_b_ns, *ssh, "sha256sum"],
-                           input=payload, capture_output=True, timeout=400,
-                           env={**os.environ, **t.env("b")})
-        result["proc"] = p
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(payload)
+            proc.stdin.close()
+        except BrokenPipeError:
+            return
+        digest["line"] = proc.stdout.readline()
 
-    before = lab.direct_udp_bytes() + lab.relay_tcp_bytes()
-    xfer = threading.Thread(target=transfer)
-    xfer.start()
-    deadline = time.monotonic() + 120
-    while lab.direct_udp_bytes() + lab.relay_tcp_bytes() - before < RESET_AFTER:
-        assert time.monotonic() < deadline and xfer.is_alive(), "the transfer did not start"
-        time.sleep(0.02)
-    # the router forgets every mapping and moves UDP and TCP to new ports
-    lab.set_masquerade_ports(reset, *REBIND_PORTS, tcp=True)
-    lab.flush_conntrack(reset)
-    xfer.join(420)
-    proc = result.get("proc")
-    assert isinstance(proc, subprocess.CompletedProcess), "the transfer hung"
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
-    assert proc.stdout.decode().split()[0] == hashlib.sha256(payload).hexdigest()
+    try:
+        before = lab.direct_udp_bytes() + lab.relay_tcp_bytes()
+        xfer = threading.Thread(target=transfer, daemon=True)
+        xfer.start()
+        deadline = time.monotonic() + 120
+        while lab.direct_udp_bytes() + lab.relay_tcp_bytes() - before < RESET_AFTER:
+            assert time.monotonic() < deadline and xfer.is_alive(), "the transfer did not start"
+            time.sleep(0.02)
+        # the router forgets every mapping and moves UDP and TCP to new ports
+        serve_mark, conn_mark = len(serve.output()), err_path.stat().st_size
+        lab.set_masquerade_ports(reset, *REBIND_PORTS, tcp=True)
+        lab.flush_conntrack(reset)
+        xfer.join(400)
+        line = digest.get("line", b"")
+        assert line, f"the transfer hung or broke: {err_path.read_text(errors='replace')}"
+        assert line.split()[0].decode() == hashlib.sha256(payload).hexdigest()
+        assert proc.poll() is None, "the ssh session ended"
+        # the same tunnel goes direct again (a new birthday attempt for a symmetric NAT)
+        deadline = time.monotonic() + 120
+        while True:
+            after = [serve.output()[serve_mark:], err_path.read_text(errors="replace")[
+                conn_mark:]]
+            if all(_last_state(text) == "direct" for text in after) and any(
+                    "path=direct" in text for text in after):
+                break
+            assert time.monotonic() < deadline and proc.poll() is None, \
+                f"not direct again after the reset:\n{after[0]}\n---\n{after[1]}"
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # ssh ends its ProxyCommand (connect) with SIGHUP
+        proc.wait(30)
+    err_text = err_path.read_text(errors="replace")
     # the relay link from the reset site broke, and the session resumed on a new one
     if reset == "a":
         assert re.search(r"session \d+ resumed on the new relay link", serve.output()), \
             serve.output()
     else:  # connect's lines reach ssh's stderr
-        err = proc.stderr.decode(errors="replace")
-        assert "relay link re-opened; the session resumed on it" in err, err
+        assert "relay link re-opened; the session resumed on it" in err_text, err_text
     # the reset really moved the TCP mapping too (the relay sees the site from 2xxxx)
     ct = lab.conntrack_list(reset)
     assert re.search(rf"tcp .* dport={lab.relay_port} .* dport=2\d{{4}}", ct), ct
