@@ -112,7 +112,12 @@ class QuicDriver:
     def send(self, stream_id: int, data: bytes, end: bool = False) -> None:
         if self._closed:
             return
-        self.quic.send_stream_data(stream_id, data, end_stream=end)
+        try:
+            self.quic.send_stream_data(stream_id, data, end_stream=end)
+        except self._errors:
+            # the peer closed the connection (or reset the stream) and its event is not
+            # handled yet: nothing can be delivered now; the bridge ends with the stream
+            return
         self.schedule_flush()
 
     def reset(self, stream_id: int, error_code: int = 0) -> None:
