@@ -392,8 +392,11 @@ async def _handshake(at: _Attempt) -> Tunnel:
             # the peer left the relay; if we still have it directly, carry on until that
             # path dies too
             peer_gone = True
+            why = f"{at.name!r} ended the session: {printable(m.reason)}"
             if not session.paths.current or session.paths.current.kind == "relay":
-                session.close(f"{at.name!r} ended the session: {printable(m.reason)}")
+                session.close(why)
+            else:
+                _close_unless_heard(session, at.config.relay_check_timeout, why)
 
     _wire_relay(at, tunnel, sid, on_message, resume_key if resumable else None)
     at.status("punching a path" if mode != Mode.RELAY else "using the relay")
@@ -401,6 +404,24 @@ async def _handshake(at: _Attempt) -> Tunnel:
     tunnel.path = pm.current
     await _until_ready(at, handler, failed, session)
     return tunnel
+
+
+def _close_unless_heard(session: PeerSession, timeout: float, why: str) -> None:
+    """The relay says the peer left while we reach it directly: ping it, and if nothing
+    at all comes back within ``timeout`` s the peer is gone (killed or crashed: no
+    CONNECTION_CLOSE), so close now instead of after the path's dead-path timers. A relay
+    that lies costs nothing: the peer's ACK keeps the session."""
+    drv = session.driver
+    if drv is None:
+        return
+    heard = drv.bytes_in
+    drv.ping()
+
+    def check() -> None:
+        if not session.closed and drv.bytes_in == heard:
+            session.close(f"{why} (and it no longer answers directly)")
+
+    asyncio.get_running_loop().call_later(timeout, check)
 
 
 def _wire_relay(at: _Attempt, tunnel: Tunnel, sid: int,

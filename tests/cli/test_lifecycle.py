@@ -160,6 +160,25 @@ def test_a_connection_made_while_serve_restarts_waits_for_the_new_tunnel(
     assert _echo_through(port, b"after") == b"after"
 
 
+def test_a_killed_serve_that_restarts_ends_the_old_tunnel_without_waiting_for_timers(
+        relay, echo_server, tmp_path: Path, procs: list[Proc]) -> None:
+    """`serve` killed (no CONNECTION_CLOSE) and started again: the relay ends the dead
+    one's session ("peer restarted"); the client, which still had a direct path, pings
+    it, hears nothing, and reconnects at once instead of waiting for the path to die."""
+    _relay, url = relay
+    serve = _serve(tmp_path, procs, url, echo_server.port)
+    conn, port = _listen(tmp_path, procs, url)
+    assert _echo_through(port, b"before") == b"before"
+    assert "path=direct" in conn.text()
+    serve.p.kill()
+    serve.p.wait(30)
+    _serve(tmp_path, procs, url, echo_server.port, "serve2.log")
+    conn.wait_for(r"closed \('box' ended the session: peer restarted \(and it no longer "
+                  r"answers directly\)\); reconnecting", timeout=60)
+    assert _echo_through(port, b"after") == b"after"
+    assert "Traceback" not in conn.text()
+
+
 # -- 1. the relay on SIGTERM --------------------------------------------------------------
 def test_relay_sigterm_closes_every_connection_and_exits_zero(echo_server, tmp_path: Path,
                                                               procs: list[Proc]) -> None:
