@@ -412,7 +412,7 @@ def _close_unless_heard(session: PeerSession, timeout: float, why: str) -> None:
     CONNECTION_CLOSE), so close now instead of after the path's dead-path timers. A relay
     that lies costs nothing: the peer's ACK keeps the session."""
     drv = session.driver
-    if drv is None:
+    if drv is None or session.closed:
         return
     heard = drv.bytes_in
     drv.ping()

@@ -142,7 +142,10 @@ class QuicDriver:
             return False
         if self.quic.datagram_backlog() >= self.datagram_backlog_limit:
             return False
-        self.quic.send_datagram_frame(data)
+        try:
+            self.quic.send_datagram_frame(data)
+        except self._errors:
+            return False  # the peer just closed the connection
         self.schedule_flush()
         return True
 
@@ -216,7 +219,10 @@ class QuicDriver:
         if self._closed:
             return
         self._ping_uid += 1
-        self.quic.send_ping(self._ping_uid)
+        try:
+            self.quic.send_ping(self._ping_uid)
+        except self._errors:
+            return  # the peer just closed the connection (its event is not handled yet)
         self.schedule_flush()
 
     def _send_keepalive(self) -> None:
