@@ -121,7 +121,7 @@ class Server:
 
         Raises :class:`TunnelError` when the first registration fails, or when the relay
         refuses the name or the token (no retry can help)."""
-        delay, first = 1.0, True
+        delay, first, hurried = 1.0, True, False
         load_engine()  # the QUIC engine now, not while the first client waits
         try:
             while True:
@@ -134,7 +134,7 @@ class Server:
                         raise
                     self.emit(f"{exc}; retrying in {delay:.0f} s")
                 else:
-                    first = False
+                    first = hurried = False
                     delay = 1.0
                     await self._serve_until_lost(sc)
                     if self._taken_over is not None:
@@ -142,8 +142,11 @@ class Server:
                                          f"{self.name}` with this identity started); this "
                                          "one stops")
                     self.emit("lost the relay; reconnecting")
-                # live sessions wait to resume on the new link: try again sooner
-                await asyncio.sleep(min(delay, 0.25) if self.sessions and delay <= 1 else delay)
+                if self.sessions and not hurried:
+                    hurried = True  # live sessions wait to resume: one early try, then
+                    await asyncio.sleep(0.25)  # the backoff as before (1 s, 2 s, ...)
+                    continue
+                await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
         finally:
             for task in list(self._tasks):
