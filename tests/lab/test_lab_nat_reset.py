@@ -6,7 +6,8 @@ relay's WebSocket from that site breaks as well as the direct path. The ssh sess
 must survive with its data intact: the peer behind the reset notices its dead relay
 link within seconds, opens a new one and resumes the session there (signed with its
 resume key), fresh candidates go to the other peer in-band, and the direct path is
-punched again (for a symmetric NAT, by a new birthday attempt).
+punched again (for a symmetric NAT, by a new birthday attempt): the ssh session is kept
+open after its digest until both ends of that same tunnel say the path is direct again.
 
 Cells: a cone NAT reset on either side, a symmetric NAT reset on either side (facing a
 cone). Reuses the fixtures and the sshd set-up of ``test_lab_tunnel``.
