@@ -157,6 +157,18 @@ class TunnelConfig:
     never queued behind each other for long: UDP traffic wants fresh packets."""
     target_timeout: float = 10.0
     """Seconds ``serve`` waits for a target (or a proxy target's DNS) to connect."""
+    relay_ping_interval: float = 10.0
+    """Seconds between WebSocket pings to the relay (an idle link's keepalive)..."""
+    relay_ping_timeout: float = 5.0
+    """... and how long a pong may take before the link counts as dead (a NAT that
+    forgot the mapping breaks TCP too, silently): then it is re-opened and the
+    sessions resume on the new link."""
+    relay_check_timeout: float = 3.0
+    """When a direct path goes quiet, the relay link is pinged at once and must answer
+    within this (else re-opened), so a NAT reset costs seconds, not a ping period."""
+    tunnel_wait: float = 30.0
+    """``connect --listen``: how long a local connection made while the tunnel is down
+    (or not up yet) waits for it before it is closed."""
     paths: PathConfig = field(default_factory=PathConfig)
     """Punching, keepalive and fallback timing (the path manager's)."""
     portmap: PortmapConfig = field(default_factory=PortmapConfig)

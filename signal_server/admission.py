@@ -153,6 +153,7 @@ class Admitting:
                    now: float) -> None: ...
         def _client_error(self, conn: ConnRecord, code: str, message: str, now: float, *,
                           session: int | None = None, count: bool = True) -> None: ...
+        def _end_stale_holder_sessions(self, name: str, holder: int) -> None: ...
 
     def _handle_hello(self, conn: ConnRecord, msg: sp.Hello, now: float) -> None:
         if msg.v not in sp.SUPPORTED_VERSIONS:
@@ -184,7 +185,9 @@ class Admitting:
         self._send(conn.id, sp.Welcome(
             v=msg.v,  # the client's version: a version-1 client sees what it expects
             stun=list(self.config.stun_ports), relay=self.config.relay_enabled,
-            addr=conn.addr, challenge=conn.challenge.hex() if msg.v >= 2 else None))
+            addr=conn.addr, challenge=conn.challenge.hex() if msg.v >= 2 else None,
+            resume=round(self.config.resume_window) if msg.v >= 2
+            and self.config.resume_window > 0 else None))
 
     def _owner(self, conn: ConnRecord, msg: sp.Register, now: float) -> bytes | None:
         """The owner id a ``register`` proves, or None after the one-line error."""
@@ -251,6 +254,7 @@ class Admitting:
                 self._tell_taken_over(old, name)
         self.registry.claim(name, owner, conn.id)
         conn.names.add(name)
+        self._end_stale_holder_sessions(name, conn.id)  # a restarted holder's old ones
         self._send(conn.id, sp.Registered(name))
 
     def _tell_taken_over(self, old: ConnRecord, name: str) -> None:

@@ -65,6 +65,7 @@ from .admission import NEED_TOKEN_MESSAGE, AddressRates, Admitting, decayed_erro
 from .federation import Federation
 from .registry import InMemoryRegistry, Registry
 from .relaying import Relaying
+from .resuming import Resuming
 from .types import (
     ConnRecord,
     Disconnect,
@@ -87,7 +88,7 @@ CLOSE_POLICY = 1008
 CLOSE_PROTOCOL = 1002
 
 
-_T_HELLO, _T_SESSION, _T_PURGE = "hello", "session", "purge"
+_T_HELLO, _T_SESSION, _T_PURGE, _T_RESUME = "hello", "session", "purge", "resume"
 
 
 def reject_label(code: str | None) -> str:
@@ -97,7 +98,7 @@ def reject_label(code: str | None) -> str:
     return code if code in sp.REJECT_CODES else "other"
 
 
-class Matchmaker(Admitting, Relaying, Federation):
+class Matchmaker(Admitting, Relaying, Resuming, Federation):
     """Pure signalling state machine; see the module docstring for the contract."""
 
     def __init__(
@@ -135,6 +136,8 @@ class Matchmaker(Admitting, Relaying, Federation):
             sp.Close: self._handle_close,
             sp.Data: self._handle_data,
             sp.Ping: self._handle_ping,
+            sp.Resumable: self._handle_resumable,
+            sp.Resume: self._handle_resume,
         }
 
     # --- public API -------------------------------------------------------------------
@@ -175,14 +178,15 @@ class Matchmaker(Admitting, Relaying, Federation):
             self._send(conn.id, sp.Error(sp.E_SERVER_ERROR, "internal error"))
 
     def close(self, conn_id: int, now: float) -> None:
-        """Forget a connection: end its sessions (the other side gets ``closed``) and
-        start the grace period of its names. Idempotent."""
+        """Forget a connection: end its sessions (the other side gets ``closed``) unless
+        they wait for it to resume (see :mod:`signal_server.resuming`), and start the
+        grace period of its names. Idempotent."""
         conn = self._conns.pop(conn_id, None)
         if conn is None:
             return
         for sid in sorted(conn.sessions):
             session = self._sessions.get(sid)
-            if session is None:
+            if session is None or self._detach(session, conn_id, now):
                 continue
             other = session.other(conn_id)
             if other is not None and other != conn_id:
@@ -221,6 +225,8 @@ class Matchmaker(Admitting, Relaying, Federation):
                     self._expire_session(session)
             elif kind == _T_PURGE:
                 self.registry.purge(now)
+            elif kind == _T_RESUME:
+                self._resume_expired(key, now)
 
     def get_timer(self) -> float | None:
         """The earliest time :meth:`handle_timer` should be called, or None.

@@ -546,11 +546,27 @@ def _plain(status: http.HTTPStatus, body: str,
 
 
 async def run_relay(config: RelayConfig) -> None:
-    """Start a relay, print its listening line to stdout, and serve until cancelled."""
+    """Start a relay, print its listening line to stdout, and serve until cancelled or
+    until SIGTERM / SIGHUP (``systemctl stop``, a closed terminal). Either way it stops
+    cleanly: every client gets a WebSocket close (1001, going away) at once, so a
+    ``serve`` re-registers without waiting for a ping timeout, and a cluster instance
+    releases its names in Redis and withdraws its record before it exits."""
+    import signal
+
     server = RelayServer(config)
     await server.start()
     print(server.listen_line(), flush=True)
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            loop.add_signal_handler(signum, lambda s=signum: stop.done() or stop.set_result(s))
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            pass
     try:
-        await asyncio.Future()
+        signum = await stop
+        logger.info("stopping on %s: closing %d connections", signal.Signals(signum).name,
+                    len(server._peers))
     finally:
         await server.stop()
+        logger.info("relay stopped")

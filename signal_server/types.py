@@ -154,6 +154,9 @@ class MatchmakerConfig:
     hello_timeout: float = 10.0
     connect_timeout: float = 15.0
     name_grace: float = 60.0
+    #: how long a session whose member's connection dropped waits for it to ``resume``
+    #: (0: never; the session ends at once, as before)
+    resume_window: float = 15.0
     max_errors: int = 10
     max_names_per_conn: int = 32
     max_pending_per_conn: int = 32
@@ -230,6 +233,10 @@ class SessionRecord:
     offer: dict[str, Any] | None = None
     #: ``data`` messages sent in this session, by local sender
     data_sent: dict[int, int] = field(default_factory=dict)
+    #: resume keys by role ("connector", "holder"; see signal_server.resuming)
+    resume_keys: dict[str, bytes] = field(default_factory=dict)
+    #: roles whose connection dropped, with the time they must resume by
+    away: dict[str, float] = field(default_factory=dict)
 
     def other(self, conn_id: int) -> int | None:
         """The other member's local connection id (None if it is on another instance)."""

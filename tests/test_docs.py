@@ -81,9 +81,28 @@ def test_the_protocol_examples_are_what_the_codecs_accept() -> None:
         elif isinstance(msg, sp.Data):
             wire.decode_data(msg.data)
     assert {"hello", "welcome", "register", "connect", "answer", "data"} <= kinds
+    assert {"resumable", "resume", "resumed"} <= kinds
+    _check_the_resume_example([sp.decode(text) for text in lines])
     doc = PROTOCOL.read_text(encoding="utf-8")
     tickets = [w for w in doc.split() if w.startswith("qt2") and len(w) > 100]
     assert tickets and all(decode_ticket(t).name == "home" for t in tickets)
+
+
+def _check_the_resume_example(msgs: list) -> None:
+    """The ``resume`` example signs the challenge of the ``welcome`` just before it with
+    the key of the ``resumable`` before that (as the relay checks it)."""
+    from quictun.proto import signalling as sp
+    from quictun.proto.resume import verify_resume
+
+    keys = {m.session: bytes.fromhex(m.key) for m in msgs if isinstance(m, sp.Resumable)}
+    checked = 0
+    for before, msg in zip(msgs, msgs[1:], strict=False):
+        if isinstance(msg, sp.Resume):
+            assert isinstance(before, sp.Welcome) and before.challenge and before.resume
+            assert verify_resume(keys[msg.session], bytes.fromhex(msg.sig),
+                                 bytes.fromhex(before.challenge), msg.session)
+            checked += 1
+    assert checked, "docs/protocol.md has no resume example"
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from ..proto.control import OpenReply, OpenRequest
 from ..proto.exchange import ClientExchange, MismatchedPin
 from ..proto.identity import Identity
 from ..proto.offer import E_VERSION, OfferError, ServerHello
+from ..proto.resume import ResumeKey
 from ..punch.types import Mode, NetPath, PathConfig, describe
 from ..store import load_or_create
 from .bridge import StreamBridge
@@ -50,6 +51,7 @@ from .datagrams import DatagramFlow
 from .handlers import ClientHandler
 from .portmap import PortMapper
 from .relay import RelayError, SignalClient
+from .relink import ClientRelink, announce, new_signal_client
 from .session import PeerSession, load_engine, new_path_manager
 from .udp import UdpEndpoint
 
@@ -77,6 +79,8 @@ class Tunnel:
     handler: ClientHandler
     signal: SignalClient
     path: NetPath | None = None
+    relink: ClientRelink | None = None
+    """Re-opens a lost relay link and resumes the session on it (a relay that resumes)."""
 
     async def open_connection(
         self, service: str | None = None, *, host: str | None = None, port: int = 0,
@@ -158,8 +162,9 @@ class Tunnel:
         return self.session.closed or self.handler.closed.done()
 
     async def wait_closed(self) -> str:
-        """Wait until the tunnel ends; returns why."""
-        return await self.handler.closed
+        """Wait until the tunnel ends; returns why. Cancelling the wait leaves the
+        tunnel as it is."""
+        return await asyncio.shield(self.handler.closed)
 
     @property
     def bytes_sent(self) -> int:
@@ -172,6 +177,8 @@ class Tunnel:
     async def close(self) -> None:
         """Close the tunnel: CONNECTION_CLOSE to the peer, ``close`` to the relay, and
         the port mapping deleted (waits for that, at most about a second)."""
+        if self.relink is not None:
+            self.relink.close()
         self.session.close("client closed")
         await asyncio.sleep(0)  # the CONNECTION_CLOSE leaves before the relay forgets us
         with contextlib.suppress(TunnelError):
@@ -219,7 +226,7 @@ async def open_tunnel(
         config = config.replace(connect_timeout=timeout)
     status = on_status or (lambda s: log.info("%s", s))
     identity = identity or load_or_create()
-    sc = SignalClient(signal, token=token)
+    sc = new_signal_client(signal, token, config)
     status(f"contacting the relay {signal}")
     # the QUIC engine is imported while the relay answers our hello (not later: the
     # answer to the offer must find us ready to punch at once, like the peer)
@@ -343,6 +350,8 @@ async def _handshake(at: _Attempt) -> Tunnel:
     cands = at.cands + [c for c in portmap_candidates(at.mapper) if c not in at.cands]
     await sc.send(sigproto.Data(session=sid,
                                 data=ex.client_hello([c.encode() for c in cands], now_ms())))
+    resume_key = ResumeKey(keys.resume_seed("client"))
+    resumable = await announce(sc, sid, resume_key)
     pm = new_path_manager(local_key=keys.punch_to_client, remote_key=keys.punch_to_server,
                           mode=mode, relay_available=bool(sc.welcome and sc.welcome.relay),
                           config=at.config)
@@ -369,15 +378,13 @@ async def _handshake(at: _Attempt) -> Tunnel:
         handler_factory=lambda drv: ClientHandler(drv, config=at.config, identity=at.identity,
                                                   keys=keys, server_fp=hello.fingerprint),
         on_path=on_path, on_failed=on_failed,
-        regather=lambda: regather(sc, at.ep, mode),
+        regather=lambda: regather(session.signal or sc, at.ep, mode),
         portmap=at.mapper, signalled=cands,
     )
     handler = session.handler
     assert isinstance(handler, ClientHandler)
     tunnel = Tunnel(name=at.name, session=session, handler=handler, signal=sc)
     tunnel_box.append(tunnel)
-    sc.on_relay = lambda s, data: session.relay_received(data) if s == sid else None
-    sc.on_lost = lambda exc: session.relay_lost()
 
     def on_message(m: sigproto.Message) -> None:
         nonlocal peer_gone
@@ -385,15 +392,67 @@ async def _handshake(at: _Attempt) -> Tunnel:
             # the peer left the relay; if we still have it directly, carry on until that
             # path dies too
             peer_gone = True
+            why = f"{at.name!r} ended the session: {printable(m.reason)}"
             if not session.paths.current or session.paths.current.kind == "relay":
-                session.close(f"{at.name!r} ended the session: {printable(m.reason)}")
+                session.close(why)
+            else:
+                _close_unless_heard(session, at.config.relay_check_timeout, why)
 
-    sc.on_message = on_message
+    _wire_relay(at, tunnel, sid, on_message, resume_key if resumable else None)
     at.status("punching a path" if mode != Mode.RELAY else "using the relay")
     session.start()
     tunnel.path = pm.current
     await _until_ready(at, handler, failed, session)
     return tunnel
+
+
+def _close_unless_heard(session: PeerSession, timeout: float, why: str) -> None:
+    """The relay says the peer left while we reach it directly: ping it, and if nothing
+    at all comes back within ``timeout`` s the peer is gone (killed or crashed: no
+    CONNECTION_CLOSE), so close now instead of after the path's dead-path timers. A relay
+    that lies costs nothing: the peer's ACK keeps the session."""
+    drv = session.driver
+    if drv is None or session.closed:
+        return
+    heard = drv.bytes_in
+    drv.ping()
+
+    def check() -> None:
+        if not session.closed and drv.bytes_in == heard:
+            session.close(f"{why} (and it no longer answers directly)")
+
+    asyncio.get_running_loop().call_later(timeout, check)
+
+
+def _wire_relay(at: _Attempt, tunnel: Tunnel, sid: int,
+                on_message: Callable[[sigproto.Message], None], key: ResumeKey | None) -> None:
+    """Route the relay link's packets and messages to the session; when the link is
+    lost, re-open it and resume the session there (``key``: the relay keeps sessions
+    for a resume, and has our key)."""
+    session = tunnel.session
+
+    def install(sc: SignalClient) -> None:
+        sc.on_relay = lambda s, data: session.relay_received(data) if s == sid else None
+        sc.on_message = on_message
+
+        def lost(exc: BaseException | None) -> None:
+            session.relay_lost()
+            if tunnel.relink is not None and not session.closed:
+                tunnel.relink.lost()
+
+        sc.on_lost = lost
+
+    def restored(sc: SignalClient) -> None:
+        old, tunnel.signal = tunnel.signal, sc
+        asyncio.ensure_future(old.close())
+        session.relay_restored(sc)
+
+    install(at.sc)
+    welcome = at.sc.welcome
+    if key is not None and welcome is not None and welcome.resume:
+        tunnel.relink = ClientRelink(at.sc.url, at.sc.token, at.config, sid, key,
+                                     float(welcome.resume), install=install,
+                                     restored=restored, alive=lambda: not tunnel.closed)
 
 
 async def _until_ready(at: _Attempt, handler: ClientHandler, failed: asyncio.Future[str],

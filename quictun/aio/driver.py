@@ -112,7 +112,12 @@ class QuicDriver:
     def send(self, stream_id: int, data: bytes, end: bool = False) -> None:
         if self._closed:
             return
-        self.quic.send_stream_data(stream_id, data, end_stream=end)
+        try:
+            self.quic.send_stream_data(stream_id, data, end_stream=end)
+        except self._errors:
+            # the peer closed the connection (or reset the stream) and its event is not
+            # handled yet: nothing can be delivered now; the bridge ends with the stream
+            return
         self.schedule_flush()
 
     def reset(self, stream_id: int, error_code: int = 0) -> None:
@@ -137,7 +142,10 @@ class QuicDriver:
             return False
         if self.quic.datagram_backlog() >= self.datagram_backlog_limit:
             return False
-        self.quic.send_datagram_frame(data)
+        try:
+            self.quic.send_datagram_frame(data)
+        except self._errors:
+            return False  # the peer just closed the connection
         self.schedule_flush()
         return True
 
@@ -211,7 +219,10 @@ class QuicDriver:
         if self._closed:
             return
         self._ping_uid += 1
-        self.quic.send_ping(self._ping_uid)
+        try:
+            self.quic.send_ping(self._ping_uid)
+        except self._errors:
+            return  # the peer just closed the connection (its event is not handled yet)
         self.schedule_flush()
 
     def _send_keepalive(self) -> None:

@@ -2,17 +2,20 @@
 may come and go (``connect --listen`` re-establishes it).
 
 Each :class:`Listener` takes ``current()``, which returns the tunnel that is up now (or
-None), so it keeps its socket across tunnel restarts. A Unix listening socket is made
-the way a user expects (:func:`bind_unix`): it belongs to the user, mode 0600 unless
-told otherwise, set before ``listen()`` so nobody can connect in between; a path that
-exists and is not a socket is refused; an old socket file is removed only when nobody
-listens on it; ours is removed when the listener closes.
+None), so it keeps its socket across tunnel restarts. Given a :class:`TunnelSlot` (which
+is such a callable), a connection that arrives while no tunnel is up (before the first
+one, or while a lost one is being re-established) waits for the next tunnel, up to
+``TunnelConfig.tunnel_wait`` seconds, instead of being closed at once; its first bytes
+are kept meanwhile (at most 64 such connections per listener; more are closed at once).
+Listeners bind before the first tunnel is built (a busy port is reported at once); when
+the first tunnel cannot be opened, or the command stops, the connections still waiting
+are closed (:meth:`Listener.drop_waiting`), with one log line.
 
-Listeners bind before the first tunnel is built (a busy port is reported at once), so a
-stream connection can arrive before there is a tunnel: it waits, unread, and joins the
-first tunnel once :meth:`Listener.first_tunnel` says it is up (or is closed if it could
-not be opened). After that, a connection arriving while the tunnel is down is closed at
-once (a restart may take long; the client should retry).
+A Unix listening socket is made the way a user expects (:func:`bind_unix`): it belongs
+to the user, mode 0600 unless told otherwise, set before ``listen()`` so nobody can
+connect in between; a path that exists and is not a socket is refused; an old socket
+file is removed only when nobody listens on it; ours is removed when the listener
+closes.
 """
 
 from __future__ import annotations
@@ -24,12 +27,16 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..config import TunnelConfig
-from ..errors import TunnelError
+from ..errors import TunnelError, printable
+from ..proto import control as ctl
+from ..proto.limits import Quieter
 from ..proto.services import ListenSpec
+from .bridge import StreamBridge
 from .datagrams import DatagramFlow, UdpListener
 
 if TYPE_CHECKING:
@@ -38,9 +45,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("quictun")
 
 CurrentTunnel = Callable[[], "Tunnel | None"]
+REFUSAL_CODES = (ctl.ERR_TARGET_REFUSED, ctl.ERR_TARGET_TIMEOUT, ctl.ERR_TARGET_UNREACHABLE)
 
 
-MAX_EARLY = 64  # stream connections per listener held until the first tunnel is up
+MAX_WAITING = 64  # stream connections per listener held while no tunnel is up
 
 
 class _Refuse(asyncio.Protocol):
@@ -50,48 +58,112 @@ class _Refuse(asyncio.Protocol):
         transport.close()
 
 
-class _Early(asyncio.Protocol):
-    """A local connection that arrived before the first tunnel was up: not read until
-    :meth:`join` hands it to the tunnel (or closes it: no tunnel)."""
+class TunnelSlot:
+    """The tunnel that is up now, or None; call it for :data:`CurrentTunnel`.
 
-    def __init__(self, waiting: list[_Early]) -> None:
-        self.transport: asyncio.Transport | None = None
-        self._data = bytearray()  # anything read before the pause took effect
+    The owner calls :meth:`set` with each new tunnel (None when it died); listeners :meth:`wait`
+    for one. ``on_wanted`` is called when someone starts waiting (the owner may retry at
+    once instead of finishing its backoff)."""
+
+    def __init__(self) -> None:
+        self.tunnel: Tunnel | None = None
+        self.on_wanted: Callable[[], None] | None = None
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    def __call__(self) -> Tunnel | None:
+        t = self.tunnel
+        return t if t is not None and not t.closed else None
+
+    def set(self, tunnel: Tunnel | None) -> None:
+        self.tunnel = tunnel
+        if tunnel is not None:
+            for fut in self._waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def wait(self, timeout: float) -> Tunnel | None:
+        """The tunnel that is up now or within ``timeout`` seconds, else None."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (t := self()) is None:
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            fut = loop.create_future()
+            self._waiters.add(fut)
+            if self.on_wanted is not None:
+                self.on_wanted()
+            try:
+                await asyncio.wait_for(fut, left)
+            except TimeoutError:
+                return None
+            finally:
+                self._waiters.discard(fut)
+        return t
+
+
+class _Waiting(asyncio.Protocol):
+    """A local connection that waits for a tunnel (see :class:`TunnelSlot`), reading
+    nothing meanwhile; then it hands its transport to the new stream's bridge."""
+
+    def __init__(self, listener: Listener, slot: TunnelSlot) -> None:
+        self._listener = listener
+        self._slot = slot
+        self._transport: asyncio.Transport | None = None
+        self._early: list[bytes] = []
         self._eof = False
-        waiting.append(self)
+        self._task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.pause_reading()  # type: ignore[attr-defined]
+        self._transport = transport  # type: ignore[assignment]
+        self._transport.pause_reading()  # type: ignore[union-attr]
+        self._listener._waiting.add(self)
+        self._task = asyncio.get_running_loop().create_task(self._wait())
+
+    def drop(self) -> bool:
+        """Close the connection: no tunnel will come. False if it was gone already."""
+        if self._task is not None:
+            self._task.cancel()
+        t, self._transport = self._transport, None
+        if t is None or t.is_closing():
+            return False
+        t.close()
+        return True
 
     def data_received(self, data: bytes) -> None:
-        self._data += data
+        self._early.append(data)
 
     def eof_received(self) -> bool:
         self._eof = True
-        return True  # keep the transport: its reply may still come
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
+        if self._task is not None:
+            self._task.cancel()
+        self._transport = None
+        self._listener._waiting.discard(self)
 
-    def join(self, bridge: Callable[[], asyncio.Protocol] | None) -> bool:
-        """Hand the connection to ``bridge()`` (None: close it). False if it was gone."""
-        t = self.transport
-        if t is None or t.is_closing():
-            return False
-        if bridge is None:
-            t.close()
-            return True
-        protocol = bridge()
-        t.set_protocol(protocol)
-        protocol.connection_made(t)
-        if self._data:
-            protocol.data_received(bytes(self._data))
+    async def _wait(self) -> None:
+        wait = self._listener.config.tunnel_wait
+        tunnel = await self._slot.wait(wait)
+        self._listener._waiting.discard(self)
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if tunnel is None:
+            log.warning("%s: no tunnel within %g s; closed a local connection",
+                        self._listener.bound, wait)
+            transport.abort()
+            return
+        bridge = self._listener.new_bridge(tunnel)
+        transport.set_protocol(bridge)
+        bridge.connection_made(transport)
+        for chunk in self._early:
+            bridge.data_received(chunk)
         if self._eof:
-            protocol.eof_received()
+            bridge.eof_received()
         else:
-            t.resume_reading()
-        return True
+            transport.resume_reading()
 
 
 def bind_unix(path: str, mode: int = 0o600) -> socket.socket:
@@ -146,7 +218,8 @@ class Listener:
         self.udp: UdpListener | None = None
         self.bound = ""
         self._unix_ino: int | None = None
-        self._early: list[_Early] | None = []  # None once the first tunnel was settled
+        self._waiting: set[_Waiting] = set()  # at most MAX_WAITING
+        self._quieter = Quieter(10.0)
 
     async def start(self) -> str:
         """Bind; returns what is bound (``127.0.0.1:2222``, ``udp:…``, ``unix:…``)."""
@@ -173,36 +246,54 @@ class Listener:
                               f"{exc.strerror or exc}") from None
         return self.bound
 
-    def first_tunnel(self, tunnel: Tunnel | None) -> None:
-        """The first tunnel is up (None: it could not be opened, or the command stops):
-        the connections that waited for it join it, or are closed."""
-        waiting, self._early = self._early or [], None
-        up = tunnel is not None and not tunnel.closed
-        joined = sum(conn.join((lambda: self._bridge(tunnel)) if up else None)  # type: ignore[arg-type]
-                     for conn in waiting)
-        if joined and not up:
+    def drop_waiting(self) -> None:
+        """No tunnel will come (the first one could not be opened, or the command stops):
+        close the connections that wait for one, with one log line."""
+        waiting, self._waiting = self._waiting, set()
+        closed = sum(conn.drop() for conn in waiting)
+        if closed:
             log.info("%s: closed %d local connection(s) that waited for the tunnel",
-                     self.bound, joined)
+                     self.bound, closed)
 
     def _protocol(self) -> asyncio.Protocol:
         t = self.current()
         if t is None or t.closed:
-            if self._early is not None and len(self._early) < MAX_EARLY:
-                return _Early(self._early)
+            if isinstance(self.current, TunnelSlot) and len(self._waiting) < MAX_WAITING:
+                return _Waiting(self, self.current)
             return _Refuse()
-        return self._bridge(t)
+        return self.new_bridge(t)
 
-    def _bridge(self, t: Tunnel) -> asyncio.Protocol:
+    def new_bridge(self, t: Tunnel) -> StreamBridge:
+        """A new stream of ``t`` to this listener's service, for one local connection;
+        a refusal (the serving side could not connect its target) is logged, one line
+        every 10 s at most."""
         bridge = t.bridge(self.service)
         if self.service is not None:
-            label = self.service
 
-            def refused(reply: object) -> None:
-                if not getattr(reply, "ok", True):
-                    log.warning("%s: %s", label, getattr(reply, "text", reply))
+            def refused(reply: ctl.OpenReply) -> None:
+                if reply.status in ctl.TARGET_FAILURES:
+                    self._refused(t.name, reply.status, printable(reply.text))
+                elif not reply.ok:
+                    log.warning("%s: %s", self.service, printable(reply.text))
 
             bridge.on_reply = refused
+        handler_done = bridge.on_done
+
+        def done(b: StreamBridge) -> None:
+            if handler_done is not None:
+                handler_done(b)
+            if b.reset_code in REFUSAL_CODES:
+                self._refused(t.name, b.reset_code, "")
+
+        bridge.on_done = done
         return bridge
+
+    def _refused(self, name: str, status: int, detail: str) -> None:
+        left_out = self._quieter.allow(self.bound, time.monotonic())
+        if left_out is not None:
+            more = f" ({left_out} more since the last line)" if left_out else ""
+            log.warning("%s: %s%s", self.bound, ctl.describe_refusal(
+                name, self.service, status, detail=detail), more)
 
     def _open_flow(self) -> DatagramFlow | None:
         t = self.current()
@@ -229,8 +320,7 @@ class Listener:
                 f"{u.dropped_queue + u.dropped_refused + self.udp.dropped_no_tunnel} dropped")
 
     def close(self) -> None:
-        if self._early is not None:
-            self.first_tunnel(None)
+        self.drop_waiting()
         if self.server is not None:
             self.server.close()
         if self.udp is not None:

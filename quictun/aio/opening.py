@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ..config import TunnelConfig
 from ..proto import control as ctl
 from ..proto.flows import FlowStats
+from ..proto.limits import Quieter
 from ..proto.services import Service, ServiceError
 from .bridge import StreamBridge
 from .datagrams import ServerFlow
@@ -26,6 +28,9 @@ from .driver import QuicDriver
 from .targets import SOCKS_STATS, Forwarding, ServiceStats, connect_proxy_target, connect_service
 
 log = logging.getLogger("quictun")
+
+#: one line per service every 10 s about its refused connections (per process)
+REFUSALS = Quieter(10.0)
 
 
 class Opener:
@@ -154,16 +159,27 @@ class Opener:
         stats = self._stat(key)
         stats.connections -= 1
         stats.refused += 1
+        if reply.status != ctl.ST_NOT_ALLOWED:  # not allowed: logged by the check
+            self._log_refusal(key, reply)
         if request.version == 0 or self.driver.closed:
-            log.info("target %s refused stream %d: %s", key, sid, reply.text)
-            self.driver.reset(sid, ctl.ERR_TARGET_UNREACHABLE)
+            self.driver.reset(sid, ctl.reset_for_status(reply.status))
         else:
-            if reply.status != ctl.ST_NOT_ALLOWED:
-                log.info("client %s: %s", self._who(), reply.text)
             self.driver.send(sid, reply.encode(), end=True)
         self._service_of.pop(sid, None)
         self._live.pop(sid, None)
         bridge.quic_reset(ctl.ERR_TARGET_UNREACHABLE)
+
+    def _log_refusal(self, key: str, reply: ctl.OpenReply) -> None:
+        """A target that failed, at the default level: one line per service every 10 s,
+        with how many more failed meanwhile."""
+        left_out = REFUSALS.allow(key, time.monotonic())
+        if left_out is None:
+            return
+        more = f" ({left_out} more since the last line)" if left_out else ""
+        what = f"the service {key!r}" if key not in ("default", SOCKS_STATS) else (
+            "a proxy target" if key == SOCKS_STATS else "the service")
+        log.warning("%s could not be connected for client %s: %s%s", what, self._who(),
+                    reply.text, more)
 
     def bridge_done(self, bridge: StreamBridge) -> None:
         """A bridge finished: its bytes go to its service's counters."""

@@ -62,8 +62,11 @@ class SignalClient:
     ``$QUICTUN_SIGNAL_CA``, else the system's CA store."""
 
     def __init__(self, url: str, *, token: str | None = None,
-                 cafile: str | None = None) -> None:
+                 cafile: str | None = None, ping_interval: float = 20.0,
+                 ping_timeout: float = 20.0) -> None:
         self.url = url
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
         _scheme, self.host, self.port = parse_relay_url(url)
         self.token = token
         self.cafile = cafile
@@ -79,6 +82,7 @@ class SignalClient:
         self.relayed_out = 0
         self.relayed_in = 0
         self.connected = False
+        self._check: asyncio.Task[None] | None = None
 
     async def open(self, timeout: float = 10.0,
                    while_waiting: Callable[[], object] | None = None) -> sigproto.Welcome:
@@ -105,8 +109,8 @@ class SignalClient:
                     max_size=2**20,
                     ssl=ctx,
                     open_timeout=timeout,
-                    ping_interval=20,
-                    ping_timeout=20,
+                    ping_interval=self.ping_interval or None,
+                    ping_timeout=self.ping_timeout or None,
                     # a relay hostname may resolve to several instances (DNS round
                     # robin): start the next address after 0.25 s instead of waiting out
                     # a silent one (RFC 8305), alternating address families
@@ -203,8 +207,34 @@ class SignalClient:
         except asyncio.QueueFull:
             pass
 
+    def check_alive(self, timeout: float) -> None:
+        """Ping the relay now; without a pong within ``timeout`` seconds the link counts
+        as dead: it is aborted, so :attr:`on_lost` runs (a NAT that forgot its mappings
+        breaks TCP silently, and a ping period is long to wait). One check at a time."""
+        if not self.connected or self._ws is None or (
+                self._check is not None and not self._check.done()):
+            return
+        self._check = asyncio.get_running_loop().create_task(self._ping_or_abort(timeout))
+
+    async def _ping_or_abort(self, timeout: float) -> None:
+        ws = self._ws
+        try:
+            pong = await ws.ping()
+            await asyncio.wait_for(pong, timeout)
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            if self.connected and ws is self._ws:
+                log.info("the relay did not answer a ping within %.0f s: reconnecting",
+                         timeout)
+                ws.transport.abort()  # the read loop ends and reports the loss
+        except Exception:  # already closed: the read loop reports it
+            pass
+
     async def close(self) -> None:
         self.connected = False
+        if self._check is not None:
+            self._check.cancel()
         for task in (self._writer, self._reader):
             if task is not None:
                 task.cancel()

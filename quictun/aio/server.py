@@ -33,6 +33,7 @@ from ..proto.limits import ReplayWindow, Sighting
 from ..proto.offer import E_STALE, E_VERSION, SKEW_MS, ClientHello, OfferError
 from ..proto.pairing import PairingCode
 from ..proto.pairing import generate as generate_code
+from ..proto.resume import ResumeKey
 from ..proto.services import ServiceError, services_from
 from ..proto.throttle import Throttle
 from ..proto.ticket import Ticket
@@ -43,6 +44,8 @@ from .client import StatusCallback, check_mode, now_ms
 from .handlers import ServerHandler
 from .pairing import PairingHost
 from .relay import RelayError, SignalClient
+from .relink import announce, new_signal_client, resume
+from .served import ServedSession, close_all, log_summary
 from .session import PeerSession, load_engine, new_path_manager
 from .targets import Forwarding
 from .udp import UdpEndpoint
@@ -61,14 +64,6 @@ class _Pending:
     mine: list[Candidate]
     throttle_key: object
     timer: asyncio.TimerHandle | None = None
-
-
-@dataclass
-class _ServedSession:
-    session: PeerSession
-    started: float
-    client_fp: str = ""
-    relay_closed: bool = False  # the relay already ended this session (no Close needed)
 
 
 class Server:
@@ -102,7 +97,7 @@ class Server:
         self.known_clients: KnownClients | set[str] = known if known is not None else set()
         self.on_event = on_event
         self.emit = on_event or (lambda s: log.info("%s", s))
-        self.sessions: dict[int, _ServedSession] = {}
+        self.sessions: dict[int, ServedSession] = {}
         self._pending: dict[int, _Pending] = {}
         self._accepting: set[int] = set()
         # hints seen (their ephemeral keys): a replayed offer costs no throttle charge.
@@ -126,11 +121,11 @@ class Server:
 
         Raises :class:`TunnelError` when the first registration fails, or when the relay
         refuses the name or the token (no retry can help)."""
-        delay, first = 1.0, True
+        delay, first, hurried = 1.0, True, False
         load_engine()  # the QUIC engine now, not while the first client waits
         try:
             while True:
-                sc = SignalClient(self.url, token=self.token)
+                sc = new_signal_client(self.url, self.token, self.config)
                 try:
                     await self._register(sc)
                 except TunnelError as exc:
@@ -139,7 +134,7 @@ class Server:
                         raise
                     self.emit(f"{exc}; retrying in {delay:.0f} s")
                 else:
-                    first = False
+                    first = hurried = False
                     delay = 1.0
                     await self._serve_until_lost(sc)
                     if self._taken_over is not None:
@@ -147,25 +142,23 @@ class Server:
                                          f"{self.name}` with this identity started); this "
                                          "one stops")
                     self.emit("lost the relay; reconnecting")
+                if self.sessions and not hurried:
+                    hurried = True  # live sessions wait to resume: one early try, then
+                    await asyncio.sleep(0.25)  # the backoff as before (1 s, 2 s, ...)
+                    continue
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
         finally:
             for task in list(self._tasks):
                 task.cancel()
-            await self._close_sessions()
-
-    async def _close_sessions(self) -> None:
-        """Close every session and wait for their port mappings to be deleted."""
-        sessions = [s.session for s in self.sessions.values()]
-        for session in sessions:
-            session.close("server stopped")
-        await asyncio.gather(*(s.released() for s in sessions))
+            await close_all(self.sessions, self.signal)
 
     async def _register(self, sc: SignalClient) -> None:
         """Connect and register the name. Raises TunnelError (``permanent`` for a name
         held by another identity or a refused token)."""
         try:
             await sc.open()
+            await self._resume_sessions(sc)  # before the name: the relay ends the others
             await self._claim(sc, self.name)
             if self.pairing is not None and self.pairing.live():
                 await self._claim_pairing(sc, self.pairing)
@@ -208,6 +201,18 @@ class Server:
         raise _Permanent("no free pairing number on this relay after 5 draws; try again "
                          "later")
 
+    async def _resume_sessions(self, sc: SignalClient) -> None:
+        """Move our live sessions to the new relay link ``sc`` (after a NAT reset or a
+        network change broke the old one; see :mod:`quictun.aio.relink`)."""
+        sc.on_relay = self._on_relay  # relayed packets may follow each ``resumed``
+        sc.on_message = self._on_message
+        for sid, served in list(self.sessions.items()):
+            if served.resume_key is None or served.session.closed or served.relay_closed:
+                continue
+            if await resume(sc, sid, served.resume_key):
+                log.info("session %d resumed on the new relay link", sid)
+                served.session.relay_restored(sc)
+
     def _register_message(self, sc: SignalClient, name: str) -> sigproto.Register:
         """``register`` signed over this connection's challenge with the name's registration
         key (:meth:`Identity.registration_key`): the relay binds the name to that key, and
@@ -237,6 +242,9 @@ class Server:
                 self.on_pairing(self.pairing.code)
         try:
             await lost
+        except asyncio.CancelledError:
+            await close_all(self.sessions, sc)  # stopping: tell every client while we can
+            raise
         finally:
             self.registered.clear()
             await sc.close()
@@ -447,7 +455,7 @@ class Server:
                                  asyncio.get_running_loop().time())
         # the client proved the secret: ask for a mapping now (sent in-band once granted)
         mapper = start_portmap(ep, self.mode, self.config.portmap)
-        served = _ServedSession(session=None, started=time.monotonic())  # type: ignore[arg-type]
+        served = ServedSession(session=None, started=time.monotonic())  # type: ignore[arg-type]
 
         def on_auth(client_fp: str) -> None:
             served.client_fp = client_fp
@@ -466,15 +474,20 @@ class Server:
                 client_pub=hello.public, target=self.target, on_authenticated=on_auth),
             on_path=on_path,
             on_failed=lambda reason: session.close(reason),
-            regather=lambda: regather(sc, ep, self.mode),
+            regather=lambda: regather(session.signal or sc, ep, self.mode),
             portmap=mapper, signalled=pending.mine,
         )
         served.session = session
         self.sessions[sid] = served
+        served.resume_key = ResumeKey(keys.resume_seed("server"))
+        self._spawn(self._announce(sc, sid, served.resume_key))
         self._spawn(self._watch(sid, served))
         session.start()
 
-    async def _watch(self, sid: int, served: _ServedSession) -> None:
+    async def _announce(self, sc: SignalClient, sid: int, key: ResumeKey) -> None:
+        await announce(sc, sid, key)
+
+    async def _watch(self, sid: int, served: ServedSession) -> None:
         """End a session whose QUIC never starts; log its summary when it ends."""
         session = served.session
         waited = 0.0
@@ -494,29 +507,7 @@ class Server:
             with contextlib.suppress(TunnelError):
                 await self.signal.send(sigproto.Close(session=sid, reason="ended"))
         if served.client_fp:
-            self._summary(served)
-
-    def _summary(self, served: _ServedSession) -> None:
-        """The per-client line: totals, then each service's connections and bytes (also
-        as JSON fields with ``--log-format json``)."""
-        drv = served.session.driver
-        h = served.session.handler
-        per = h.opener.totals() if isinstance(h, ServerHandler) else {}
-        seconds = round(time.monotonic() - served.started, 1)
-        text = (f"client {served.client_fp[:16]} disconnected after {seconds:.1f} s, "
-                f"{getattr(h, 'connections', 0)} connections, "
-                f"{drv.bytes_in if drv else 0} bytes in, {drv.bytes_out if drv else 0} out")
-        if per:
-            text += "; " + "; ".join(f"{k}: {v.text()}" for k, v in sorted(per.items()))
-        fields = {"event": "client-disconnected", "client": served.client_fp,
-                  "seconds": seconds, "bytes_in": drv.bytes_in if drv else 0,
-                  "bytes_out": drv.bytes_out if drv else 0,
-                  "services": {k: v.as_dict() for k, v in sorted(per.items())}}
-        if self.on_event is not None:
-            self.on_event(text)
-        else:
-            log.info("%s", text, extra={"fields": fields})
-
+            log_summary(served, self.on_event)
 
 def _who(key: object) -> str:
     """A throttle key for a log line: a known client's short fingerprint, or strangers."""

@@ -240,6 +240,21 @@ class PeerSession:
         self.paths.set_relay_available(False, self.loop.time())
         self._service()
 
+    def relay_restored(self, signal: SignalClient) -> None:
+        """The session lives on a new relay connection (it resumed there, see
+        :mod:`quictun.aio.relink`): relay through it again, re-learn our candidates and
+        send them to the peer (our NAT may have moved us), and PING so that QUIC
+        retransmits what the old link lost at once."""
+        if self.closed:
+            return
+        self.signal = signal
+        self.paths.set_relay_available(bool(signal.welcome and signal.welcome.relay),
+                                       self.loop.time())
+        self._gather()
+        if self.driver is not None:
+            self.driver.ping()
+        self._service()
+
     # -- QUIC ----------------------------------------------------------------------------
     def _create_connection(self, first: bytes | None) -> bool:
         if self.is_client:
@@ -341,12 +356,7 @@ class PeerSession:
             if isinstance(ev, PathChanged):
                 self._path_changed(ev.path)
             elif isinstance(ev, SuspectChanged):
-                log.info("direct path %s", "quiet: also sending over the relay" if ev.suspect
-                         else "answers again: direct only")
-                self._dup = ev.suspect
-                self._apply_size()
-                if ev.suspect and self.driver is not None:
-                    self.driver.ping()  # the direct path went quiet: probe QUIC over the relay
+                self._suspect_changed(ev.suspect)
             elif isinstance(ev, GatherWanted):
                 self._gather()
             elif isinstance(ev, DatagramSizeChanged):
@@ -355,6 +365,22 @@ class PeerSession:
                 self._on_failed(ev.reason)
         if not self.closed:
             self._timer.set(pm.get_timer())
+
+    def _suspect_changed(self, suspect: bool) -> None:
+        cur = self.paths.current
+        if suspect:
+            log.info("direct path quiet: also sending over the relay")
+        elif cur is not None and cur.kind == "direct":
+            log.info("direct path answers again: direct only")
+        self._dup = suspect
+        self._apply_size()
+        if suspect and self.driver is not None:
+            self.driver.ping()  # the direct path went quiet: probe QUIC over the relay
+        if suspect and self.signal is not None:
+            # a NAT that moved our UDP mappings may have broken the relay's TCP as well:
+            # find out now, not after a ping period (a dead link is re-opened, and the
+            # session resumes on the new one)
+            self.signal.check_alive(self.config.relay_check_timeout)
 
     def _path_changed(self, path: NetPath | None) -> None:
         self._path = path

@@ -81,7 +81,8 @@ class Forwarding:
     def listing(self) -> ctl.Listing:
         default = {s.name for s in (self._default(True), self._default(False)) if s}
         return ctl.Listing(tuple((s.name, s.kind, s.name in default) for s in self.services),
-                           tuple(self.allow.texts()))
+                           tuple(self.allow.texts()),
+                           tuple((s.name, s.target_text()) for s in self.services))
 
     def _default(self, stream: bool) -> Service | None:
         try:
@@ -122,7 +123,7 @@ async def connect_service(service: Service, factory: ProtocolFactory,
             coro = loop.create_connection(factory, service.host, service.port)
         await asyncio.wait_for(coro, timeout)
     except (OSError, TimeoutError) as exc:
-        return ctl.OpenReply(status_of(exc), f"{service.name}: {_why(exc)}")
+        return ctl.OpenReply(status_of(exc), f"{service.target_text()}: {_why(exc)}")
     return ctl.OpenReply(ctl.ST_OK)
 
 

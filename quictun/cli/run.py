@@ -4,6 +4,7 @@ stdio, or the service listing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import stat
@@ -12,17 +13,25 @@ from collections.abc import Awaitable, Callable
 
 from ..aio.bridge import StreamBridge, WriteSide, reset_reason
 from ..aio.client import Tunnel, open_tunnel
-from ..aio.local import Listener
+from ..aio.local import Listener, TunnelSlot
 from ..aio.socks import start_socks
 from ..config import TunnelConfig
 from ..errors import TunnelError, printable
 from ..proto import control as ctl
-from ..proto.control import ERR_NO_DEFAULT
+from ..proto.control import (
+    ERR_NO_DEFAULT,
+    ERR_TARGET_REFUSED,
+    ERR_TARGET_TIMEOUT,
+    ERR_TARGET_UNREACHABLE,
+    describe_refusal,
+)
 from ..proto.identity import Identity
 from ..proto.services import ListenSpec
 from .status import log_stats_every, stats_line
 
 log = logging.getLogger("quictun")
+
+MIN_RETRY = 0.5  # seconds between two attempts to re-open a tunnel, at least
 
 
 def _status(line: str) -> None:
@@ -59,9 +68,10 @@ async def run_connect(
         finally:
             await tunnel.close()
         return
-    # bind first: a busy or forbidden port is reported before any tunnel is built
-    current: list[Tunnel | None] = [None]
-    listeners = [Listener(spec, service, lambda: current[0], config, unix_mode)
+    # bind first: a busy or forbidden port is reported before any tunnel is built; a
+    # connection made before the tunnel is up (or while it is re-established) waits
+    current = TunnelSlot()
+    listeners = [Listener(spec, service, current, config, unix_mode)
                  for spec in listen or []]
     servers: list[asyncio.AbstractServer] = []
     lines = []
@@ -76,20 +86,19 @@ async def run_connect(
                             "serving side's --allow targets (the entry asks for no "
                             "password); 127.0.0.1 keeps it to this machine", socks[0])
             try:
-                servers.append(await start_socks(socks[0], socks[1], lambda: current[0]))
+                servers.append(await start_socks(socks[0], socks[1], current))
             except OSError as exc:
                 raise TunnelError(f"--socks: cannot listen on {socks[0]}:{socks[1]}: "
                                   f"{exc.strerror}") from None
             host, port = servers[0].sockets[0].getsockname()[:2]
             lines.append(f"SOCKS5 and HTTP CONNECT proxy on {host}:{port}")
-        up: Tunnel | None = None
+        first = await opener()  # meanwhile, early local connections wait (aio/local.py)
         try:
-            current[0] = await opener()
-            await _check_listing(name, current[0], listeners, socks is not None)
-            up = current[0]
-        finally:  # connections that came before the tunnel join it now (or are closed)
-            for lst in listeners:
-                lst.first_tunnel(up)
+            await _check_listing(name, first, listeners, socks is not None)
+        except BaseException:
+            await first.close()
+            raise
+        current.set(first)
         for line in lines:  # once the tunnel is up: scripts wait for these lines
             log.info("%s", line)
         await _listen(current, opener, name, stats_interval)
@@ -100,8 +109,8 @@ async def run_connect(
             lst.close()
         for srv in servers:
             srv.close()
-        if current[0] is not None:
-            await current[0].close()
+        if current.tunnel is not None:
+            await current.tunnel.close()
 
 
 def _loopback(host: str) -> bool:
@@ -156,18 +165,22 @@ async def _check_listing(name: str, tunnel: Tunnel, listeners: list[Listener],
 
 
 async def _listen(
-    current: list[Tunnel | None], opener: Callable[[], Awaitable[Tunnel]], name: str,
+    current: TunnelSlot, opener: Callable[[], Awaitable[Tunnel]], name: str,
     stats_interval: float,
 ) -> None:
-    """Serve the bound listeners with the tunnel in ``current[0]`` (up); when the tunnel
+    """Serve the bound listeners with the tunnel in ``current`` (up); when the tunnel
     dies, keep listening and re-establish it.
 
-    Connections that arrive while the tunnel is down are closed at once (datagrams
-    dropped). Errors another attempt cannot fix (wrong secret, an impostor) end the
-    command. The caller closes the listeners and ``current[0]``.
+    Stream connections that arrive while the tunnel is down wait for the next one (up to
+    ``tunnel_wait``), and one arriving makes the next attempt start at once instead of
+    after the backoff; datagrams are dropped meanwhile. Errors another attempt cannot
+    fix (wrong secret, an impostor) end the command. The caller closes the listeners
+    and ``current.tunnel``.
     """
+    wanted = asyncio.Event()
+    current.on_wanted = wanted.set
     while True:
-        t = current[0]
+        t = current.tunnel
         assert t is not None
         stats = asyncio.ensure_future(log_stats_every(t, stats_interval))
         try:
@@ -175,19 +188,31 @@ async def _listen(
         finally:
             stats.cancel()
             log.info("%s", stats_line(t))
-            current[0] = None
+            current.set(None)
             await t.close()
         log.warning("the tunnel to %r closed (%s); reconnecting", name, reason)
-        delay = 1.0
-        while current[0] is None:
-            await asyncio.sleep(delay)
-            try:
-                current[0] = await opener()
-            except TunnelError as exc:
-                if exc.permanent:
-                    raise
-                delay = min(delay * 2, 30.0)
-                log.warning("reconnect failed: %s; retrying in %.0f s", exc, delay)
+        current.set(await _reopen(opener, wanted))
+
+
+async def _reopen(opener: Callable[[], Awaitable[Tunnel]], wanted: asyncio.Event) -> Tunnel:
+    """A new tunnel, retried with backoff (1 s doubling to 30 s) that a waiting local
+    connection cuts short (attempts stay at least :data:`MIN_RETRY` apart)."""
+    loop = asyncio.get_running_loop()
+    delay = 0.2  # the peer may be back at once (a restarted serve)
+    last = loop.time() - MIN_RETRY
+    while True:
+        wanted.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wanted.wait(), delay)
+        await asyncio.sleep(max(0.0, last + MIN_RETRY - loop.time()))
+        last = loop.time()
+        try:
+            return await opener()
+        except TunnelError as exc:
+            if exc.permanent:
+                raise
+            delay = min(max(delay, 0.5) * 2, 30.0)
+            log.warning("reconnect failed: %s; retrying in %.0f s", exc, delay)
 
 
 async def _stdio(tunnel: Tunnel, service: str | None) -> None:
@@ -222,14 +247,31 @@ async def _stdio(tunnel: Tunnel, service: str | None) -> None:
     if not done.done():
         raise TunnelError(f"the tunnel closed: {closed.result()}")
     closed.cancel()
-    if bridge.reply is not None and not bridge.reply.ok:
-        raise TunnelError(f"{tunnel.name!r} refused the connection: "
-                          f"{printable(bridge.reply.text)}")
+    reply = bridge.reply
+    if reply is not None and reply.status in ctl.TARGET_FAILURES:
+        raise TunnelError(describe_refusal(tunnel.name, service, reply.status,
+                                           detail=printable(reply.text)))
+    if reply is not None and not reply.ok:
+        raise TunnelError(f"{tunnel.name!r} refused the connection: {printable(reply.text)}")
     if bridge.reset_code == ERR_NO_DEFAULT:
         raise TunnelError(f"{tunnel.name!r}: {reset_reason(ERR_NO_DEFAULT)}")
+    if bridge.reset_code in (ERR_TARGET_REFUSED, ERR_TARGET_TIMEOUT, ERR_TARGET_UNREACHABLE):
+        raise TunnelError(describe_refusal(tunnel.name, service, bridge.reset_code,
+                                           await _target_of(tunnel, service)))
     if not bridge.clean:
         raise TunnelError("the connection was reset (the peer, its target or the tunnel "
                           "went away)")
+
+
+async def _target_of(tunnel: Tunnel, service: str | None) -> str:
+    """The target ``serve`` has for ``service`` (from its listing), or "" if unknown."""
+    try:
+        listing = await asyncio.wait_for(tunnel.services(), 5.0)
+    except (TunnelError, TimeoutError) as exc:
+        log.debug("no listing: %r", exc)
+        return ""
+    log.debug("listing: %r", listing)
+    return printable(listing.target_of(service))
 
 
 def _is_file(f) -> bool:  # type: ignore[no-untyped-def]

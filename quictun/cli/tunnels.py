@@ -159,6 +159,8 @@ def _check_forwarding(forwards: tuple[str, ...], allows: tuple[str, ...]) -> Non
     except TunnelError as exc:
         raise UserError(str(exc)) from None
     for svc in table.services:
+        if svc.kind == "tcp":
+            _warn_if_down(svc.name, svc.host, svc.port, svc.target_text())
         if svc.kind != "unix":
             continue
         try:
@@ -172,6 +174,21 @@ def _check_forwarding(forwards: tuple[str, ...], allows: tuple[str, ...]) -> Non
         if not stat.S_ISSOCK(mode):
             raise UserError(f"--forward unix:{svc.path}: the path exists and is not a "
                             "socket; give the service's socket path")
+
+
+def _warn_if_down(name: str, host: str, port: int, text: str) -> None:
+    """Warn (as ``demo`` does) when nothing answers at a TCP target yet: ``serve`` still
+    starts (the service may come later), but its clients would hear 'refused'."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return
+    except OSError as exc:
+        why = exc.strerror or ("timed out" if isinstance(exc, TimeoutError) else str(exc))
+    spec = f"{name}={text}" if name != "default" else text
+    warn(f"--forward {spec}: nothing answers there yet ({why}); clients are told the "
+         "service refused the connection until it runs")
 
 
 @click.command()

@@ -67,6 +67,8 @@ __all__ = [
     "STREAM_PREAMBLE", "Authenticated", "ProofGate", "Refused", "check_server_proof",
     "decode_candidates_update", "encode_candidates", "make_proof",
     "OP_DATAGRAM", "OP_LIST", "OP_STREAM", "OP_TARGET", "ERR_NO_DEFAULT", "ST_OK",
+    "ERR_TARGET_REFUSED", "ERR_TARGET_TIMEOUT", "describe_refusal", "reset_for_status",
+    "TARGET_FAILURES",
     "Listing", "OpenReply", "OpenRequest", "ProtocolError", "decode_datagram",
     "decode_listing", "encode_datagram", "encode_listing", "parse_open", "parse_reply",
 ]
@@ -81,6 +83,8 @@ MAX_UPDATE_CANDIDATES = 32
 ERR_TARGET_UNREACHABLE = 0x51  # RESET_STREAM: the server could not connect the target
 ERR_LOCAL_RESET = 0x52  # RESET_STREAM: the local socket was reset
 ERR_NO_DEFAULT = 0x53  # RESET_STREAM: a version-0 stream, and no default stream service
+ERR_TARGET_REFUSED = 0x54  # RESET_STREAM (version 0): the target refused the connection
+ERR_TARGET_TIMEOUT = 0x55  # RESET_STREAM (version 0): the target did not answer in time
 ERR_AUTH = 0x101  # CONNECTION_CLOSE: the client's proof did not verify (or never came)
 ERR_FINGERPRINT = 0x102  # CONNECTION_CLOSE: the server's certificate is not the pinned one
 ERR_BINDING = 0x103  # CONNECTION_CLOSE: this QUIC engine gives no TLS channel binding
@@ -312,6 +316,36 @@ class OpenReply:
         return bytes([self.status, len(raw)]) + raw
 
 
+def reset_for_status(status: int) -> int:
+    """The RESET_STREAM code that tells a version-0 client (no reply) why its target
+    failed: refused, timed out, or just unreachable."""
+    return {ST_REFUSED: ERR_TARGET_REFUSED, ST_TIMEOUT: ERR_TARGET_TIMEOUT}.get(
+        status, ERR_TARGET_UNREACHABLE)
+
+
+_CAUSES = {ST_REFUSED: "refused the connection", ST_TIMEOUT: "did not answer in time",
+           ST_NET_UNREACHABLE: "is on an unreachable network",
+           ST_HOST_UNREACHABLE: "is on an unreachable host",
+           ST_NAME_NOT_FOUND: "has a name that does not resolve"}
+_RESET_CAUSES = {ERR_TARGET_REFUSED: ST_REFUSED, ERR_TARGET_TIMEOUT: ST_TIMEOUT}
+TARGET_FAILURES = frozenset(_CAUSES)
+"""Reply statuses that mean "the target itself failed" (not "you may not", "no such")."""
+
+
+def describe_refusal(name: str, service: str | None, status: int, target: str = "",
+                     detail: str = "") -> str:
+    """One line for a client whose stream ``name``'s server could not connect: e.g.
+    "the service behind 'x' (127.0.0.1:9) refused the connection". ``status`` is the
+    reply's, or a version-0 reset code; ``target`` the service's target, if known."""
+    status = _RESET_CAUSES.get(status, status)
+    what = f"the service {service!r} of {name!r}" if service else f"the service behind {name!r}"
+    cause = _CAUSES.get(status, "could not be connected")
+    line = f"{what}{f' ({target})' if target else ''} {cause}"
+    if detail and not target:
+        line += f" ({detail})"
+    return line + ("; check that it runs on the serving machine" if status == ST_REFUSED else "")
+
+
 def parse_reply(buf: bytes) -> tuple[OpenReply, int] | None:
     """The reply at the start of a server stream and its length, or None (need more)."""
     if len(buf) < 2 or len(buf) < 2 + buf[1]:
@@ -351,10 +385,21 @@ class Listing:
 
     services: tuple[tuple[str, str, bool], ...]
     allow: tuple[str, ...] = field(default=())
+    targets: tuple[tuple[str, str], ...] = field(default=())
+    """(service, its target) as ``serve`` has it, so that a client can say which one
+    refused (an older server sends none)."""
+
+    def target_of(self, service: str | None) -> str:
+        """The target of ``service`` (None: the default stream service), or ""."""
+        if service is None:
+            service = next((n for n, k, d in self.services if d and k != "udp"), None)
+        return dict(self.targets).get(service or "", "")
 
 
 def encode_listing(listing: Listing) -> bytes:
-    return json.dumps({"services": [{"name": n, "kind": k, "default": d}
+    targets = dict(listing.targets)
+    return json.dumps({"services": [{"name": n, "kind": k, "default": d,
+                                     **({"target": targets[n]} if n in targets else {})}
                                     for n, k, d in listing.services],
                        "allow": list(listing.allow)}).encode()[:LISTING_LIMIT]
 
@@ -366,6 +411,8 @@ def decode_listing(raw: bytes) -> Listing:
         services = tuple((str(s["name"]), str(s["kind"]), bool(s.get("default")))
                          for s in obj["services"])
         allow = tuple(str(a) for a in obj.get("allow", []))
+        targets = tuple((str(s["name"]), str(s["target"])[:300]) for s in obj["services"]
+                        if "target" in s)
     except (ValueError, KeyError, TypeError):
         raise ProtocolError("malformed service listing") from None
-    return Listing(services, allow)
+    return Listing(services, allow, targets)

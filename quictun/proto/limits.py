@@ -1,4 +1,4 @@
-"""Two small bounded memories every untrusted input passes through (pure: time passed in).
+"""Small bounded memories every untrusted input passes through (pure: time passed in).
 
 * :class:`TokenBucket`: a rate limit, ``burst`` at once and ``rate`` per second on average;
   an amount can be more than one (bytes of relayed traffic).
@@ -7,6 +7,8 @@
   *repeat* (a retransmission); from another origin, a *replay*. Used for the peer's probe
   transaction ids (origin: source address and socket) and for the client nonces of offers
   (no origin: every second sighting is a replay).
+* :class:`Quieter`: at most one log line per key every ``interval`` seconds, telling how
+  many were left out (a flood of refused connections makes a line, not a flood of them).
 
 Neither reads a clock: every call takes ``now`` (seconds, any monotonic origin); a clock
 that goes backwards adds no tokens and expires nothing.
@@ -17,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from enum import StrEnum
 
-__all__ = ["ReplayWindow", "Sighting", "TokenBucket"]
+__all__ = ["Quieter", "ReplayWindow", "Sighting", "TokenBucket"]
 
 
 class TokenBucket:
@@ -93,3 +95,24 @@ class ReplayWindow:
             if now - at < self.window:
                 break
             del self._seen[key]
+
+
+class Quieter:
+    """At most one line per key every ``interval`` seconds (at most ``capacity`` keys)."""
+
+    def __init__(self, interval: float = 10.0, capacity: int = 256) -> None:
+        self.interval = interval
+        self.capacity = capacity
+        self._keys: dict[Hashable, tuple[float, int]] = {}  # key -> (last line, left out)
+
+    def allow(self, key: Hashable, now: float) -> int | None:
+        """None: leave this line out (counted); else log it, and mention the returned
+        number of lines left out since the previous one (0: none)."""
+        last = self._keys.get(key)
+        if last is not None and now - last[0] < self.interval:
+            self._keys[key] = (last[0], last[1] + 1)
+            return None
+        if last is None and len(self._keys) >= self.capacity:
+            self._keys.pop(next(iter(self._keys)))
+        self._keys[key] = (now, 0)
+        return last[1] if last is not None else 0

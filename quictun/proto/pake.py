@@ -31,7 +31,9 @@ Key schedule (HKDF-SHA256, RFC 5869)::
 ``lp(x)`` is x prefixed by its length as 4 bytes big-endian. Labels: ``seal c2s``,
 ``seal s2c`` (the AEAD keys, one per direction), ``punch to server``, ``punch to client``
 (STUN probe integrity keys, as in protocol 1), ``proof`` (the in-QUIC key confirmation
-bound to the TLS channel, :meth:`SessionKeys.proof`).
+bound to the TLS channel, :meth:`SessionKeys.proof`), ``resume`` (the seeds of the keys
+that let each peer move the session to a new relay connection,
+:meth:`SessionKeys.resume_seed` and :mod:`quictun.proto.resume`).
 
 Boxes (:meth:`SessionKeys.seal`) are ChaCha20-Poly1305 with the per-direction key, the
 12-byte big-endian message counter ``n`` as nonce, and associated data
@@ -255,6 +257,7 @@ def finish(started: Started, message: bytes, hint: bytes = b"") -> SessionKeys:
         punch_to_server=_expand(prk, "punch to server"),
         punch_to_client=_expand(prk, "punch to client"),
         _proof=_expand(prk, "proof"),
+        _resume=_expand(prk, "resume"),
     )
 
 
@@ -272,6 +275,7 @@ class SessionKeys:
     punch_to_server: bytes
     punch_to_client: bytes
     _proof: bytes
+    _resume: bytes
 
     def __repr__(self) -> str:
         return f"SessionKeys(role={self.role!r}, transcript={self.transcript.hex()[:16]}…)"
@@ -328,6 +332,16 @@ class SessionKeys:
         expected = self.proof(who, channel_binding, server_fp, client_fp)
         return isinstance(given, bytes | bytearray) and hmac.compare_digest(expected,
                                                                              bytes(given))
+
+    def resume_seed(self, who: str) -> bytes:
+        """The 32-byte seed of ``who``'s resume key (``"client"`` or ``"server"``):
+        the Ed25519 key whose public half that peer gives the relay, so that only it
+        can later move the session to a new relay connection
+        (:mod:`quictun.proto.resume`). Secret: derived from the exchange."""
+        if who not in ROLES:
+            raise ValueError(f"who must be one of {ROLES}")
+        return hmac.new(self._resume, _lp(b"quictun/2 resume seed", who.encode()),
+                        hashlib.sha256).digest()
 
     def client_signature_input(self, channel_binding: bytes, server_fp: str) -> bytes:
         """What the client signs with its identity key inside QUIC, next to its proof:

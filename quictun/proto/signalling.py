@@ -37,46 +37,13 @@ from .fields import (
 )
 
 __all__ = [
-    "PROTOCOL_VERSION",
-    "SUPPORTED_VERSIONS",
-    "register_signed",
-    "Data",
-    "MAX_MESSAGE_SIZE",
-    "MAX_BLOB_SIZE",
-    "RELAY_KIND",
-    "ProtocolError",
-    "valid_name",
-    "encode",
-    "decode",
-    "encode_relay",
-    "decode_relay",
-    "Message",
-    "Hello",
-    "Register",
-    "Unregister",
-    "Connect",
-    "Answer",
-    "Reject",
-    "Close",
-    "Ping",
-    "Welcome",
-    "Registered",
-    "Incoming",
-    "Go",
-    "Rejected",
-    "Closed",
-    "Pong",
-    "Error",
-    "REJECT_AUTH",
-    "REJECT_REPLAY",
-    "REJECT_MALFORMED",
-    "REJECT_BUSY",
-    "REJECT_SERVER_ERROR",
-    "REJECT_VERSION",
-    "REJECT_STALE",
-    "REJECT_CODES",
-    "CLIENT_MESSAGES",
-    "SERVER_MESSAGES",
+    "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "register_signed", "Data", "MAX_MESSAGE_SIZE",
+    "MAX_BLOB_SIZE", "RELAY_KIND", "ProtocolError", "valid_name", "encode", "decode",
+    "encode_relay", "decode_relay", "Message", "Hello", "Register", "Unregister", "Connect",
+    "Answer", "Reject", "Close", "Ping", "Resumable", "Resume", "Welcome", "Registered",
+    "Incoming", "Go", "Rejected", "Closed", "Pong", "Resumed", "Error", "REJECT_AUTH",
+    "REJECT_REPLAY", "REJECT_MALFORMED", "REJECT_BUSY", "REJECT_SERVER_ERROR",
+    "REJECT_VERSION", "REJECT_STALE", "REJECT_CODES", "CLIENT_MESSAGES", "SERVER_MESSAGES",
 ]
 
 PROTOCOL_VERSION = 2
@@ -277,13 +244,39 @@ class Ping(_Message):
     CHECKS: ClassVar[dict[str, Any]] = {"id": fld.U53}
 
 
+@dataclass(frozen=True)
+class Resumable(_Message):
+    """A member of an answered session gives the relay the public half of its resume
+    key (64 hex, see :mod:`quictun.proto.resume`); no reply. Only to a relay whose
+    ``welcome`` offers ``resume``."""
+
+    T: ClassVar[str] = "resumable"
+    session: int
+    key: str
+    CHECKS: ClassVar[dict[str, Any]] = {"session": fld.SESSION, "key": fld.hexbytes(32)}
+
+
+@dataclass(frozen=True)
+class Resume(_Message):
+    """Move my half of ``session`` to this connection: ``sig`` (128 hex) by my resume key
+    over this connection's challenge and the session id. Reply ``resumed``, or ``error
+    no-such-session`` (with the session)."""
+
+    T: ClassVar[str] = "resume"
+    session: int
+    sig: str
+    CHECKS: ClassVar[dict[str, Any]] = {"session": fld.SESSION, "sig": fld.hexbytes(64)}
+
+
 # relay -> client
 
 
 @dataclass(frozen=True)
 class Welcome(_Message):
     """Reply to ``hello``: STUN UDP ports, whether relaying is allowed, observed address,
-    and (protocol 2) the connection's ``challenge`` (64 hex) a ``register`` signs."""
+    (protocol 2) the connection's ``challenge`` (64 hex) a ``register`` or ``resume``
+    signs, and ``resume``: how many seconds a session whose member's connection dropped
+    waits for it to ``resume`` (absent: this relay cannot resume sessions)."""
 
     T: ClassVar[str] = "welcome"
     v: int
@@ -291,12 +284,14 @@ class Welcome(_Message):
     relay: bool
     addr: str
     challenge: str | None = None
+    resume: int | None = None
     CHECKS: ClassVar[dict[str, Any]] = {
         "v": fld.U53,
         "stun": fld.ports,
         "relay": fld.boolean,
         "addr": fld.string(fld.SHORT),
         "challenge": lambda v, n: None if v is None else fld.hexbytes(32)(v, n),
+        "resume": lambda v, n: None if v is None else fld.U53(v, n),
     }
 
 
@@ -361,6 +356,15 @@ class Pong(_Message):
 
 
 @dataclass(frozen=True)
+class Resumed(_Message):
+    """Reply to ``resume``: this connection is now the member of ``session``."""
+
+    T: ClassVar[str] = "resumed"
+    session: int
+    CHECKS: ClassVar[dict[str, Any]] = {"session": fld.SESSION}
+
+
+@dataclass(frozen=True)
 class Error(_Message):
     """Something went wrong; ``session`` is set when the error concerns one session."""
 
@@ -392,6 +396,9 @@ Message = (
     | Closed
     | Data
     | Pong
+    | Resumable
+    | Resume
+    | Resumed
     | Error
 )
 
@@ -405,6 +412,8 @@ CLIENT_MESSAGES: tuple[type[_Message], ...] = (
     Close,
     Data,
     Ping,
+    Resumable,
+    Resume,
 )
 SERVER_MESSAGES: tuple[type[_Message], ...] = (
     Welcome,
@@ -416,16 +425,18 @@ SERVER_MESSAGES: tuple[type[_Message], ...] = (
     Closed,
     Data,
     Pong,
+    Resumed,
     Error,
 )
 _TYPES: dict[str, type[_Message]] = {cls.T: cls for cls in CLIENT_MESSAGES + SERVER_MESSAGES}
 #: Fields that may be absent on the wire (decoded as None).
 _OPTIONAL = {(Error, "session"), (Reject, "code"), (Rejected, "code"), (Register, "owner"),
-             (Register, "key"), (Register, "sig"), (Welcome, "challenge")}
+             (Register, "key"), (Register, "sig"), (Welcome, "challenge"),
+             (Welcome, "resume")}
 #: Optional fields left out of the JSON when None, so that messages without them are
 #: byte-for-byte what older peers sent (``error.session`` is always written, as before).
 _OMIT_NONE = {(Reject, "code"), (Rejected, "code"), (Register, "owner"), (Register, "key"),
-              (Register, "sig"), (Welcome, "challenge")}
+              (Register, "sig"), (Welcome, "challenge"), (Welcome, "resume")}
 
 
 def _reject_constant(name: str) -> Any:

@@ -25,30 +25,22 @@ with ``local_key`` are answered; one from an unknown source adds a ``prflx`` can
 (peer-reflexive: how a symmetric NAT's per-destination port is learned) and starts a
 *triggered check* (an immediate probe plus a one-second burst).
 
-Replays (:func:`quictun.punch.probes.seen_requests`): a request id seen again from the same
-source and socket is a retransmission (answered, nothing else); from anywhere else it is
-a replay by an on-path observer (dropped unanswered). New prflx candidates and triggered
-checks are also rate-limited (``PRFLX_RATE``, ``TRIGGER_RATE`` per second), so no
-request can make us probe arbitrary addresses fast or evict the real prflx candidates.
+Each candidate's probe timer, and how replayed requests are told from retransmissions
+and rate-limited, are :mod:`quictun.punch.probes`'s.
 
-Every candidate has one probe timer (``next_probe``), scheduled by its role: heartbeat
-when selected, fast then slow during a burst, rarely as a validated alternate, else idle
-(:class:`quictun.punch.probes.Cand`).
-
-Selection (the rules are :mod:`quictun.punch.selection`): the best validated candidate is
-the lowest ``(rank, rtt at validation)``. Relay or pathless -> upgrade to it as soon as one
-exists. Direct -> switch only to a *strictly* lower rank, never on RTT, so loss and jitter
-cannot make it flap. The selected path is *dead* when nothing (signed response or
+Selection (which candidate, and when to switch) is :mod:`quictun.punch.selection`'s.
+The selected path is *dead* when nothing (signed response or
 :meth:`note_direct_traffic`) came for ``dead_after`` while probes went unanswered for at
 least one heartbeat; it is then un-validated (its pending transactions are forgotten, so
 coming back needs a response to a probe sent after the fallback), and we fall back to
 the best other validated path, else the relay (auto mode), else nothing, and start
 re-punch bursts every ``repunch_interval`` while not direct (every ``upgrade_interval``,
 only toward better-ranked candidates, while on a direct path that is not the best rank).
+Probe answers are not data: a path that answers them but carries no authenticated QUIC
+is distrusted, and a dead path may start a new birthday attempt (:mod:`.recovery`).
 
-Addresses: every address is normalised on the way in (IPv4-mapped IPv6 -> IPv4, socket
-tuples cut to ``(host, port)``), and every address handed back (datagrams, ``NetPath``) is in
-that normal form. A shell with a dual-stack socket maps IPv4 back to ``::ffff:a.b.c.d``.
+Addresses are normalised on the way in (IPv4-mapped IPv6 -> IPv4, ``(host, port)``) and
+handed back so; a shell with a dual-stack socket maps IPv4 back to ``::ffff:a.b.c.d``.
 """
 
 from __future__ import annotations
@@ -59,13 +51,13 @@ from typing import Any
 
 from ..proto import stun
 from ..proto.limits import Sighting, TokenBucket
-from .birthday import Birthday, start_attempt
+from .birthday import Birthday
 from .gather import FIRST_DELAY, GatherSchedule
 from .pathmtu import PathMtu
 from .probes import ALTERNATE_FACTOR, CandidateState, Datagram, Outbox
+from .recovery import BirthdayRetry, birthday_toward, check_data, distrust, quiet, release_distrust
 from .selection import MAX_CANDIDATES, MAX_PRFLX, CandidateTable, repunch_targets, target
 from .types import (
-    RANK_LAN,
     RELAY_PATH,
     Addr,
     Candidate,
@@ -130,8 +122,8 @@ class PathManager:
         self._multi_socket = multi_socket
         self._local_cands: list[Candidate] | None = None
         self._bday: Birthday | None = None
-        self._bday_decided = False
-
+        self._bday_decided, self._bday_at = False, 0.0  # (next) attempt decided; due at
+        self._bday_retry = BirthdayRetry()  # more attempts after a death (recovery.py)
         self._cands = CandidateTable(local_networks)
         self._outbox = Outbox(local_key=local_key, remote_key=remote_key,
                               random_bytes=random_bytes)
@@ -141,24 +133,20 @@ class PathManager:
         self._events: deque[Event] = deque()
         self._regather = regather and mode != "relay"
         self._gather = GatherSchedule()
-        self._was_direct = False  # the path of the last PathChanged was direct
-        self._path_seen = False  # a PathChanged was emitted
-        self._suspect = False  # the last SuspectChanged said suspect
+        # the last PathChanged was direct; a PathChanged was emitted; the last
+        # SuspectChanged said suspect
+        self._was_direct = self._path_seen = self._suspect = False
         self.mtu = (mtu or PathMtu()).bind(self._cands, self._outbox, self._events,
                                            lambda: (self._selected, self._on_relay))
-
-        self._started = False
-        self._start_time = 0.0
-        self._punch_deadline_done = False
+        self._started, self._start_time, self._punch_deadline_done = False, 0.0, False
         self._next_repunch: float | None = None
         self._selected: CandidateState | None = None
         self._on_relay = False
-
         self._stats = dict.fromkeys((
             "probes_sent", "responses_received", "requests_received", "responses_sent",
             "invalid_dropped", "replays_dropped", "retransmissions", "rate_limited",
             "triggered_checks", "prflx_learned", "validations", "paths_died", "switches",
-            "relay_traffic", "birthday_probes", "low_ttl_probes"), 0)
+            "relay_traffic", "birthday_probes", "low_ttl_probes", "paths_distrusted"), 0)
         self.birthday_role: str | None = None
         """``"easy"`` / ``"hard"`` once a birthday attempt started (diagnostics)."""
 
@@ -168,9 +156,7 @@ class PathManager:
         """Where to send QUIC datagrams now: a direct path, the relay, or None (nowhere)."""
         if self._selected is not None:
             return self._selected.path()
-        if self._on_relay:
-            return RELAY_PATH
-        return None
+        return RELAY_PATH if self._on_relay else None
 
     def add_remote_candidates(self, cands: Iterable[Candidate], now: float) -> None:
         """Learn the peer's candidates (from signalling; may be called repeatedly).
@@ -203,6 +189,7 @@ class PathManager:
             return
         self._started = True
         self._start_time = now
+        self._bday_at = now + self._cfg.birthday_after
         self._next_repunch = now + self._cfg.repunch_interval
         if self._mode != "relay":
             for c in self._cands.values():
@@ -259,16 +246,13 @@ class PathManager:
 
     def uncertain(self, now: float) -> bool:
         """True while the selected direct path shows no sign of life (it is *suspect*:
-        nothing for 1.5 heartbeats) and the relay could carry datagrams (auto mode).
-
-        The shell may then send each QUIC datagram over the relay as well: after a NAT
-        rebinding the data keeps flowing within seconds instead of stalling until the
-        path is declared dead. Duplicates are harmless to QUIC.
-        """
+        nothing for 1.5 heartbeats) and the relay could carry datagrams (auto mode). The
+        shell may then send each QUIC datagram over the relay as well (duplicates are
+        harmless to QUIC): after a NAT rebinding data keeps flowing, not stalling."""
         c = self._selected
         if c is None or self._mode != "auto" or not self._relay_available:
             return False
-        return c.silent(self._cfg, now)
+        return quiet(c, self._cfg, now)
 
     def set_relay_available(self, available: bool, now: float) -> None:
         """The relay connection was lost (False) or restored (True)."""
@@ -312,7 +296,7 @@ class PathManager:
             if not self._punch_deadline_done:
                 times.append(self._punch_deadline())
             if not self._bday_decided and self._cfg.birthday_duration > 0:
-                times.append(self._start_time + self._cfg.birthday_after)
+                times.append(self._bday_at)
             if self._bday is not None and (t := self._bday.next_time()) is not None:
                 times.append(t)
             if self._selected is None and not self._on_relay and self._relay_wanted():
@@ -341,11 +325,9 @@ class PathManager:
 
     def stats(self) -> dict[str, Any]:
         """Counters: probes sent, requests/responses received, validations, switches..."""
-        out: dict[str, Any] = {**self._stats, **self.mtu.report()}
-        out["candidates"] = len(self._cands)
-        out["validated"] = sorted(c.addr for c in self._cands.values() if c.validated)
-        out["pending_transactions"] = len(self._txns)
-        return out
+        return {**self._stats, **self.mtu.report(), "candidates": len(self._cands),
+                "pending_transactions": len(self._txns),
+                "validated": sorted(c.addr for c in self._cands.values() if c.validated)}
 
     # ------------------------------------------------------------------ candidates
     def _learn_prflx(self, addr: Addr) -> CandidateState | None:
@@ -358,8 +340,7 @@ class PathManager:
 
     def _invalidate(self, c: CandidateState) -> None:
         """Require a fresh validation (a response to a probe sent from now on)."""
-        c.validated = False
-        c.first_unanswered = None
+        c.validated, c.first_unanswered = False, None
         self._txns.forget(c.addr)
         self.mtu.forget(c)
 
@@ -454,6 +435,12 @@ class PathManager:
             self._check_punch_deadline(now)
             return
         self._txns.expire(now)
+        release_distrust(self._cands.values(), now)
+        sel = self._selected  # probes answered but no QUIC: not trusted (recovery.py)
+        if sel is not None and check_data(sel, self._cfg, now):
+            self._stats["paths_distrusted"] += 1
+            distrust(sel, self._cfg, now)
+            self._path_died(sel, now)
         for c in list(self._cands.values()):
             expiry = c.expiry(self._cfg, c is self._selected)
             if expiry is not None and now >= expiry:
@@ -487,22 +474,18 @@ class PathManager:
             self._events.append(GatherWanted())
 
     def _birthday(self, now: float) -> None:
-        """Start the birthday attempt when due (see :mod:`quictun.punch.birthday`), send its probes.
-
-        At most one attempt per manager (``_bday_decided`` is never reset), so at most
-        ``birthday_rate * birthday_duration`` birthday probes in its lifetime.
-        """
+        """Start the birthday attempt when due (see :mod:`quictun.punch.birthday`), send its
+        probes. One at the start, at most ``BirthdayRetry.left`` more after deaths of the
+        selected path, each at most ``birthday_rate * birthday_duration`` probes."""
         cfg = self._cfg
-        if not self._bday_decided and now >= self._start_time + cfg.birthday_after:
+        if not self._bday_decided and now >= self._bday_at:
             self._bday_decided = True
-            if not any(c.validated for c in self._cands.values()):
-                peer = [Candidate(c.addr, c.kind) for c in self._cands.values()
-                        if c.kind != "prflx" and c.rank > RANK_LAN]
-                self._bday = start_attempt(peer, self._local_cands, now, cfg,
-                                           multi_socket=self._multi_socket,
-                                           random_bytes=self._random_bytes)
-                if self._bday is not None:
-                    self.birthday_role = self._bday.role
+            self._bday = birthday_toward(self._cands.values(), self._local_cands, now, cfg,
+                                         multi_socket=self._multi_socket,
+                                         random_bytes=self._random_bytes)
+            if self._bday is not None:
+                self.birthday_role = self._bday.role
+                self._bday_retry.started(now)
         bday = self._bday
         if bday is None:
             return
@@ -533,6 +516,9 @@ class PathManager:
         if not was_selected:
             return
         self._stats["paths_died"] += 1
+        at = self._bday_retry.next_attempt(now, self._cfg.birthday_after)
+        if at is not None:  # a NAT reset may need birthday probing again (recovery.py)
+            self._bday_decided, self._bday_at = False, at
         self._selected = None  # _reselect emits the single PathChanged below
         self._repunch(now, previous=c)
 
@@ -588,7 +574,8 @@ class PathManager:
             return
         if target is not None:
             # A fresh selection: heartbeat now if the evidence is stale, else in one period.
-            target.first_unanswered = None
+            target.first_unanswered = target.quiet_since = None
+            target.selected_at = now
             stale = target.last_alive is None or now - target.last_alive >= self._cfg.heartbeat
             target.next_probe = now if stale else now + self._cfg.heartbeat
         if before is not None and before.validated and before is not target:

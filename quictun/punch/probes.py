@@ -87,6 +87,12 @@ class CandidateState:
     probes: int = 0
     pmtu: Pmtu | None = None  # path MTU state, made when first selected; reset on death
     traffic_at: float | None = None  # last authenticated QUIC packet from this address
+    # the data rules of quictun.punch.recovery: authenticated QUIC from this address
+    # (traffic_at, above), when it was selected, its current quiet spell, and its distrust
+    selected_at: float | None = None
+    quiet_since: float | None = None
+    distrusted_until: float | None = None
+    distrusts: int = 0
 
     @property
     def usable(self) -> bool:

@@ -1,6 +1,7 @@
 """Which candidates the path manager keeps, and which one it sends on (pure rules).
 
-Selection: the best validated candidate is the lowest ``(rank, rtt at validation)``.
+Selection: the best validated candidate is the lowest ``(rank, rtt at validation)``
+(never a distrusted one, :mod:`.recovery`).
 From the relay or from no path, upgrade to it as soon as one exists. From a direct path,
 switch only to a *strictly* lower rank, never on RTT, so loss and jitter cannot make it
 flap; or, early, when the selected path went quiet (through a heartbeat and the fast
@@ -32,8 +33,9 @@ EARLY_MOVE_EXTRA = 1.0  # s of fast probing unanswered before moving off a silen
 
 
 def best(cands: Iterable[CandidateState]) -> CandidateState | None:
-    """The best usable candidate (validated, and able to carry 1200 bytes), or None."""
-    live = [c for c in cands if c.usable]
+    """The best usable candidate (validated, able to carry 1200 bytes) that is not
+    distrusted (see :mod:`quictun.punch.recovery`), or None."""
+    live = [c for c in cands if c.usable and c.distrusted_until is None]
     if not live:
         return None
     return min(live, key=lambda c: (c.rank, c.validation_rtt or 0.0, c.addr))
@@ -60,7 +62,7 @@ def target(
         if cur.silent(cfg, now, EARLY_MOVE_EXTRA):
             alive = [c for c in cands
                      if c.usable and c is not cur and c.rank <= cur.rank
-                     and not c.silent(cfg, now)]
+                     and not c.silent(cfg, now) and c.distrusted_until is None]
             if alive:
                 return min(alive, key=lambda c: (c.rank, c.validation_rtt or 0.0)), False
         return cur, False

@@ -192,6 +192,12 @@ class PathConfig:
     """Probe interval on the selected direct path (keeps 5 s NAT mappings alive)."""
     dead_after: float = 6.5
     """No signed response or traffic from the selected path for this long => dead."""
+    data_silence: float = 35.0
+    """No authenticated QUIC from the selected path for this long, while its probes are
+    answered => distrusted (:mod:`quictun.punch.recovery`; 0: off). Must exceed the
+    QUIC keepalive period (15 s), which makes even an idle tunnel send."""
+    distrust: float = 30.0
+    """A distrusted path is not selected again for this long (doubling, up to 8x)."""
     repunch_interval: float = 10.0
     """While on relay (or pathless), re-probe all unvalidated candidates this often."""
     repunch_burst: float = 2.0

@@ -72,7 +72,7 @@ API (sites are named ``"a"`` and ``"b"``)::
       reset_counters() -> None
       set_udp_timeout(site, seconds, stream_seconds=None) -> None
       flush_conntrack(site) -> None; conntrack_list(site) -> str
-      set_masquerade_ports(site, lo, hi) -> None   # UDP only; TCP keeps plain masquerade
+      set_masquerade_ports(site, lo, hi, *, tcp=False) -> None   # UDP (tcp: and TCP)
       set_loss(percent, site=None) -> None         # None: wan bridge; "a"/"b": router forward
       set_uplink_mtu(site, mtu, *, filter_icmp=True) -> None
                                    # router wan0 + its wan bridge port; ICMP "too big" dropped
@@ -597,15 +597,17 @@ table inet qlab_relay {{
 }}
 """
 
-    def _masq_rules(self, site: str, udp_ports: tuple[int, int] | None = None) -> str:
+    def _masq_rules(self, site: str, udp_ports: tuple[int, int] | None = None,
+                    tcp: bool = False) -> str:
         spec = self._site(site)
         rnd = " random" if spec.kind == "symmetric" else ""
         lan = "198.19.1.0/24" if (site == "a" or self.same_lan) else "198.19.2.0/24"
         rules = []
         if udp_ports is not None:
             lo, hi = udp_ports
+            proto = "{ udp, tcp }" if tcp else "udp"
             rules.append(
-                f'oifname "wan0" ip saddr {lan} meta l4proto udp masquerade to :{lo}-{hi}{rnd}'
+                f'oifname "wan0" ip saddr {lan} meta l4proto {proto} masquerade to :{lo}-{hi}{rnd}'
             )
         rules.append(f'oifname "wan0" ip saddr {lan} masquerade{rnd}')
         return "\n    ".join(rules)
@@ -826,15 +828,17 @@ table bridge qlab_lan {
         return _sh(["ip", "netns", "exec", self.router_ns(site), "conntrack", "-L"],
                    check=False).stdout
 
-    def set_masquerade_ports(self, site: str, lo: int, hi: int) -> None:
-        """Masquerade UDP from ``site`` to ports lo-hi (new flows only; flush to rebind).
+    def set_masquerade_ports(self, site: str, lo: int, hi: int, *, tcp: bool = False) -> None:
+        """Masquerade UDP (and with ``tcp``, TCP too) from ``site`` to ports lo-hi (new
+        flows only; flush to rebind). With ``tcp`` and a flush, the relay's WebSocket
+        from that site breaks as well, as after a home router's reboot.
 
         Linux keeps a source port that already lies inside lo-hi: to force a new public
         port pick a range outside the hosts' ephemeral ports (32768-60999), e.g. 20000-29999.
         """
         if not self._site(site).nat:
             raise ValueError(f"site {site} ({self._site(site).kind}) has no NAT")
-        rules = self._masq_rules(site, (lo, hi))
+        rules = self._masq_rules(site, (lo, hi), tcp)
         self._nft(self.router_ns(site),
                   "flush chain ip qlab_nat postrouting_chain\n"
                   + "\n".join(f"add rule ip qlab_nat postrouting_chain {r.strip()}"

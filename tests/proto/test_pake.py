@@ -273,3 +273,16 @@ _BOX_PRIV, _ = pake.box_keypair(bytes(32))
 def test_open_hint_raises_only_pake_error(hint: bytes, message: bytes) -> None:
     with pytest.raises(PakeError):
         pake.open_hint(box_private=_BOX_PRIV, name="home", message=message, hint=hint)
+
+
+def test_resume_seeds_agree_per_role_and_differ_between_roles_and_sessions() -> None:
+    """Both peers derive the same resume seed for each role (either could check the
+    other), the roles' seeds differ, and another exchange gives other seeds."""
+    kc, ks = _pair()
+    assert kc.resume_seed("client") == ks.resume_seed("client")
+    assert kc.resume_seed("server") == ks.resume_seed("server")
+    assert kc.resume_seed("client") != kc.resume_seed("server")
+    other, _ = _pair()
+    assert other.resume_seed("client") != kc.resume_seed("client")
+    with pytest.raises(ValueError):
+        kc.resume_seed("relay")

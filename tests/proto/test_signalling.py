@@ -31,7 +31,20 @@ ALL = [
     sp.Pong(id=2**53 - 1),
     sp.Error(code="bad-message", message="nope", session=None),
     sp.Error(code="timeout", message="late", session=9),
+    sp.Welcome(v=2, stun=[3478], relay=True, addr="1.2.3.4:5", challenge="ab" * 32,
+               resume=15),
+    sp.Resumable(session=3, key="cd" * 32),
+    sp.Resume(session=3, sig="ef" * 64),
+    sp.Resumed(session=3),
 ]
+
+
+def test_welcome_without_resume_is_what_older_relays_send() -> None:
+    w = sp.Welcome(v=2, stun=[3478], relay=True, addr="x", challenge="ab" * 32)
+    assert "resume" not in sp.encode(w)
+    assert sp.decode(sp.encode(w)).resume is None  # type: ignore[union-attr]
+    with pytest.raises(sp.ProtocolError):
+        sp.decode('{"t":"resume","session":1,"sig":"abcd"}')  # not 64 bytes of hex
 
 
 @pytest.mark.parametrize("msg", ALL, ids=lambda m: m.T)

@@ -45,7 +45,9 @@ The :class:`Sim` driver runs :class:`~quictun.punch.manager.PathManager` instanc
 it advances the clock to the next packet or timer, delivers STUN to ``receive_stun``, fake
 QUIC datagrams (first byte 0x40) to ``note_direct_traffic``, and relay datagrams to
 ``note_relay_traffic``; after every step it flushes ``datagrams_to_send`` and records
-events with their time.
+events with their time. Like the real tunnel, each peer sends one such datagram on its
+current path every ``keepalive`` seconds (QUIC's keepalive PING; None: never) and a PING
+when its path goes suspect, which the other peer answers at once (its ACK).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from quictun.punch import (
     PathConfig,
     PathManager,
     PunchFailed,
+    SuspectChanged,
 )
 from quictun.punch.pathmtu import PathMtu
 from quictun.punch.types import DatagramSizeChanged, Event
@@ -76,6 +79,7 @@ Handler = Callable[[bytes, Addr], None]
 REFLECTOR_ADDR: Addr = ("198.51.100.1", 3478)
 REFLECTOR2_ADDR: Addr = ("198.51.100.1", 3479)  # a second port: reveals EDM mapping
 QUIC_PREFIX = b"\x40quic:"
+QUIC_PING = b"\x40ping:"  # an ack-eliciting PING: the receiver answers at once
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,7 @@ class Nat:
         self._stale: dict[tuple[Addr, Addr], float] = {}  # (public, remote) -> last inbound
         self.stale_created = 0
         self.blackhole = False  # runtime switch: drop all traffic to/from outside
+        self.drop_quic = False  # runtime switch: drop QUIC to/from outside, pass STUN
         self.lan_down = False  # runtime switch: drop traffic between inside hosts
         self.mappings_created = 0
         if kind.translate:
@@ -333,7 +338,7 @@ class Network:
             self.schedule(self.now + self.lan_latency, lambda: target.deliver(data, src, dst[1]))
             return
         if nat is not None:
-            if nat.kind.blocked or nat.blackhole:
+            if nat.kind.blocked or nat.blackhole or (nat.drop_quic and data[:1] == b"\x40"):
                 self.dropped += 1
                 return
             if dst[0] == nat.public_ip and not nat.kind.hairpin:
@@ -354,7 +359,8 @@ class Network:
         if isinstance(node, Host):
             node.deliver(data, src, dst[1])
             return
-        if node is None or node.kind.blocked or node.blackhole:
+        if node is None or node.kind.blocked or node.blackhole or (
+                node.drop_quic and data[:1] == b"\x40"):
             self.dropped += 1
             return
         inside = node.inbound(src, dst, self.now)
@@ -473,9 +479,11 @@ class Peer:
 
     def _on_datagram(self, data: bytes, src: Addr, slot: int = 0) -> None:
         now = self.sim.net.now
-        if data.startswith(QUIC_PREFIX):
+        if data.startswith((QUIC_PREFIX, QUIC_PING)):
             self.quic_received_direct += 1
             self.pm.note_direct_traffic(src, now)
+            if data.startswith(QUIC_PING):
+                self.send_quic()  # its ACK, on our own current path
         elif stun.is_stun(data):
             if src in self.sim.reflector_addrs and slot == 0:
                 msg = stun.decode(data)
@@ -490,18 +498,18 @@ class Peer:
                 return
             self.pm.receive_stun(data, src, now, slot)
 
-    def send_quic(self) -> None:
+    def send_quic(self, ping: bool = False) -> None:
         path = self.pm.current
         self.quic_sent += 1
         if path is None:
             self.quic_unsendable += 1
         elif path.kind == "direct":
             assert path.remote is not None
-            data = QUIC_PREFIX + self.name.encode()
+            data = (QUIC_PING if ping else QUIC_PREFIX) + self.name.encode()
             data += bytes(self.datagram_size - len(data))
             self.host.send(self.port + path.slot, data, path.remote)
         else:
-            self.sim.relay_send(self)
+            self.sim.relay_send(self, ping)
 
     def flush(self) -> None:
         now = self.sim.net.now
@@ -520,12 +528,15 @@ class Peer:
             if isinstance(event, DatagramSizeChanged):
                 self.datagram_size = event.size
             self.sim.on_event(self, event)
+            if isinstance(event, SuspectChanged) and event.suspect:
+                self.send_quic(ping=True)  # like the shell: a quiet path gets a QUIC PING
 
 
 class Sim:
     """Drive PathManagers through a :class:`Network` with a fake clock."""
 
-    def __init__(self, net: Network, *, relay_up: bool = True, relay_latency: float = 0.05) -> None:
+    def __init__(self, net: Network, *, relay_up: bool = True, relay_latency: float = 0.05,
+                 keepalive: float | None = 15.0) -> None:
         self.net = net
         self.reflector = Reflector(net)
         self.reflector2 = Reflector(net, REFLECTOR2_ADDR, host=self.reflector.host)
@@ -533,10 +544,12 @@ class Sim:
         self.peers: list[Peer] = []
         self.relay_up = relay_up
         self.relay_latency = relay_latency
-        self.traffic_interval: float | None = None
+        # like QUIC's keepalive PING: every tunnel sends now and then, even an idle one
+        self.traffic_interval: float | None = keepalive
         self.regather_on_fallback = False
         self.tell_local = True  # connect() passes each peer its own candidates
-        self._next_traffic: float | None = None
+        self._next_traffic: float | None = None if keepalive is None else net.now + keepalive
+        self._traffic_pings = True  # keepalives are PINGs; start_traffic says for its data
         self._started = False
 
     def add_peer(
@@ -604,12 +617,15 @@ class Sim:
             p.pm.set_relay_available(up, self.net.now)
             p.flush()
 
-    def start_traffic(self, interval: float) -> None:
-        """Each peer sends one fake QUIC datagram on its current path every ``interval``."""
+    def start_traffic(self, interval: float, *, answered: bool = False) -> None:
+        """Each peer sends one fake QUIC datagram on its current path every ``interval``
+        (instead of a keepalive PING every ``keepalive``); ``answered``: as PINGs, each
+        answered at once."""
         self.traffic_interval = interval
         self._next_traffic = self.net.now + interval
+        self._traffic_pings = answered
 
-    def relay_send(self, sender: Peer) -> None:
+    def relay_send(self, sender: Peer, ping: bool = False) -> None:
         other = sender.other
         if not self.relay_up or other is None:
             sender.quic_unsendable += 1
@@ -618,6 +634,8 @@ class Sim:
         def arrive() -> None:
             other.quic_received_relay += 1
             other.pm.note_relay_traffic(self.net.now)
+            if ping:
+                other.send_quic()
 
         self.net.schedule(self.net.now + self.relay_latency, arrive)
 
@@ -675,6 +693,6 @@ class Sim:
                 assert self.traffic_interval is not None
                 self._next_traffic = net.now + self.traffic_interval
                 for p in self.peers:
-                    p.send_quic()
+                    p.send_quic(ping=self._traffic_pings)
             for p in self.peers:
                 p.flush()

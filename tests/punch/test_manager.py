@@ -406,10 +406,11 @@ def test_short_mapping_timeout_idle_minute(heartbeat: float) -> None:
     sim.run_for(60.0)
     if heartbeat < 5.0:
         assert kinds(a) == kinds(b) == ["relay", "direct"]
+        got = (a.quic_received_direct, b.quic_received_direct)
         a.send_quic()
         b.send_quic()
         sim.run_for(0.1)
-        assert a.quic_received_direct == b.quic_received_direct == 1
+        assert (a.quic_received_direct, b.quic_received_direct) == (got[0] + 1, got[1] + 1)
         # one mapping per NAT, made by the reflector query and kept alive by heartbeats
         assert nat_of(a).mappings_created == nat_of(b).mappings_created == 1
     else:  # control: heartbeats slower than the NAT timeout let the mappings expire

@@ -221,6 +221,7 @@ async def _replay_against(lab: Lab, url: str, proxy: WsProxy) -> None:
     # the clock window is refused by its own sealed timestamp ...
     srv.stop()
     srv, ticket2 = lab.serve(url)
+    accepted = lab.target.accepted  # the new serve's start-up check of the target
     assert tk.decode(ticket2).secret == tk.decode(ticket).secret  # the same server
     box_key = tk.decode(ticket).box_key
     old = offer_from(tk.decode(ticket).secret, box_key=box_key,

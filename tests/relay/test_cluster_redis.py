@@ -365,3 +365,27 @@ def test_peer_link_refuses_strangers(cluster, redis_server: RedisServer) -> None
             s.settimeout(15)
             assert s.recv(100) == b""  # closed on us
     assert "wrong token" in a.proc.text() and "no hello" in a.proc.text()
+
+
+def test_a_sigtermed_instance_leaves_the_cluster_before_it_exits(
+        tmp_path: Path, cluster, redis_server: RedisServer, procs, target) -> None:
+    """`systemctl stop` on one instance: before it exits it closes its clients, releases
+    the names it held (kept for their owners, held by nobody) and withdraws its record,
+    so the other instances never send anyone to it; the connector through the other
+    instance hears at once that the session ended."""
+    import signal
+
+    a, b = cluster("a"), cluster("b")
+    serve = _serve(tmp_path, procs, a.url, target.port)
+    conn, port = _connect(tmp_path, procs, b.url)
+    payload = os.urandom(MB)
+    assert hash_through(port, payload) == expected(payload)
+    assert redis_server.command("HGET", "quictun:name:box", "inst") == a.instance
+    os.kill(a.proc.p.pid, signal.SIGTERM)
+    assert a.proc.p.wait(30) == 0
+    # at the moment it is gone, nothing in Redis points at it any more
+    assert redis_server.command("EXISTS", f"quictun:inst:{a.instance}") == 0
+    assert redis_server.command("HGET", "quictun:name:box", "inst") == ""
+    assert "stopping on SIGTERM" in a.proc.text() and "Traceback" not in a.proc.text()
+    serve.wait_for("lost the relay")
+    conn.wait_for(r"tunnel to 'box' closed", timeout=60)
