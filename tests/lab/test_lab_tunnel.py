@@ -464,7 +464,10 @@ n = 0
 while True:
     c, _ = srv.accept()
     n += 1
-    threading.Thread(target=handle, args=(c, n % 2 == 0), daemon=True).start()
+    print("accepted", n, flush=True)
+    # connection 1 is serve's start-up check of its target; then odd clients (n = 2, 4)
+    # get the echo, even ones (n = 3, 5) a banner then close
+    threading.Thread(target=handle, args=(c, n % 2 == 1), daemon=True).start()
 """
 
 GREETED_CLIENT = r"""
@@ -493,6 +496,7 @@ def test_service_speaks_first(lab_factory: LabFactory, tunnel_factory: TunnelFac
     greeter = lab.spawn_python(lab.host_a_ns, GREETER, "7002", name="greeter")
     greeter.wait_for_line("greeter listening", timeout=10)
     t.serve(forward="127.0.0.1:7002")
+    greeter.wait_for_line("accepted 1", timeout=30)  # serve checked its target
     t.connect()
     t.wait_path("direct")
     r = lab.run_python(lab.host_b_ns, GREETED_CLIENT, str(LISTEN_PORT), timeout=60,
