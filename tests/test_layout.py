@@ -10,8 +10,7 @@
 * Each layer imports only the layers below it (the ``ALLOWED`` table), and the relay
   (``signal_server``) only ``quictun.proto``.
 * No module imports itself in a circle.
-* No module is longer than 600 lines (614 for the path manager, which opens with its
-  theory of operation), and no function longer than 80.
+* No module is longer than 600 lines, and no function longer than 80.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ ALLOWED = {
     "quictun": {"quictun.aio", "quictun.config", "quictun.version"},
     "signal_server": {"quictun.proto"},
 }
-MAX_LINES = {"quictun/punch/manager.py": 614}
+MAX_LINES: dict[str, int] = {}  # exceptions to the 600-line limit (none today)
 # the relay's sans-I/O core; its shells (server, cluster, peerlink, redis_registry, cli)
 # move the bytes and fire the timers
 PURE_RELAY = ("signal_server.matchmaker", "signal_server.types", "signal_server.admission",
