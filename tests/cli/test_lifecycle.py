@@ -19,23 +19,11 @@ from pathlib import Path
 
 import pytest
 from helpers import PY, Proc, base_env, free_port
+from sshkit import make_sshd_dir
 
 QT = [PY, "-m", "quictun"]
 SECRET = "test-secret-lifecycle"
 
-SSHD_CONFIG = """\
-Port {port}
-ListenAddress 127.0.0.1
-HostKey {dir}/ssh_host_ed25519_key
-AuthorizedKeysFile {dir}/authorized_keys
-PidFile {dir}/sshd.pid
-PermitRootLogin prohibit-password
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-StrictModes no
-"""
 
 
 @pytest.fixture
@@ -91,15 +79,9 @@ def test_ssh_proxycommand_ends_the_serving_session_when_ssh_exits(
     session at once instead of keeping a ghost."""
     _relay, url = relay
     sshdir = tmp_path / "ssh"
-    sshdir.mkdir()
-    for key in ("ssh_host_ed25519_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(sshdir / key)],
-                       check=True)
-    (sshdir / "authorized_keys").write_text((sshdir / "client_key.pub").read_text())
     port = free_port()
-    (sshdir / "sshd_config").write_text(SSHD_CONFIG.format(port=port, dir=sshdir))
-    Path("/run/sshd").mkdir(exist_ok=True)
-    sshd = Proc(["/usr/sbin/sshd", "-D", "-e", "-f", str(sshdir / "sshd_config")],
+    cfg = make_sshd_dir(sshdir, port)
+    sshd = Proc(["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)],
                 env=dict(os.environ), log=tmp_path / "sshd.log")
     procs.append(sshd)
     sshd.wait_for(r"Server listening", timeout=10)

@@ -26,13 +26,13 @@ import time
 from pathlib import Path
 
 import pytest
+from sshkit import make_sshd_dir
 
 from .netlab import SiteSpec
 from .test_lab_tunnel import (  # noqa: F401  (pytestmark and the fixture, used by name)
     MB,
     NAME,
     REBIND_PORTS,
-    SSHD_CONFIG,
     LabFactory,
     Tunnel,
     TunnelFactory,
@@ -51,17 +51,10 @@ needs_tools = pytest.mark.skipif(
 
 def start_sshd(lab, tmp_path: Path) -> tuple[Path, int]:  # type: ignore[no-untyped-def]
     sshdir = tmp_path / "ssh"
-    sshdir.mkdir()
-    for key in ("ssh_host_ed25519_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(sshdir / key)],
-                       check=True)
-    (sshdir / "authorized_keys").write_text((sshdir / "client_key.pub").read_text())
-    (sshdir / "client_key").chmod(0o600)
     port = 2222
-    (sshdir / "sshd_config").write_text(SSHD_CONFIG.format(port=port, dir=sshdir))
-    Path("/run/sshd").mkdir(exist_ok=True)
-    sshd = lab.spawn(lab.host_a_ns, ["/usr/sbin/sshd", "-D", "-e", "-f",
-                                     str(sshdir / "sshd_config")], name="sshd")
+    cfg = make_sshd_dir(sshdir, port)
+    sshd = lab.spawn(lab.host_a_ns, ["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)],
+                     name="sshd")
     sshd.wait_for_line(r"Server listening", timeout=10)
     return sshdir, port
 

@@ -28,12 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from sshkit import make_sshd_dir
 
 from .netlab import Lab, SiteSpec
 from .test_lab_tunnel import (
     NAME,
     SIZE,
-    SSHD_CONFIG,
     LabFactory,
     Tunnel,
     TunnelFactory,
@@ -102,15 +102,7 @@ def sizes(text: str) -> list[int]:
 
 def start_sshd(lab: Lab, sshdir: Path, port: int) -> list[str]:
     """sshd in host a on 127.0.0.1:port; returns the ssh argv prefix (keys in sshdir)."""
-    sshdir.mkdir()
-    for key in ("ssh_host_ed25519_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(sshdir / key)],
-                       check=True)
-    (sshdir / "authorized_keys").write_text((sshdir / "client_key.pub").read_text())
-    (sshdir / "client_key").chmod(0o600)
-    cfg = sshdir / "sshd_config"
-    cfg.write_text(SSHD_CONFIG.format(port=port, dir=sshdir))
-    Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation dir sshd insists on
+    cfg = make_sshd_dir(sshdir, port)
     sshd = lab.spawn(lab.host_a_ns, ["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)],
                      name="sshd")
     sshd.wait_for_line(r"Server listening", timeout=10)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from sshkit import make_sshd_dir
 
 from .conftest import engine_pair_params
 from .netlab import Lab, LabProcess, SiteSpec
@@ -361,19 +362,6 @@ def test_same_lan_uses_lan_path(lab_factory: LabFactory,
     assert lab.relay_tcp_bytes() < SIZE // 10
 
 
-SSHD_CONFIG = """\
-Port {port}
-ListenAddress 127.0.0.1
-HostKey {dir}/ssh_host_ed25519_key
-AuthorizedKeysFile {dir}/authorized_keys
-PidFile {dir}/sshd.pid
-PermitRootLogin prohibit-password
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-StrictModes no
-"""
 
 
 @pytest.mark.skipif(not (os.path.exists("/usr/sbin/sshd") and shutil.which("ssh")
@@ -385,16 +373,8 @@ def test_openssh_through_stdio(lab_factory: LabFactory, tunnel_factory: TunnelFa
     lab = lab_factory(spec, spec)
     t = tunnel_factory(lab)
     sshdir = tmp_path / "ssh"
-    sshdir.mkdir()
-    for key in ("ssh_host_ed25519_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(sshdir / key)],
-                       check=True)
-    (sshdir / "authorized_keys").write_text((sshdir / "client_key.pub").read_text())
-    (sshdir / "client_key").chmod(0o600)
     port = 2222
-    cfg = sshdir / "sshd_config"
-    cfg.write_text(SSHD_CONFIG.format(port=port, dir=sshdir))
-    Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation dir sshd insists on
+    cfg = make_sshd_dir(sshdir, port)
     sshd = lab.spawn(lab.host_a_ns, ["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)],
                      name="sshd")
     sshd.wait_for_line(r"Server listening", timeout=10)
