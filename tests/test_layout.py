@@ -52,7 +52,8 @@ MAX_LINES: dict[str, int] = {}  # exceptions to the 600-line limit (none today)
 # move the bytes and fire the timers
 PURE_RELAY = ("signal_server.matchmaker", "signal_server.types", "signal_server.admission",
               "signal_server.federation", "signal_server.relaying", "signal_server.registry",
-              "signal_server.peerwire", "signal_server.metrics", "signal_server.servermetrics")
+              "signal_server.peerwire", "signal_server.metrics", "signal_server.servermetrics",
+              "signal_server.resuming")
 PURE = ("quictun.proto", "quictun.punch", *PURE_RELAY)
 
 
